@@ -1,0 +1,28 @@
+# Source this file: it makes (once, cached) the Python venv whose torch wheel carries the
+# libtorch that `tch` links against, then exports what tch's build script needs.
+# Idempotent: a second run only exports. Override the location with BRITTLE_VENV.
+# Extra Python tools for fixtures and benchmarks: BRITTLE_DEV=1 (numpy, scipy, sklearn, onnx...).
+BRITTLE_TORCH_VERSION=2.13.0
+BRITTLE_VENV="${BRITTLE_VENV:-$HOME/.cache/brittle/venv-torch-$BRITTLE_TORCH_VERSION}"
+_brittle_py="${BRITTLE_PYTHON:-python3}"
+if [ ! -f "$BRITTLE_VENV/.brittle-ready" ]; then
+  echo "brittle: creating the libtorch venv in $BRITTLE_VENV (once)" >&2
+  rm -rf "$BRITTLE_VENV"
+  "$_brittle_py" -m venv "$BRITTLE_VENV" || return 1 2>/dev/null || exit 1
+  # The plain torch wheel pulls 2.6 GB of CUDA wheels; the slim set is enough for CPU and CUDA.
+  "$BRITTLE_VENV/bin/pip" install -q --no-deps "torch==$BRITTLE_TORCH_VERSION" \
+    && "$BRITTLE_VENV/bin/pip" install -q nvidia-cuda-runtime nvidia-cuda-cupti numpy typing-extensions filelock sympy networkx jinja2 fsspec \
+    && touch "$BRITTLE_VENV/.brittle-ready" \
+    || { echo "brittle: venv set-up failed" >&2; return 1 2>/dev/null || exit 1; }
+fi
+if [ "${BRITTLE_DEV:-0}" = 1 ] && [ ! -f "$BRITTLE_VENV/.brittle-dev-ready" ]; then
+  # Python torch itself needs the CUDA libraries to import: the full wheel set (dev machines only).
+  "$BRITTLE_VENV/bin/pip" install -q "torch==$BRITTLE_TORCH_VERSION" scipy scikit-learn safetensors onnx onnxruntime \
+    && touch "$BRITTLE_VENV/.brittle-dev-ready"
+fi
+_brittle_site="$("$BRITTLE_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+export LIBTORCH="$_brittle_site/torch"
+export LIBTORCH_BYPASS_VERSION_CHECK=0
+export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PATH="$BRITTLE_VENV/bin:$PATH"
+unset _brittle_py _brittle_site

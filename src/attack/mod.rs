@@ -1,0 +1,1 @@
+//! Minimum-norm attacks that estimate each sample's input margin d_in(x).

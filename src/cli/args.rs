@@ -1,0 +1,108 @@
+//! Options shared by several subcommands: the model, the data, the device.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::data::{DataFormat, DataSpec, Dataset};
+use crate::model::load::{InputLayout, ModelFormat};
+use crate::model::normalize::parse_channel_values;
+use crate::model::{device, load_classifier, Classifier, DeviceChoice, ModelSpec};
+
+/// Which model to load and where to run it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model file: TorchScript `.pt`, ONNX `.onnx`, or weights (`.pt`/`.pth`/`.safetensors`) with `--arch`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Model format (default: from `--arch` and the file extension).
+    #[arg(long, value_enum)]
+    pub model_format: Option<ModelFormat>,
+    /// Native architecture for a weights file.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Classes of a native architecture (default: the dataset's).
+    #[arg(long)]
+    pub num_classes: Option<i64>,
+    /// Per-channel mean subtracted inside the model, e.g. `0.4914,0.4822,0.4465`.
+    #[arg(long, value_parser = parse_channel_values)]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel std divided inside the model, e.g. `0.2471,0.2435,0.2616`.
+    #[arg(long, value_parser = parse_channel_values)]
+    pub std: Option<Vec<f64>>,
+    /// Input layout the (ONNX) model expects.
+    #[arg(long, value_enum, default_value_t = InputLayout::Nchw)]
+    pub input_layout: InputLayout,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// libtorch intra-op threads (0: libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    /// Sets the thread count and resolves the device.
+    pub fn spec(&self, dataset_classes: Option<i64>) -> Result<ModelSpec> {
+        device::set_threads(self.threads);
+        Ok(ModelSpec {
+            path: self.model.clone(),
+            format: self.model_format,
+            arch: self.arch.clone(),
+            num_classes: self.num_classes.or(dataset_classes),
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            input_layout: self.input_layout,
+            device: self.device.resolve()?,
+        })
+    }
+
+    /// Loads the model for the dataset's input shape and checks the class count agrees.
+    pub fn load_for(&self, data: &Dataset) -> Result<Box<dyn Classifier>> {
+        let model = load_classifier(&self.spec(Some(data.num_classes))?, data.input_shape())?;
+        let k = model.info().num_classes;
+        if k < data.num_classes {
+            anyhow::bail!(
+                "{}: the model has {k} classes but {} has labels up to {}",
+                self.model.display(),
+                data.source,
+                data.num_classes - 1
+            );
+        }
+        Ok(model)
+    }
+}
+
+/// Which samples to read.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Image file: CIFAR binary `.bin`, MNIST IDX (`*-images-idx3-ubyte[.gz]`), `.npy` or `.npz`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Data format (default: from the file name).
+    #[arg(long, value_enum)]
+    pub data_format: Option<DataFormat>,
+    /// Labels file for IDX or NPY images (default: found beside the images).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Skip this many samples.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Read at most this many samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl DataArgs {
+    pub fn load(&self) -> Result<Dataset> {
+        DataSpec {
+            path: self.data.clone(),
+            format: self.data_format,
+            labels: self.labels.clone(),
+            offset: self.offset,
+            limit: self.limit,
+        }
+        .load()
+    }
+}

@@ -1,0 +1,28 @@
+//! The `brittle` command line: one subcommand per stage of the life cycle.
+
+pub mod args;
+pub mod score;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Tells, for every decision of a robust image classifier, whether a perturbation of size ε could flip it.
+#[derive(Debug, Parser)]
+#[command(name = "brittle", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
+    Score(score::ScoreArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Score(a) => score::run(a),
+    }
+}

@@ -1,0 +1,74 @@
+//! `brittle score`: free scores of every sample, one forward pass each.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::args::{DataArgs, ModelArgs};
+use crate::norm::Norm;
+use crate::provenance::{write_sidecar, Provenance};
+use crate::score::score_batch;
+use crate::score::table::{write_csv, ScoreRow};
+use crate::util::progress_bar;
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output CSV.
+    #[arg(long, default_value = "scores.csv")]
+    pub out: PathBuf,
+    /// Samples per forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Attack norm the feature margin is measured for (its dual is applied to weight differences).
+    #[arg(long, default_value = "linf")]
+    pub norm: Norm,
+}
+
+/// Scores every sample of a dataset; returns the rows in dataset order.
+pub fn score_dataset(model: &dyn crate::model::Classifier, data: &crate::data::Dataset, batch_size: usize, norm: Norm) -> Result<Vec<ScoreRow>> {
+    anyhow::ensure!(batch_size > 0, "--batch-size must be positive");
+    let pb = progress_bar(data.len() as u64, "score");
+    let mut rows = Vec::with_capacity(data.len());
+    for start in (0..data.len()).step_by(batch_size) {
+        let end = (start + batch_size).min(data.len());
+        let (x, labels) = data.batch(start, end);
+        for (i, s) in score_batch(model, &x, norm)?.into_iter().enumerate() {
+            rows.push(ScoreRow { index: data.indices[start + i], label: labels[i], scores: s });
+        }
+        pb.inc((end - start) as u64);
+    }
+    pb.finish_and_clear();
+    Ok(rows)
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    let data = a.data.load()?;
+    let model = a.model.load_for(&data)?;
+    let t0 = Instant::now();
+    let rows = score_dataset(model.as_ref(), &data, a.batch_size, a.norm)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let file = std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    write_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    write_sidecar(
+        &a.out,
+        &serde_json::json!({ "provenance": Provenance::current(None), "model": model.info(), "data": data.source, "norm": a.norm }),
+    )?;
+    let acc = rows.iter().filter(|r| r.correct()).count() as f64 / rows.len().max(1) as f64;
+    println!(
+        "scored {} samples of {} with {}: accuracy {:.2}%, {:.1} samples/s -> {}",
+        rows.len(),
+        data.source,
+        model.info().name,
+        100.0 * acc,
+        rows.len() as f64 / secs.max(1e-9),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Detectors fitted on attacked samples: threshold on a score, pseudo-margin MLP.

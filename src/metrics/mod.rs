@@ -1,0 +1,1 @@
+//! Margin-consistency and detection metrics.

@@ -1,0 +1,55 @@
+//! `--device cpu|cuda|auto` and `--threads`.
+
+use std::str::FromStr;
+
+use tch::Device;
+
+/// The device asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+    /// CUDA device 0 when libtorch sees one, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl DeviceChoice {
+    /// Resolves to a tch device; asking for CUDA where there is none is an error, not a fallback.
+    pub fn resolve(self) -> anyhow::Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceChoice::Cuda(i) => {
+                let n = tch::Cuda::device_count() as usize;
+                if i < n {
+                    Ok(Device::Cuda(i))
+                } else {
+                    anyhow::bail!("--device cuda:{i} asked for, but libtorch sees {n} CUDA device(s)")
+                }
+            }
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "auto" => Ok(DeviceChoice::Auto),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(i)) => Ok(DeviceChoice::Cuda(i)),
+                _ => anyhow::bail!("unknown device {s:?}: expected cpu, cuda, cuda:N or auto"),
+            },
+        }
+    }
+}
+
+/// Sets libtorch's intra-op thread count (0 keeps libtorch's default).
+pub fn set_threads(threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
+}

@@ -1,0 +1,82 @@
+//! Models behind one [`Classifier`] trait: the attacks and the analysis never see a format.
+//!
+//! Formats: TorchScript ([`torchscript`]), native Rust architectures with PyTorch or
+//! safetensors weights ([`native`], [`weights`]), ONNX ([`onnx`]). [`load`] picks one from a
+//! [`load::ModelSpec`].
+
+pub mod device;
+pub mod load;
+pub mod native;
+pub mod normalize;
+pub mod onnx;
+pub mod torchscript;
+pub mod weights;
+
+use anyhow::Result;
+use tch::{Device, Tensor};
+
+pub use device::DeviceChoice;
+pub use load::{load_classifier, ModelSpec};
+
+/// What a model is, for provenance and for refusing a detector fitted on another model.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ModelInfo {
+    /// Short name (file stem or architecture).
+    pub name: String,
+    /// `torchscript`, `native:<arch>`, `onnx`.
+    pub format: String,
+    /// sha256 of the weights file(s) and of the options that change the function computed.
+    pub fingerprint: String,
+    /// Number of classes (width of the logits).
+    pub num_classes: i64,
+    /// Input shape `[C, H, W]` the model was probed with.
+    pub input_shape: [i64; 3],
+    /// Whether [`Classifier::features_and_logits`] returns features.
+    pub has_features: bool,
+}
+
+/// An image classifier on a device: logits, penultimate features, and gradients through autograd.
+///
+/// Inputs are float32 `[N, C, H, W]` in `[0, 1]` on [`Classifier::device`]; any normalisation
+/// happens inside, so gradients are with respect to the pixels an attacker changes.
+pub trait Classifier: Send {
+    /// Logits `[N, K]`, differentiable with respect to `x`.
+    fn logits(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Penultimate features `[N, D]` and logits `[N, K]` in one pass, when the format exposes them.
+    fn features_and_logits(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let _ = x;
+        Ok(None)
+    }
+
+    /// Weight `[K, D]` and bias `[K]` of a last linear layer with `logits = W f + b`, when known.
+    fn last_linear(&self) -> Option<(Tensor, Tensor)> {
+        None
+    }
+
+    /// The device the model's weights live on; inputs must be moved there.
+    fn device(&self) -> Device;
+
+    /// Name, format, fingerprint, classes and input shape.
+    fn info(&self) -> &ModelInfo;
+}
+
+/// Logits and `d objective(logits) / d x`, with `objective` reduced by summation over the batch,
+/// so each sample's gradient only depends on its own input (models run in eval mode).
+pub fn logits_and_grad(
+    model: &dyn Classifier,
+    x: &Tensor,
+    objective: impl Fn(&Tensor) -> Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.detach().set_requires_grad(true);
+    let logits = model.logits(&x)?;
+    let obj = objective(&logits).sum(tch::Kind::Float);
+    let mut grads = Tensor::f_run_backward(&[obj], &[&x], false, false)?;
+    let grad = grads.pop().ok_or_else(|| anyhow::anyhow!("autograd returned no gradient"))?;
+    Ok((logits.detach(), grad))
+}
+
+/// Logits without building an autograd graph (scoring, verification of adversarial examples).
+pub fn logits_no_grad(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
+    tch::no_grad(|| model.logits(x))
+}

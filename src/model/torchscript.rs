@@ -1,0 +1,167 @@
+//! TorchScript modules (`torch.jit.trace` / `torch.jit.script` output): any architecture, exact
+//! PyTorch numerics.
+//!
+//! Convention: `forward(x)` takes float NCHW in `[0, 1]` (normalisation baked in, or added with
+//! `--mean/--std`) and returns logits `[N, K]`, or a tuple `(logits, features)`. A module may
+//! instead export a method `features(x) -> [N, D]` (`@torch.jit.export`) returning the
+//! penultimate features. When logits equal `W f + b` for a 2-D parameter `W` and bias `b` of
+//! the module (checked numerically at load), the last layer is exposed for the feature margin.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use super::normalize::Normalizer;
+use super::{Classifier, ModelInfo};
+
+pub struct TorchScriptClassifier {
+    module: CModule,
+    normalizer: Option<Normalizer>,
+    device: Device,
+    features: FeatureSource,
+    last_linear: Option<(Tensor, Tensor)>,
+    info: ModelInfo,
+}
+
+/// Where the penultimate features come from, found once at load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum FeatureSource {
+    None,
+    /// `forward` returns `(logits, features)`.
+    ForwardTuple,
+    /// An exported `features` method.
+    Method,
+}
+
+impl TorchScriptClassifier {
+    pub fn load(
+        path: &Path,
+        normalizer: Option<Normalizer>,
+        device: Device,
+        input_shape: [i64; 3],
+        fingerprint: String,
+    ) -> Result<Self> {
+        let mut module = CModule::load_on_device(path, device)
+            .with_context(|| format!("loading TorchScript module {}", path.display()))?;
+        module.set_eval();
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut me = TorchScriptClassifier {
+            module,
+            normalizer,
+            device,
+            features: FeatureSource::None,
+            last_linear: None,
+            info: ModelInfo {
+                name,
+                format: "torchscript".into(),
+                fingerprint,
+                num_classes: 0,
+                input_shape,
+                has_features: false,
+            },
+        };
+        let probe = Tensor::full([2, input_shape[0], input_shape[1], input_shape[2]], 0.5, (Kind::Float, device));
+        let out = tch::no_grad(|| me.forward_ivalue(&probe))
+            .with_context(|| format!("{}: probing with an input of shape [2, {input_shape:?}]", path.display()))?;
+        let (logits, tuple_features) = split_output(out).with_context(|| format!("{}: forward output", path.display()))?;
+        if logits.dim() != 2 || logits.size()[0] != 2 {
+            anyhow::bail!("{}: forward returned shape {:?}; expected logits [N, K]", path.display(), logits.size());
+        }
+        me.info.num_classes = logits.size()[1];
+        let features = match tuple_features {
+            Some(f) => {
+                me.features = FeatureSource::ForwardTuple;
+                Some(f)
+            }
+            None => match tch::no_grad(|| me.module.method_ts("features", &[me.normalized(&probe)])) {
+                Ok(f) => {
+                    me.features = FeatureSource::Method;
+                    Some(f)
+                }
+                Err(_) => None,
+            },
+        };
+        if let Some(f) = features {
+            me.info.has_features = true;
+            me.last_linear = find_last_linear(&me.module, &f.flatten(1, -1), &logits);
+        }
+        Ok(me)
+    }
+
+    fn normalized(&self, x: &Tensor) -> Tensor {
+        match &self.normalizer {
+            Some(n) => n.apply(x),
+            None => x.shallow_clone(),
+        }
+    }
+
+    fn forward_ivalue(&self, x: &Tensor) -> Result<IValue> {
+        Ok(self.module.forward_is(&[IValue::Tensor(self.normalized(x))])?)
+    }
+}
+
+/// Splits a forward output into logits and, for a tuple output, features.
+fn split_output(out: IValue) -> Result<(Tensor, Option<Tensor>)> {
+    match out {
+        IValue::Tensor(t) => Ok((t, None)),
+        IValue::Tuple(mut v) if v.len() == 2 => {
+            let f = v.pop();
+            let l = v.pop();
+            match (l, f) {
+                (Some(IValue::Tensor(l)), Some(IValue::Tensor(f))) => Ok((l, Some(f.flatten(1, -1)))),
+                _ => Err(anyhow!("a tuple output must be (logits, features) tensors")),
+            }
+        }
+        other => Err(anyhow!("unsupported forward output {other:?}: expected a tensor or (logits, features)")),
+    }
+}
+
+/// The module parameter pair `(W [K, D], b [K])` with `logits = f W^T + b`, verified on the probe.
+fn find_last_linear(module: &CModule, features: &Tensor, logits: &Tensor) -> Option<(Tensor, Tensor)> {
+    let (k, d) = (logits.size()[1], features.size()[1]);
+    let params = module.named_parameters().ok()?;
+    let weight = params.iter().rev().find(|(_, t)| t.size() == [k, d])?;
+    let prefix = weight.0.strip_suffix("weight")?;
+    let bias = params.iter().find(|(n, t)| n == &format!("{prefix}bias") && t.size() == [k]);
+    let w = weight.1.detach().to_kind(Kind::Float);
+    let b = bias.map(|(_, t)| t.detach().to_kind(Kind::Float)).unwrap_or_else(|| Tensor::zeros([k], (Kind::Float, w.device())));
+    let rebuilt = tch::no_grad(|| features.matmul(&w.tr()) + &b);
+    let err = (rebuilt - logits).abs().max().double_value(&[]);
+    let scale = logits.abs().max().double_value(&[]).max(1e-6);
+    (err / scale < 1e-4).then_some((w, b))
+}
+
+impl Classifier for TorchScriptClassifier {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(split_output(self.forward_ivalue(x)?)?.0)
+    }
+
+    fn features_and_logits(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        match self.features {
+            FeatureSource::None => Ok(None),
+            FeatureSource::ForwardTuple => {
+                let (l, f) = split_output(self.forward_ivalue(x)?)?;
+                Ok(f.map(|f| (f, l)))
+            }
+            FeatureSource::Method => {
+                let xn = self.normalized(x);
+                let f = self.module.method_ts("features", &[xn.shallow_clone()])?.flatten(1, -1);
+                let l = self.module.forward_ts(&[xn])?;
+                Ok(Some((f, l)))
+            }
+        }
+    }
+
+    fn last_linear(&self) -> Option<(Tensor, Tensor)> {
+        self.last_linear.as_ref().map(|(w, b)| (w.shallow_clone(), b.shallow_clone()))
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}

@@ -1,0 +1,1 @@
+//! Reading named weight tensors from PyTorch checkpoints and safetensors files.

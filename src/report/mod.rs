@@ -1,0 +1,1 @@
+//! The analysis report: metrics.json, HTML and figures.

@@ -1,0 +1,1 @@
+//! Training small classifiers, standard and adversarial.
