@@ -15,13 +15,21 @@ pub enum Norm {
 }
 
 impl Norm {
-    /// Per-sample norm of a batch `[N, ...]`, as `[N]` float tensor.
+    /// Per-sample norm of a batch `[N, ...]`, as `[N]` tensor of the input's float kind.
     pub fn batch_norm(self, delta: &Tensor) -> Tensor {
         let flat = delta.flatten(1, -1);
+        let kind = if flat.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
         match self {
             Norm::Linf => flat.abs().amax([1].as_slice(), false),
-            Norm::L2 => flat.square().sum_dim_intlist([1].as_slice(), false, Kind::Float).sqrt(),
-            Norm::L1 => flat.abs().sum_dim_intlist([1].as_slice(), false, Kind::Float),
+            Norm::L2 => flat
+                .square()
+                .sum_dim_intlist([1].as_slice(), false, kind)
+                .sqrt(),
+            Norm::L1 => flat.abs().sum_dim_intlist([1].as_slice(), false, kind),
         }
     }
 
@@ -65,14 +73,23 @@ impl FromStr for Norm {
 pub fn parse_eps(s: &str) -> anyhow::Result<f64> {
     let v = match s.split_once('/') {
         Some((a, b)) => {
-            let a: f64 = a.trim().parse().map_err(|_| anyhow::anyhow!("bad eps numerator in {s:?}"))?;
-            let b: f64 = b.trim().parse().map_err(|_| anyhow::anyhow!("bad eps denominator in {s:?}"))?;
+            let a: f64 = a
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad eps numerator in {s:?}"))?;
+            let b: f64 = b
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("bad eps denominator in {s:?}"))?;
             if b == 0.0 {
                 anyhow::bail!("eps {s:?} divides by zero");
             }
             a / b
         }
-        None => s.trim().parse().map_err(|_| anyhow::anyhow!("bad eps {s:?}: write 8/255 or 0.5"))?,
+        None => s
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad eps {s:?}: write 8/255 or 0.5"))?,
     };
     if !(v.is_finite() && v > 0.0) {
         anyhow::bail!("eps {s:?} must be a positive finite number");

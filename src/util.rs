@@ -13,7 +13,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -41,9 +43,11 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
         ProgressBar::new(len)
     };
     pb.set_style(
-        ProgressStyle::with_template("{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -51,10 +55,18 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 
 /// A 1-D float tensor as `Vec<f64>`.
 pub fn to_vec_f64(t: &tch::Tensor) -> Result<Vec<f64>> {
-    Ok(Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu).flatten(0, -1))?)
+    Ok(Vec::<f64>::try_from(
+        t.to_kind(tch::Kind::Double)
+            .to_device(tch::Device::Cpu)
+            .flatten(0, -1),
+    )?)
 }
 
 /// A 1-D integer tensor as `Vec<i64>`.
 pub fn to_vec_i64(t: &tch::Tensor) -> Result<Vec<i64>> {
-    Ok(Vec::<i64>::try_from(t.to_kind(tch::Kind::Int64).to_device(tch::Device::Cpu).flatten(0, -1))?)
+    Ok(Vec::<i64>::try_from(
+        t.to_kind(tch::Kind::Int64)
+            .to_device(tch::Device::Cpu)
+            .flatten(0, -1),
+    )?)
 }

@@ -1,1 +1,3 @@
 //! Minimum-norm attacks that estimate each sample's input margin d_in(x).
+
+pub mod table;

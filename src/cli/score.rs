@@ -31,7 +31,12 @@ pub struct ScoreArgs {
 }
 
 /// Scores every sample of a dataset; returns the rows in dataset order.
-pub fn score_dataset(model: &dyn crate::model::Classifier, data: &crate::data::Dataset, batch_size: usize, norm: Norm) -> Result<Vec<ScoreRow>> {
+pub fn score_dataset(
+    model: &dyn crate::model::Classifier,
+    data: &crate::data::Dataset,
+    batch_size: usize,
+    norm: Norm,
+) -> Result<Vec<ScoreRow>> {
     anyhow::ensure!(batch_size > 0, "--batch-size must be positive");
     let pb = progress_bar(data.len() as u64, "score");
     let mut rows = Vec::with_capacity(data.len());
@@ -39,7 +44,11 @@ pub fn score_dataset(model: &dyn crate::model::Classifier, data: &crate::data::D
         let end = (start + batch_size).min(data.len());
         let (x, labels) = data.batch(start, end);
         for (i, s) in score_batch(model, &x, norm)?.into_iter().enumerate() {
-            rows.push(ScoreRow { index: data.indices[start + i], label: labels[i], scores: s });
+            rows.push(ScoreRow {
+                index: data.indices[start + i],
+                label: labels[i],
+                scores: s,
+            });
         }
         pb.inc((end - start) as u64);
     }
@@ -53,7 +62,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let t0 = Instant::now();
     let rows = score_dataset(model.as_ref(), &data, a.batch_size, a.norm)?;
     let secs = t0.elapsed().as_secs_f64();
-    let file = std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let file =
+        std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     write_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())
         .with_context(|| format!("writing {}", a.out.display()))?;
     write_sidecar(

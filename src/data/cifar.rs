@@ -43,6 +43,9 @@ pub fn read(path: &Path, variant: Variant, offset: usize, limit: Option<usize>) 
         labels.push(rec[label_bytes - 1] as i64);
         pixels.extend_from_slice(&rec[label_bytes..]);
     }
-    let images = Tensor::from_slice(&pixels).view([count as i64, 3, 32, 32]).to_kind(Kind::Float) / 255.0;
+    let images = Tensor::from_slice(&pixels)
+        .view([count as i64, 3, 32, 32])
+        .to_kind(Kind::Float)
+        / 255.0;
     Dataset::new(images, labels, classes, range.collect(), source)
 }

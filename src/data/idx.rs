@@ -7,7 +7,12 @@ use anyhow::{bail, Result};
 use super::Dataset;
 
 /// Reads an IDX image file and its labels file.
-pub fn read(path: &Path, labels: Option<&Path>, offset: usize, limit: Option<usize>) -> Result<Dataset> {
+pub fn read(
+    path: &Path,
+    labels: Option<&Path>,
+    offset: usize,
+    limit: Option<usize>,
+) -> Result<Dataset> {
     let _ = (labels, offset, limit);
     bail!("{}: IDX reader not available yet", path.display())
 }

@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 /// The on-disk formats brittle reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
     Cifar10,
@@ -49,7 +51,13 @@ pub struct Dataset {
 
 impl Dataset {
     /// Checks shapes, ranges and labels; every reader ends with this.
-    pub fn new(images: Tensor, labels: Vec<i64>, num_classes: i64, indices: Vec<usize>, source: String) -> Result<Self> {
+    pub fn new(
+        images: Tensor,
+        labels: Vec<i64>,
+        num_classes: i64,
+        indices: Vec<usize>,
+        source: String,
+    ) -> Result<Self> {
         let size = images.size();
         if size.len() != 4 {
             bail!("{source}: images must be [N, C, H, W], got {size:?}");
@@ -57,20 +65,36 @@ impl Dataset {
         if size[0] as usize != labels.len() || labels.len() != indices.len() {
             bail!("{source}: {} images but {} labels", size[0], labels.len());
         }
-        if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l < 0 || **l >= num_classes) {
-            bail!("{source}: label {l} of sample {} is outside 0..{num_classes}", indices[i]);
+        if let Some((i, l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, l)| **l < 0 || **l >= num_classes)
+        {
+            bail!(
+                "{source}: label {l} of sample {} is outside 0..{num_classes}",
+                indices[i]
+            );
         }
         let images = images.to_kind(Kind::Float);
         if images.numel() > 0 {
             if images.isnan().any().int64_value(&[]) != 0 {
                 bail!("{source}: images contain NaN");
             }
-            let (lo, hi) = (images.min().double_value(&[]), images.max().double_value(&[]));
+            let (lo, hi) = (
+                images.min().double_value(&[]),
+                images.max().double_value(&[]),
+            );
             if lo < 0.0 || hi > 1.0 || !lo.is_finite() || !hi.is_finite() {
                 bail!("{source}: pixel values span [{lo}, {hi}]; expected [0, 1] (or uint8 0-255)");
             }
         }
-        Ok(Dataset { images, labels, num_classes, indices, source })
+        Ok(Dataset {
+            images,
+            labels,
+            num_classes,
+            indices,
+            source,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -89,7 +113,10 @@ impl Dataset {
 
     /// Samples `start..end` as a batch (a view, no copy).
     pub fn batch(&self, start: usize, end: usize) -> (Tensor, &[i64]) {
-        (self.images.narrow(0, start as i64, (end - start) as i64), &self.labels[start..end])
+        (
+            self.images.narrow(0, start as i64, (end - start) as i64),
+            &self.labels[start..end],
+        )
     }
 
     /// The samples at the given positions (not original indices).
@@ -106,7 +133,12 @@ impl Dataset {
 }
 
 /// Keeps `offset..offset+limit` of `n` samples; an offset past the end is an error.
-pub fn window(n: usize, offset: usize, limit: Option<usize>, source: &str) -> Result<std::ops::Range<usize>> {
+pub fn window(
+    n: usize,
+    offset: usize,
+    limit: Option<usize>,
+    source: &str,
+) -> Result<std::ops::Range<usize>> {
     if offset > n || (offset == n && n > 0) {
         bail!("{source}: --offset {offset} is past the end ({n} samples)");
     }
@@ -120,7 +152,11 @@ impl DataSpec {
         if let Some(f) = self.format {
             return Ok(f);
         }
-        let name = self.path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
         let name = name.strip_suffix(".gz").unwrap_or(&name);
         if name.ends_with(".npz") {
             Ok(DataFormat::Npz)
@@ -131,7 +167,10 @@ impl DataSpec {
         } else if name.ends_with(".bin") {
             Ok(DataFormat::Cifar10)
         } else {
-            bail!("{}: cannot tell the data format from the file name; pass --data-format", self.path.display())
+            bail!(
+                "{}: cannot tell the data format from the file name; pass --data-format",
+                self.path.display()
+            )
         }
     }
 
@@ -142,10 +181,16 @@ impl DataSpec {
             bail!("data file {} does not exist", path.display());
         }
         let ds: Result<Dataset> = match self.resolved_format()? {
-            DataFormat::Cifar10 => cifar::read(path, cifar::Variant::Cifar10, self.offset, self.limit),
-            DataFormat::Cifar100 => cifar::read(path, cifar::Variant::Cifar100, self.offset, self.limit),
+            DataFormat::Cifar10 => {
+                cifar::read(path, cifar::Variant::Cifar10, self.offset, self.limit)
+            }
+            DataFormat::Cifar100 => {
+                cifar::read(path, cifar::Variant::Cifar100, self.offset, self.limit)
+            }
             DataFormat::Idx => idx::read(path, self.labels.as_deref(), self.offset, self.limit),
-            DataFormat::Npy | DataFormat::Npz => npy::read(path, self.labels.as_deref(), self.offset, self.limit),
+            DataFormat::Npy | DataFormat::Npz => {
+                npy::read(path, self.labels.as_deref(), self.offset, self.limit)
+            }
         };
         ds.with_context(|| format!("reading data {}", path.display()))
     }

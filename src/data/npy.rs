@@ -7,7 +7,12 @@ use anyhow::{bail, Result};
 use super::Dataset;
 
 /// Reads images and labels from NPY/NPZ.
-pub fn read(path: &Path, labels: Option<&Path>, offset: usize, limit: Option<usize>) -> Result<Dataset> {
+pub fn read(
+    path: &Path,
+    labels: Option<&Path>,
+    offset: usize,
+    limit: Option<usize>,
+) -> Result<Dataset> {
     let _ = (labels, offset, limit);
     bail!("{}: NPY reader not available yet", path.display())
 }

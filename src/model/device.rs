@@ -19,13 +19,19 @@ impl DeviceChoice {
     pub fn resolve(self) -> anyhow::Result<Device> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+            DeviceChoice::Auto => Ok(if tch::Cuda::is_available() {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            }),
             DeviceChoice::Cuda(i) => {
                 let n = tch::Cuda::device_count() as usize;
                 if i < n {
                     Ok(Device::Cuda(i))
                 } else {
-                    anyhow::bail!("--device cuda:{i} asked for, but libtorch sees {n} CUDA device(s)")
+                    anyhow::bail!(
+                        "--device cuda:{i} asked for, but libtorch sees {n} CUDA device(s)"
+                    )
                 }
             }
         }

@@ -10,7 +10,9 @@ use super::{native, onnx, torchscript::TorchScriptClassifier, Classifier};
 use crate::util::sha256_file;
 
 /// The model formats brittle reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelFormat {
     /// `torch.jit` module (`.pt`, `.pth`, `.ts` without `--arch`).
@@ -22,7 +24,17 @@ pub enum ModelFormat {
 }
 
 /// Input layout an ONNX graph expects (pixels are always given to brittle as NCHW in [0, 1]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum InputLayout {
     #[default]
@@ -54,12 +66,22 @@ impl ModelSpec {
         if self.arch.is_some() {
             return Ok(ModelFormat::Native);
         }
-        let ext = self.path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        let ext = self
+            .path
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase())
+            .unwrap_or_default();
         match ext.as_str() {
             "onnx" => Ok(ModelFormat::Onnx),
             "pt" | "pth" | "ts" | "jit" => Ok(ModelFormat::Torchscript),
-            "safetensors" => bail!("{}: safetensors holds weights only; name the architecture with --arch", self.path.display()),
-            _ => bail!("{}: cannot tell the model format from the extension; pass --format", self.path.display()),
+            "safetensors" => bail!(
+                "{}: safetensors holds weights only; name the architecture with --arch",
+                self.path.display()
+            ),
+            _ => bail!(
+                "{}: cannot tell the model format from the extension; pass --format",
+                self.path.display()
+            ),
         }
     }
 
@@ -84,12 +106,21 @@ pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dy
         bail!("model file {} does not exist", spec.path.display());
     }
     let fingerprint = spec.fingerprint()?;
-    let normalizer = Normalizer::new(spec.mean.as_deref(), spec.std.as_deref(), input_shape[0], spec.device)?;
+    let normalizer = Normalizer::new(
+        spec.mean.as_deref(),
+        spec.std.as_deref(),
+        input_shape[0],
+        spec.device,
+    )?;
     let model: Result<Box<dyn Classifier>> = match spec.resolved_format()? {
-        ModelFormat::Torchscript => {
-            TorchScriptClassifier::load(&spec.path, normalizer, spec.device, input_shape, fingerprint)
-                .map(|m| Box::new(m) as Box<dyn Classifier>)
-        }
+        ModelFormat::Torchscript => TorchScriptClassifier::load(
+            &spec.path,
+            normalizer,
+            spec.device,
+            input_shape,
+            fingerprint,
+        )
+        .map(|m| Box::new(m) as Box<dyn Classifier>),
         ModelFormat::Native => native::load(spec, normalizer, input_shape, fingerprint),
         ModelFormat::Onnx => onnx::load(spec, normalizer, input_shape, fingerprint),
     };

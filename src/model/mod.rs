@@ -72,7 +72,9 @@ pub fn logits_and_grad(
     let logits = model.logits(&x)?;
     let obj = objective(&logits).sum(tch::Kind::Float);
     let mut grads = Tensor::f_run_backward(&[obj], &[&x], false, false)?;
-    let grad = grads.pop().ok_or_else(|| anyhow::anyhow!("autograd returned no gradient"))?;
+    let grad = grads
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("autograd returned no gradient"))?;
     Ok((logits.detach(), grad))
 }
 

@@ -15,10 +15,18 @@ pub struct Normalizer {
 
 impl Normalizer {
     /// `None` when neither is given; both must have one value per channel (or one for all).
-    pub fn new(mean: Option<&[f64]>, std: Option<&[f64]>, channels: i64, device: Device) -> Result<Option<Self>> {
+    pub fn new(
+        mean: Option<&[f64]>,
+        std: Option<&[f64]>,
+        channels: i64,
+        device: Device,
+    ) -> Result<Option<Self>> {
         let (mean, std) = match (mean, std) {
             (None, None) => return Ok(None),
-            (m, s) => (m.map(<[f64]>::to_vec).unwrap_or_else(|| vec![0.0]), s.map(<[f64]>::to_vec).unwrap_or_else(|| vec![1.0])),
+            (m, s) => (
+                m.map(<[f64]>::to_vec).unwrap_or_else(|| vec![0.0]),
+                s.map(<[f64]>::to_vec).unwrap_or_else(|| vec![1.0]),
+            ),
         };
         let widen = |v: Vec<f64>, what: &str| -> Result<Vec<f64>> {
             match v.len() as i64 {
@@ -32,8 +40,17 @@ impl Normalizer {
         if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             bail!("--std values must be positive, got {s}");
         }
-        let t = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, channels, 1, 1]).to_device(device);
-        Ok(Some(Normalizer { mean: t(&mean), std: t(&std), values: (mean, std) }))
+        let t = |v: &[f64]| {
+            Tensor::from_slice(v)
+                .to_kind(Kind::Float)
+                .view([1, channels, 1, 1])
+                .to_device(device)
+        };
+        Ok(Some(Normalizer {
+            mean: t(&mean),
+            std: t(&std),
+            values: (mean, std),
+        }))
     }
 
     pub fn apply(&self, x: &Tensor) -> Tensor {
@@ -44,6 +61,10 @@ impl Normalizer {
 /// Parses `0.4914,0.4822,0.4465`.
 pub fn parse_channel_values(s: &str) -> Result<Vec<f64>> {
     s.split(',')
-        .map(|v| v.trim().parse::<f64>().map_err(|_| anyhow::anyhow!("bad number {v:?} in {s:?}")))
+        .map(|v| {
+            v.trim()
+                .parse::<f64>()
+                .map_err(|_| anyhow::anyhow!("bad number {v:?} in {s:?}"))
+        })
         .collect()
 }

@@ -45,7 +45,10 @@ impl TorchScriptClassifier {
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript module {}", path.display()))?;
         module.set_eval();
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut me = TorchScriptClassifier {
             module,
             normalizer,
@@ -61,12 +64,25 @@ impl TorchScriptClassifier {
                 has_features: false,
             },
         };
-        let probe = Tensor::full([2, input_shape[0], input_shape[1], input_shape[2]], 0.5, (Kind::Float, device));
-        let out = tch::no_grad(|| me.forward_ivalue(&probe))
-            .with_context(|| format!("{}: probing with an input of shape [2, {input_shape:?}]", path.display()))?;
-        let (logits, tuple_features) = split_output(out).with_context(|| format!("{}: forward output", path.display()))?;
+        let probe = Tensor::full(
+            [2, input_shape[0], input_shape[1], input_shape[2]],
+            0.5,
+            (Kind::Float, device),
+        );
+        let out = tch::no_grad(|| me.forward_ivalue(&probe)).with_context(|| {
+            format!(
+                "{}: probing with an input of shape [2, {input_shape:?}]",
+                path.display()
+            )
+        })?;
+        let (logits, tuple_features) =
+            split_output(out).with_context(|| format!("{}: forward output", path.display()))?;
         if logits.dim() != 2 || logits.size()[0] != 2 {
-            anyhow::bail!("{}: forward returned shape {:?}; expected logits [N, K]", path.display(), logits.size());
+            anyhow::bail!(
+                "{}: forward returned shape {:?}; expected logits [N, K]",
+                path.display(),
+                logits.size()
+            );
         }
         me.info.num_classes = logits.size()[1];
         let features = match tuple_features {
@@ -74,13 +90,15 @@ impl TorchScriptClassifier {
                 me.features = FeatureSource::ForwardTuple;
                 Some(f)
             }
-            None => match tch::no_grad(|| me.module.method_ts("features", &[me.normalized(&probe)])) {
-                Ok(f) => {
-                    me.features = FeatureSource::Method;
-                    Some(f)
+            None => {
+                match tch::no_grad(|| me.module.method_ts("features", &[me.normalized(&probe)])) {
+                    Ok(f) => {
+                        me.features = FeatureSource::Method;
+                        Some(f)
+                    }
+                    Err(_) => None,
                 }
-                Err(_) => None,
-            },
+            }
         };
         if let Some(f) = features {
             me.info.has_features = true;
@@ -97,7 +115,9 @@ impl TorchScriptClassifier {
     }
 
     fn forward_ivalue(&self, x: &Tensor) -> Result<IValue> {
-        Ok(self.module.forward_is(&[IValue::Tensor(self.normalized(x))])?)
+        Ok(self
+            .module
+            .forward_is(&[IValue::Tensor(self.normalized(x))])?)
     }
 }
 
@@ -109,23 +129,35 @@ fn split_output(out: IValue) -> Result<(Tensor, Option<Tensor>)> {
             let f = v.pop();
             let l = v.pop();
             match (l, f) {
-                (Some(IValue::Tensor(l)), Some(IValue::Tensor(f))) => Ok((l, Some(f.flatten(1, -1)))),
+                (Some(IValue::Tensor(l)), Some(IValue::Tensor(f))) => {
+                    Ok((l, Some(f.flatten(1, -1))))
+                }
                 _ => Err(anyhow!("a tuple output must be (logits, features) tensors")),
             }
         }
-        other => Err(anyhow!("unsupported forward output {other:?}: expected a tensor or (logits, features)")),
+        other => Err(anyhow!(
+            "unsupported forward output {other:?}: expected a tensor or (logits, features)"
+        )),
     }
 }
 
 /// The module parameter pair `(W [K, D], b [K])` with `logits = f W^T + b`, verified on the probe.
-fn find_last_linear(module: &CModule, features: &Tensor, logits: &Tensor) -> Option<(Tensor, Tensor)> {
+fn find_last_linear(
+    module: &CModule,
+    features: &Tensor,
+    logits: &Tensor,
+) -> Option<(Tensor, Tensor)> {
     let (k, d) = (logits.size()[1], features.size()[1]);
     let params = module.named_parameters().ok()?;
     let weight = params.iter().rev().find(|(_, t)| t.size() == [k, d])?;
     let prefix = weight.0.strip_suffix("weight")?;
-    let bias = params.iter().find(|(n, t)| n == &format!("{prefix}bias") && t.size() == [k]);
+    let bias = params
+        .iter()
+        .find(|(n, t)| n == &format!("{prefix}bias") && t.size() == [k]);
     let w = weight.1.detach().to_kind(Kind::Float);
-    let b = bias.map(|(_, t)| t.detach().to_kind(Kind::Float)).unwrap_or_else(|| Tensor::zeros([k], (Kind::Float, w.device())));
+    let b = bias
+        .map(|(_, t)| t.detach().to_kind(Kind::Float))
+        .unwrap_or_else(|| Tensor::zeros([k], (Kind::Float, w.device())));
     let rebuilt = tch::no_grad(|| features.matmul(&w.tr()) + &b);
     let err = (rebuilt - logits).abs().max().double_value(&[]);
     let scale = logits.abs().max().double_value(&[]).max(1e-6);
@@ -146,7 +178,10 @@ impl Classifier for TorchScriptClassifier {
             }
             FeatureSource::Method => {
                 let xn = self.normalized(x);
-                let f = self.module.method_ts("features", &[xn.shallow_clone()])?.flatten(1, -1);
+                let f = self
+                    .module
+                    .method_ts("features", &[xn.shallow_clone()])?
+                    .flatten(1, -1);
                 let l = self.module.forward_ts(&[xn])?;
                 Ok(Some((f, l)))
             }
@@ -154,7 +189,9 @@ impl Classifier for TorchScriptClassifier {
     }
 
     fn last_linear(&self) -> Option<(Tensor, Tensor)> {
-        self.last_linear.as_ref().map(|(w, b)| (w.shallow_clone(), b.shallow_clone()))
+        self.last_linear
+            .as_ref()
+            .map(|(w, b)| (w.shallow_clone(), b.shallow_clone()))
     }
 
     fn device(&self) -> Device {

@@ -9,7 +9,7 @@ pub mod table;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use crate::model::{Classifier, logits_no_grad};
+use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
 use crate::util::{to_vec_f64, to_vec_i64};
 
@@ -35,7 +35,10 @@ pub struct FreeScores {
 pub fn free_scores(logits: &Tensor) -> Result<Vec<FreeScores>> {
     let logits = logits.detach().to_kind(Kind::Double);
     let k = logits.size()[1];
-    anyhow::ensure!(k >= 2, "a margin needs at least 2 classes, the model has {k}");
+    anyhow::ensure!(
+        k >= 2,
+        "a margin needs at least 2 classes, the model has {k}"
+    );
     let (top, idx) = logits.topk(2, 1, true, true);
     let probs = logits.softmax(1, Kind::Double);
     let (ptop, _) = probs.topk(2, 1, true, true);
@@ -71,7 +74,7 @@ pub fn feature_margin(logits: &Tensor, weight: &Tensor, norm: Norm) -> Result<Ve
     let wtop = w.index_select(0, &pred).unsqueeze(1); // [N, 1, D]
     let diff = (wtop - w.unsqueeze(0)).flatten(0, 1); // [N*K, D]
     let n = logits.size()[0];
-    let denom = norm.dual().batch_norm(&diff.to_kind(Kind::Float)).to_kind(Kind::Double).view([n, -1]);
+    let denom = norm.dual().batch_norm(&diff).view([n, -1]);
     let ratio = (ztop - &logits) / denom;
     // The top class itself gives 0/0; exclude it.
     let ratio = ratio.scatter_value(1, &pred.unsqueeze(1), f64::INFINITY);

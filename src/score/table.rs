@@ -7,8 +7,17 @@ use anyhow::Result;
 use super::FreeScores;
 
 /// Column names written by `brittle score`, in order (without the optional `feature_margin`).
-pub const SCORE_COLUMNS: [&str; 9] =
-    ["index", "label", "pred", "correct", "logit_margin", "prob_margin", "max_prob", "entropy", "energy"];
+pub const SCORE_COLUMNS: [&str; 9] = [
+    "index",
+    "label",
+    "pred",
+    "correct",
+    "logit_margin",
+    "prob_margin",
+    "max_prob",
+    "entropy",
+    "energy",
+];
 
 /// One sample's identity and scores.
 #[derive(Debug, Clone)]
@@ -60,7 +69,9 @@ pub fn write_csv<W: Write>(
     extra_header: &[&str],
     extra: impl Fn(usize) -> Vec<String>,
 ) -> Result<()> {
-    let with_fm = rows.first().is_some_and(|r| r.scores.feature_margin.is_some());
+    let with_fm = rows
+        .first()
+        .is_some_and(|r| r.scores.feature_margin.is_some());
     let mut w = csv::Writer::from_writer(out);
     let mut h = header(with_fm);
     h.extend_from_slice(extra_header);

@@ -10,7 +10,12 @@ use super::{Classifier, ModelSpec};
 pub const ARCHITECTURES: &[&str] = &[];
 
 /// Builds a native architecture and loads its weights.
-pub fn load(spec: &ModelSpec, normalizer: Option<Normalizer>, input_shape: [i64; 3], fingerprint: String) -> Result<Box<dyn Classifier>> {
+pub fn load(
+    spec: &ModelSpec,
+    normalizer: Option<Normalizer>,
+    input_shape: [i64; 3],
+    fingerprint: String,
+) -> Result<Box<dyn Classifier>> {
     let _ = (normalizer, input_shape, fingerprint);
     bail!("native architecture {:?} is not available yet", spec.arch)
 }
