@@ -1,6 +1,7 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
 pub mod args;
+pub mod demo;
 pub mod score;
 
 use anyhow::Result;
@@ -18,11 +19,14 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// The whole life cycle on the embedded default: margins, report, detector, live scores.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Demo(a) => demo::run_demo(a),
     }
 }
