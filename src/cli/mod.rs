@@ -2,6 +2,8 @@
 
 pub mod args;
 pub mod demo;
+pub mod margins;
+pub mod merge;
 pub mod score;
 
 use anyhow::Result;
@@ -21,6 +23,10 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// The whole life cycle on the embedded default: margins, report, detector, live scores.
     Demo(demo::DemoArgs),
+    /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
+    Margins(margins::MarginsArgs),
+    /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command.
@@ -28,5 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
         Command::Demo(a) => demo::run_demo(a),
+        Command::Margins(a) => margins::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }
