@@ -27,10 +27,10 @@ pub fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let tensors = if bytes.starts_with(b"PK\x03\x04") {
         read_torch_zip(path)
-    } else if bytes.first() == Some(&0x80) {
-        read_torch_legacy(&bytes)
     } else if is_safetensors(&bytes) {
         Tensor::read_safetensors(path).map_err(anyhow::Error::from)
+    } else if bytes.first() == Some(&0x80) {
+        read_torch_legacy(&bytes)
     } else {
         Err(anyhow!(
             "not a PyTorch checkpoint (zip or legacy pickle) nor a safetensors file"
@@ -216,17 +216,19 @@ fn global_name<'a>(v: &'a Value<'_>) -> Option<(&'a str, &'a str)> {
     }
 }
 
-/// `(key, value)` pairs of a list of 2-tuples.
+/// `(key, value)` pairs of a dictionary's items: 2-tuples with a string key, possibly grouped
+/// in tuples (one per `SETITEMS` batch).
 fn pairs(items: &[Value<'_>]) -> Result<Vec<(String, Entry)>> {
-    items
-        .iter()
-        .filter_map(|it| match it {
-            Value::Seq(SequenceType::Tuple, kv) if kv.len() == 2 => {
-                string(&kv[0]).map(|k| interpret(&kv[1]).map(|e| (k.to_owned(), e)))
+    let mut out = Vec::new();
+    for it in items {
+        if let Value::Seq(_, inner) = it {
+            match inner.as_slice() {
+                [Value::String(k), v] => out.push(((*k).to_owned(), interpret(v)?)),
+                _ => out.extend(pairs(inner)?),
             }
-            _ => None,
-        })
-        .collect()
+        }
+    }
+    Ok(out)
 }
 
 fn interpret(v: &Value<'_>) -> Result<Entry> {
