@@ -1,5 +1,6 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
+pub mod analyze;
 pub mod args;
 pub mod score;
 
@@ -18,11 +19,14 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Analyze(a) => analyze::run(a),
     }
 }
