@@ -2,6 +2,8 @@
 
 pub mod analyze;
 pub mod args;
+pub mod margins;
+pub mod merge;
 pub mod score;
 
 use anyhow::Result;
@@ -19,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
+    Margins(margins::MarginsArgs),
+    /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
+    Merge(merge::MergeArgs),
     /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
     Analyze(analyze::AnalyzeArgs),
 }
@@ -27,6 +33,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Margins(a) => margins::run(a),
+        Command::Merge(a) => merge::run(a),
         Command::Analyze(a) => analyze::run(a),
     }
 }
