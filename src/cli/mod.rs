@@ -1,5 +1,6 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
+pub mod analyze;
 pub mod args;
 pub mod demo;
 pub mod margins;
@@ -27,6 +28,8 @@ pub enum Command {
     Margins(margins::MarginsArgs),
     /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
     Merge(merge::MergeArgs),
+    /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the parsed command.
@@ -36,5 +39,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run_demo(a),
         Command::Margins(a) => margins::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Analyze(a) => analyze::run(a),
     }
 }
