@@ -49,6 +49,7 @@ fn npy_and_npz_layouts_and_types_agree_with_numpy() {
         ("test.npz", None),
         ("compressed.npz", None),
         ("f32_nchw.npy", Some("labels_u8_nhwc.npy")),
+        ("fortran.npy", Some("labels_u8_nhwc.npy")),
     ] {
         let ds = load(fixture(file), lab, 0, None).unwrap();
         assert_eq!(ds.images.size(), [5, 3, 4, 4], "{file}");

@@ -263,3 +263,41 @@ fn wrong_input_shape_at_run_time_is_an_error() {
         "{e}"
     );
 }
+
+/// advertorch's legacy-format MNIST checkpoints (fetched at dev time by
+/// `scripts/fixtures/native.py advertorch DIR`): brittle's accuracy equals PyTorch's.
+#[test]
+fn advertorch_lenet5_on_mnist() {
+    let Some(dir) = std::env::var_os("BRITTLE_ADVERTORCH").map(PathBuf::from) else {
+        println!("skipped: BRITTLE_ADVERTORCH is not set");
+        return;
+    };
+    let expected: BTreeMap<String, f64> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let data = brittle::data::DataSpec {
+        path: dir.join("mnist_test_images.npy"),
+        labels: Some(dir.join("mnist_test_labels.npy")),
+        ..Default::default()
+    }
+    .load()
+    .unwrap();
+    let labels = Tensor::from_slice(&data.labels);
+    for (file, want) in expected {
+        let model = load_classifier(
+            &spec(dir.join(&file), "lenet5-advertorch", None, None),
+            [1, 28, 28],
+        )
+        .unwrap();
+        let logits = brittle::model::logits_no_grad(model.as_ref(), &data.images).unwrap();
+        let acc = logits
+            .argmax(1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[]);
+        assert!(
+            (acc - want).abs() < 1e-9,
+            "{file}: accuracy {acc}, PyTorch {want}"
+        );
+    }
+}

@@ -23,12 +23,9 @@ pub fn read(
     limit: Option<usize>,
 ) -> Result<Dataset> {
     let source = path.display().to_string();
-    let is_npz = std::fs::read(path)
-        .with_context(|| format!("reading {source}"))?
-        .starts_with(b"PK\x03\x04");
-    let (images, found_labels) = if is_npz {
-        let arrays =
-            Tensor::read_npz(path).map_err(|e| anyhow!("{source}: not a valid NPZ file: {e}"))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {source}"))?;
+    let (images, found_labels) = if bytes.starts_with(b"PK\x03\x04") {
+        let arrays = read_npz(bytes, &source)?;
         let pick = |keys: &[&str]| {
             keys.iter()
                 .find_map(|k| arrays.iter().find(|(n, _)| n == k))
@@ -43,7 +40,7 @@ pub fn read(
             pick(LABEL_KEYS).map(|(n, t)| (format!("{source}[{n}]"), t)),
         )
     } else {
-        (read_npy(path)?, None)
+        (npy_tensor(bytes.as_slice(), &source)?, None)
     };
     let (label_source, labels) = match (labels, found_labels) {
         (Some(l), _) => (l.display().to_string(), read_npy(l)?),
@@ -79,7 +76,57 @@ fn read_npy(path: &Path) -> Result<Tensor> {
     if !path.exists() {
         bail!("{} does not exist", path.display());
     }
-    Tensor::read_npy(path).map_err(|e| anyhow!("{}: not a valid NPY file: {e}", path.display()))
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    npy_tensor(bytes.as_slice(), &path.display().to_string())
+}
+
+/// Every `<name>.npy` member of an NPZ archive (stored or deflated).
+fn read_npz(bytes: Vec<u8>, source: &str) -> Result<Vec<(String, Tensor)>> {
+    let bad = |e: &dyn std::fmt::Display| anyhow!("{source}: not a valid NPZ file: {e}");
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(&e))?;
+    let mut out = Vec::new();
+    for i in 0..zip.len() {
+        let entry = zip.by_index(i).map_err(|e| bad(&e))?;
+        let name = entry.name().to_owned();
+        if let Some(key) = name.strip_suffix(".npy") {
+            let t = npy_tensor(std::io::BufReader::new(entry), &format!("{source}[{key}]"))?;
+            out.push((key.to_owned(), t));
+        }
+    }
+    Ok(out)
+}
+
+/// One NPY array as a tensor of the same element type and shape (the length is checked by
+/// `npyz`, so a truncated file is an error, not a read past the end).
+fn npy_tensor<R: std::io::Read>(reader: R, source: &str) -> Result<Tensor> {
+    let bad = |e: std::io::Error| anyhow!("{source}: not a valid NPY file: {e}");
+    let npy = npyz::NpyFile::new(reader).map_err(bad)?;
+    let shape: Vec<i64> = npy.shape().iter().map(|&s| s as i64).collect();
+    let fortran = npy.order() == npyz::Order::Fortran;
+    let descr = npy.dtype().descr();
+    let flat = match descr
+        .trim_matches(['\'', '"'])
+        .trim_start_matches(['<', '>', '|', '='])
+    {
+        "u1" => Tensor::from_slice(&npy.into_vec::<u8>().map_err(bad)?),
+        "i1" => Tensor::from_slice(&npy.into_vec::<i8>().map_err(bad)?),
+        "i2" => Tensor::from_slice(&npy.into_vec::<i16>().map_err(bad)?),
+        "i4" => Tensor::from_slice(&npy.into_vec::<i32>().map_err(bad)?),
+        "i8" => Tensor::from_slice(&npy.into_vec::<i64>().map_err(bad)?),
+        "f4" => Tensor::from_slice(&npy.into_vec::<f32>().map_err(bad)?),
+        "f8" => Tensor::from_slice(&npy.into_vec::<f64>().map_err(bad)?),
+        _ => bail!("{source}: unsupported NPY dtype {descr}"),
+    };
+    Ok(if fortran {
+        // Column-major: the data is the transpose of the C-order array of reversed shape.
+        let rev: Vec<i64> = shape.iter().rev().copied().collect();
+        let dims: Vec<i64> = (0..shape.len() as i64).rev().collect();
+        flat.view(rev.as_slice())
+            .permute(dims.as_slice())
+            .contiguous()
+    } else {
+        flat.view(shape.as_slice())
+    })
 }
 
 /// A labels file next to the images, by naming convention.
