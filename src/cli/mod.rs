@@ -1,6 +1,8 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
 pub mod args;
+pub mod margins;
+pub mod merge;
 pub mod score;
 
 use anyhow::Result;
@@ -18,11 +20,17 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
+    Margins(margins::MarginsArgs),
+    /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Margins(a) => margins::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }
