@@ -10,6 +10,10 @@ use crate::model::load::{InputLayout, ModelFormat};
 use crate::model::normalize::parse_channel_values;
 use crate::model::{device, load_classifier, Classifier, DeviceChoice, ModelSpec};
 
+/// One value per channel; an alias so that clap parses `0.1,0.2,0.3` as one value, not as a
+/// list of values (which it does for a field typed `Option<Vec<_>>`).
+pub type ChannelValues = Vec<f64>;
+
 /// Which model to load and where to run it.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -27,10 +31,10 @@ pub struct ModelArgs {
     pub num_classes: Option<i64>,
     /// Per-channel mean subtracted inside the model, e.g. `0.4914,0.4822,0.4465`.
     #[arg(long, value_parser = parse_channel_values)]
-    pub mean: Option<Vec<f64>>,
+    pub mean: Option<ChannelValues>,
     /// Per-channel std divided inside the model, e.g. `0.2471,0.2435,0.2616`.
     #[arg(long, value_parser = parse_channel_values)]
-    pub std: Option<Vec<f64>>,
+    pub std: Option<ChannelValues>,
     /// Input layout the (ONNX) model expects.
     #[arg(long, value_enum, default_value_t = InputLayout::Nchw)]
     pub input_layout: InputLayout,

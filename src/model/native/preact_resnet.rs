@@ -1,0 +1,96 @@
+//! PreActResNet-18 (RobustBench `architectures/resnet.py`): a 3x3 stem, four stages of two
+//! pre-activation blocks (widths w, 2w, 4w, 8w; w = 64), optionally BN-ReLU before the pool
+//! (`bn_before_fc`, with `PreActBlockV2` whose shortcut takes the activated input), a 4x4
+//! average pool and `linear`.
+
+use anyhow::Result;
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use super::{avg_pool, bn, bn_eval, conv, downsampled, ArchConfig, Network};
+
+/// `bn-relu-conv-bn-relu-conv + shortcut`, the shortcut a 1x1 conv when the shape changes.
+struct PreActBlock {
+    bn1: nn::BatchNorm,
+    conv1: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    shortcut: Option<nn::Conv2D>,
+    /// `PreActBlockV2`: the shortcut convolves `relu(bn1(x))` instead of `x`.
+    shortcut_after_act: bool,
+}
+
+impl PreActBlock {
+    fn new(p: nn::Path, cin: i64, cout: i64, stride: i64, v2: bool) -> Self {
+        PreActBlock {
+            bn1: bn(&p / "bn1", cin),
+            conv1: conv(&p / "conv1", cin, cout, 3, stride),
+            bn2: bn(&p / "bn2", cout),
+            conv2: conv(&p / "conv2", cout, cout, 3, 1),
+            shortcut: (stride != 1 || cin != cout)
+                .then(|| conv(&p / "shortcut" / 0, cin, cout, 1, stride)),
+            shortcut_after_act: v2,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let act = bn_eval(&self.bn1, x).relu();
+        let short = match &self.shortcut {
+            Some(c) if self.shortcut_after_act => c.forward(&act),
+            Some(c) => c.forward(x),
+            None => x.shallow_clone(),
+        };
+        let out = self.conv1.forward(&act);
+        let out = self.conv2.forward(&bn_eval(&self.bn2, &out).relu());
+        out + short
+    }
+}
+
+struct PreActResNet18 {
+    conv1: nn::Conv2D,
+    blocks: Vec<PreActBlock>,
+    bn: Option<nn::BatchNorm>,
+    linear: nn::Linear,
+}
+
+/// `bn_before_fc`: the `PreActResNet(PreActBlockV2, [2,2,2,2], bn_before_fc=True)` variant.
+pub fn build(p: &nn::Path, cfg: &ArchConfig, bn_before_fc: bool) -> Result<Box<dyn Network>> {
+    downsampled(cfg.input_shape, 32, "preact-resnet18")?;
+    let w = cfg.width.unwrap_or(64);
+    let mut blocks = Vec::new();
+    let mut cin = w;
+    for (stage, (planes, stride)) in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let layer = p / format!("layer{}", stage + 1);
+        for i in 0..2 {
+            let s = if i == 0 { stride } else { 1 };
+            blocks.push(PreActBlock::new(&layer / i, cin, planes, s, bn_before_fc));
+            cin = planes;
+        }
+    }
+    Ok(Box::new(PreActResNet18 {
+        conv1: conv(p / "conv1", cfg.input_shape[0], w, 3, 1),
+        blocks,
+        bn: bn_before_fc.then(|| bn(p / "bn", 8 * w)),
+        linear: nn::linear(p / "linear", 8 * w, cfg.num_classes, Default::default()),
+    }))
+}
+
+impl Network for PreActResNet18 {
+    fn features(&self, x: &Tensor) -> Tensor {
+        let mut out = self.conv1.forward(x);
+        for b in &self.blocks {
+            out = b.forward(&out);
+        }
+        if let Some(bn) = &self.bn {
+            out = bn_eval(bn, &out).relu();
+        }
+        avg_pool(&out, 4).flatten(1, -1)
+    }
+
+    fn head(&self) -> &nn::Linear {
+        &self.linear
+    }
+}

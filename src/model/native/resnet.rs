@@ -1,0 +1,93 @@
+//! ResNet-18 for CIFAR (RobustBench `architectures/resnet.py`, after kuangliu): a 3x3 stem
+//! without pooling, four stages of two `BasicBlock`s (widths w, 2w, 4w, 8w; w = 64), a 4x4
+//! average pool and `linear`.
+
+use anyhow::Result;
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use super::{avg_pool, bn, bn_eval, conv, downsampled, ArchConfig, Network};
+
+/// `conv-bn-relu-conv-bn + shortcut`, then ReLU; the shortcut is `conv1x1-bn` when the shape changes.
+struct BasicBlock {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    shortcut: Option<(nn::Conv2D, nn::BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(p: nn::Path, cin: i64, cout: i64, stride: i64) -> Self {
+        let shortcut = (stride != 1 || cin != cout).then(|| {
+            let s = &p / "shortcut";
+            (conv(&s / 0, cin, cout, 1, stride), bn(&s / 1, cout))
+        });
+        BasicBlock {
+            conv1: conv(&p / "conv1", cin, cout, 3, stride),
+            bn1: bn(&p / "bn1", cout),
+            conv2: conv(&p / "conv2", cout, cout, 3, 1),
+            bn2: bn(&p / "bn2", cout),
+            shortcut,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let out = bn_eval(&self.bn1, &self.conv1.forward(x)).relu();
+        let out = bn_eval(&self.bn2, &self.conv2.forward(&out));
+        let short = match &self.shortcut {
+            Some((c, b)) => bn_eval(b, &c.forward(x)),
+            None => x.shallow_clone(),
+        };
+        (out + short).relu()
+    }
+}
+
+struct ResNet18 {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    blocks: Vec<BasicBlock>,
+    linear: nn::Linear,
+}
+
+pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
+    downsampled(cfg.input_shape, 32, "resnet18")?;
+    let w = cfg.width.unwrap_or(64);
+    let mut blocks = Vec::new();
+    let mut cin = w;
+    for (stage, (planes, stride)) in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let layer = p / format!("layer{}", stage + 1);
+        for i in 0..2 {
+            blocks.push(BasicBlock::new(
+                &layer / i,
+                cin,
+                planes,
+                if i == 0 { stride } else { 1 },
+            ));
+            cin = planes;
+        }
+    }
+    Ok(Box::new(ResNet18 {
+        conv1: conv(p / "conv1", cfg.input_shape[0], w, 3, 1),
+        bn1: bn(p / "bn1", w),
+        blocks,
+        linear: nn::linear(p / "linear", 8 * w, cfg.num_classes, Default::default()),
+    }))
+}
+
+impl Network for ResNet18 {
+    fn features(&self, x: &Tensor) -> Tensor {
+        let mut out = bn_eval(&self.bn1, &self.conv1.forward(x)).relu();
+        for b in &self.blocks {
+            out = b.forward(&out);
+        }
+        avg_pool(&out, 4).flatten(1, -1)
+    }
+
+    fn head(&self) -> &nn::Linear {
+        &self.linear
+    }
+}

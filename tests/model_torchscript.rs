@@ -1,0 +1,161 @@
+//! TorchScript path against PyTorch (scripts/fixtures/native.py), and the real models of
+//! ../shared (skipped when absent): accuracy as in manifest.json, native CNN-A == TorchScript.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use brittle::data::DataSpec;
+use brittle::model::load::{InputLayout, ModelSpec};
+use brittle::model::{load_classifier, logits_no_grad, Classifier};
+use brittle::norm::Norm;
+use brittle::score::feature_margin;
+use tch::{Device, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/native")
+        .join(name)
+}
+
+fn spec(
+    path: PathBuf,
+    arch: Option<&str>,
+    mean: Option<Vec<f64>>,
+    std: Option<Vec<f64>>,
+) -> ModelSpec {
+    ModelSpec {
+        path,
+        format: None,
+        arch: arch.map(str::to_owned),
+        num_classes: Some(10),
+        mean,
+        std,
+        input_layout: InputLayout::Nchw,
+        device: Device::Cpu,
+    }
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+#[test]
+fn scripted_features_last_linear_and_feature_margin() {
+    let g: BTreeMap<String, Tensor> = Tensor::read_safetensors(fixture("golden_ts.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let x = &g["x"];
+    for name in ["ts_features", "ts_tuple"] {
+        let model = load_classifier(
+            &spec(fixture(&format!("{name}.pt")), None, None, None),
+            [3, 4, 4],
+        )
+        .unwrap();
+        let info = model.info();
+        assert!(info.has_features, "{name}");
+        assert_eq!(info.num_classes, 5, "{name}");
+        let (f, l) = tch::no_grad(|| model.features_and_logits(x))
+            .unwrap()
+            .unwrap();
+        assert!(
+            rel_err(&f, &g[&format!("{name}_features")]) <= 1e-5,
+            "{name} features"
+        );
+        assert!(
+            rel_err(&l, &g[&format!("{name}_logits")]) <= 1e-5,
+            "{name} logits"
+        );
+        let (w, _) = model.last_linear().expect("last linear layer detected");
+        assert_eq!(
+            rel_err(&w, &g[&format!("{name}_weight")]),
+            0.0,
+            "{name} weight"
+        );
+        for (norm, key) in [(Norm::Linf, "fm_linf"), (Norm::L2, "fm_l2")] {
+            let got = Tensor::from_slice(&feature_margin(&l, &w, norm).unwrap());
+            let e = rel_err(&got, &g[&format!("{name}_{key}")]);
+            assert!(e <= 1e-5, "{name} {key}: rel err {e}");
+        }
+    }
+}
+
+fn shared() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    if p.join("models/manifest.json").exists() {
+        Some(p)
+    } else {
+        println!("skipped: {} is absent", p.display());
+        None
+    }
+}
+
+fn pool_logits(model: &dyn Classifier, images: &Tensor) -> Tensor {
+    logits_no_grad(model, images).unwrap()
+}
+
+#[test]
+fn real_models_reproduce_manifest_accuracy() {
+    let Some(shared) = shared() else { return };
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(shared.join("models/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let data = DataSpec {
+        path: shared.join("data/cifar10/real-pool.bin"),
+        ..Default::default()
+    }
+    .load()
+    .unwrap();
+    let labels = Tensor::from_slice(&data.labels);
+    let accuracy = |l: &Tensor| {
+        l.argmax(1, false)
+            .eq_tensor(&labels)
+            .to_kind(Kind::Double)
+            .mean(Kind::Double)
+            .double_value(&[])
+    };
+    for m in manifest["models"].as_array().unwrap() {
+        let file = shared
+            .join("models")
+            .join(m["torchscript"].as_str().unwrap());
+        let model = load_classifier(&spec(file, None, None, None), [3, 32, 32]).unwrap();
+        let ts_logits = pool_logits(model.as_ref(), &data.images);
+        let acc = accuracy(&ts_logits);
+        let want = m["accuracy_pool_torchscript"].as_f64().unwrap();
+        assert!(
+            (acc - want).abs() <= 0.005,
+            "{}: accuracy {acc}, manifest {want}",
+            m["name"]
+        );
+        if let Some(st) = m["safetensors"].as_str() {
+            let norm = &m["normalisation"];
+            let vals = |k: &str| {
+                norm[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect()
+            };
+            let native = load_classifier(
+                &spec(
+                    shared.join("models").join(st),
+                    Some("cnn-a"),
+                    Some(vals("mean")),
+                    Some(vals("std")),
+                ),
+                [3, 32, 32],
+            )
+            .unwrap();
+            let native_logits = pool_logits(native.as_ref(), &data.images);
+            let e = rel_err(&native_logits, &ts_logits);
+            assert!(e <= 1e-4, "{st}: native vs TorchScript logits rel err {e}");
+            assert!((accuracy(&native_logits) - want).abs() <= 0.005);
+        }
+    }
+}
