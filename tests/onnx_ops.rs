@@ -114,6 +114,11 @@ fn legacy_attributes_opset9() {
 }
 
 #[test]
+fn dropout_shape_slices_integer_division_opset15() {
+    check("misc_op15", InputLayout::Nchw);
+}
+
+#[test]
 fn fixed_batch_of_one_is_rewritten_to_run_batched() {
     // Exported with input [1, 3, 4, 4] and Reshape to [1, -1]; the reference ran per sample.
     let m = check("batch1_reshape_op11", InputLayout::Nchw);
