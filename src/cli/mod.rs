@@ -1,7 +1,9 @@
 //! The `brittle` command line: one subcommand per stage of the life cycle.
 
 pub mod args;
+pub mod fit;
 pub mod score;
+pub mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,11 +20,17 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// Fit a detector of brittle decisions (threshold, optional pseudo-margin) on an attacked set.
+    Fit(fit::FitArgs),
+    /// Serve a model and its detector over HTTP (`POST /v1/score`).
+    Serve(serve::ServeArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Fit(a) => fit::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
