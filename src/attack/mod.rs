@@ -1,3 +1,218 @@
 //! Minimum-norm attacks that estimate each sample's input margin d_in(x).
+//!
+//! Every attack is an [`AttackStep`]: it owns per-sample state tensors (one row per sample)
+//! and performs one iteration on a whole batch. The [`driver`] does everything else: batching,
+//! per-sample early stopping with refill from a queue, deterministic per-sample seeds, exact
+//! forward/backward counts, keeping the best adversarial point, and the final verification.
+//!
+//! Attacks: [`fmn`] (Pintor et al. 2021), [`fab`] (Croce & Hein 2020, untargeted and targeted
+//! over the top-k classes), [`ddn`] (Rony et al. 2019, L2), [`pgd`] (PGD inside a bisection
+//! over ε, a slow reference) and [`best`] (a cheap pipeline of the above).
 
+pub mod best;
+pub mod ddn;
+pub mod driver;
+pub mod fab;
+pub mod fmn;
+pub mod job;
+pub mod pgd;
+pub mod project;
 pub mod table;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::model::{logits_and_grad, logits_no_grad, Classifier};
+use crate::norm::Norm;
+
+/// The attacks `brittle margins --attack` accepts.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackKind {
+    /// Fast Minimum-Norm attack (Linf, L2, L1).
+    Fmn,
+    /// Untargeted FAB over all classes (AutoAttack's default, Linf and L2).
+    Fab,
+    /// Targeted FAB, one run per top-k class (Linf and L2).
+    FabT,
+    /// Decoupled Direction and Norm (L2).
+    Ddn,
+    /// PGD inside a bisection over ε (reference; slow).
+    Pgd,
+    /// FAB on the top classes, then FMN from its point, then a bisection on the segment.
+    Best,
+}
+
+impl AttackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttackKind::Fmn => "fmn",
+            AttackKind::Fab => "fab",
+            AttackKind::FabT => "fab-t",
+            AttackKind::Ddn => "ddn",
+            AttackKind::Pgd => "pgd",
+            AttackKind::Best => "best",
+        }
+    }
+
+    /// The default iteration budget (the reference implementations' customary one).
+    pub fn default_steps(self) -> usize {
+        match self {
+            AttackKind::Fmn | AttackKind::Ddn | AttackKind::Pgd => 1000,
+            AttackKind::Fab | AttackKind::FabT => 100,
+            AttackKind::Best => 0,
+        }
+    }
+}
+
+/// Counts model evaluations per active sample, so every row reports its exact cost.
+///
+/// A batch may hold each sample `r` times (replicas, in sample-major order); each call then
+/// costs every sample `r` forwards (and `r` backwards for a gradient).
+pub struct Ctx<'a> {
+    pub model: &'a dyn Classifier,
+    pub norm: Norm,
+    pub forwards: Vec<u64>,
+    pub backwards: Vec<u64>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(model: &'a dyn Classifier, norm: Norm) -> Self {
+        Ctx {
+            model,
+            norm,
+            forwards: Vec::new(),
+            backwards: Vec::new(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.model.device()
+    }
+
+    fn replicas(&self, x: &Tensor) -> Result<u64> {
+        let n = self.forwards.len() as i64;
+        let rows = x.size()[0];
+        anyhow::ensure!(
+            n > 0 && rows % n == 0,
+            "internal: {rows} rows for {n} samples"
+        );
+        Ok((rows / n) as u64)
+    }
+
+    /// Logits and the gradient of `objective` (summed over rows) at `x`.
+    pub fn grad(
+        &mut self,
+        x: &Tensor,
+        objective: impl Fn(&Tensor) -> Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let r = self.replicas(x)?;
+        let out = logits_and_grad(self.model, x, objective)?;
+        self.forwards.iter_mut().for_each(|c| *c += r);
+        self.backwards.iter_mut().for_each(|c| *c += r);
+        Ok(out)
+    }
+
+    /// Logits at `x` without a graph.
+    pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
+        let r = self.replicas(x)?;
+        let out = logits_no_grad(self.model, x)?;
+        self.forwards.iter_mut().for_each(|c| *c += r);
+        Ok(out)
+    }
+}
+
+/// The active samples of a batch, as the driver shows them to an attack.
+pub struct BatchView<'a> {
+    /// Clean inputs `[B, C, H, W]`.
+    pub x0: &'a Tensor,
+    /// Attacked label `[B]` (int64).
+    pub label: &'a Tensor,
+    /// Iteration index of each sample (0 on its first step), `[B]` float64 on the device.
+    pub step: &'a Tensor,
+    /// Best verified-by-logits distance so far `[B]` float64 (`inf` when none).
+    pub best: &'a Tensor,
+    /// The point achieving `best` (the clean input when none), `[B, C, H, W]`.
+    pub best_adv: &'a Tensor,
+    /// Per-sample seeds (only for the samples being initialised in [`AttackStep::init`]).
+    pub seeds: &'a [u64],
+}
+
+/// What one iteration found: a point per sample and whether the model already misclassifies it.
+pub struct Candidate {
+    pub x: Tensor,
+    pub is_adv: Tensor,
+}
+
+/// One iteration of an attack on a batch; the [`driver`] runs it.
+pub trait AttackStep {
+    /// Name written in the `attack` column.
+    fn name(&self) -> &'static str;
+    /// Maximum iterations per sample.
+    fn max_steps(&self) -> usize;
+    /// Iterations without a 0.1% improvement (after a first success) before a sample leaves.
+    fn patience(&self) -> usize;
+    /// The state rows of newly admitted samples (each tensor's dim 0 indexes samples).
+    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>>;
+    /// One iteration on all active samples; returns the point it evaluated.
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate>;
+}
+
+/// `max_{j != y} z_j - z_y` per row: positive exactly when the row is misclassified.
+pub fn margin_loss(logits: &Tensor, label: &Tensor) -> Tensor {
+    let zy = logits.gather(1, &label.unsqueeze(1), false).squeeze_dim(1);
+    let other = logits
+        .scatter_value(1, &label.unsqueeze(1), f64::NEG_INFINITY)
+        .amax([1].as_slice(), false);
+    other - zy
+}
+
+/// Whether each row's prediction differs from `label`.
+pub fn misclassified(logits: &Tensor, label: &Tensor) -> Tensor {
+    logits.argmax(1, false).ne_tensor(label)
+}
+
+/// `[B]` reshaped to broadcast against `[B, C, H, W]`.
+pub fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.extend(std::iter::repeat_n(1, like.dim() - 1));
+    v.view(shape.as_slice())
+}
+
+/// Per-sample norm as float64 `[B]`.
+pub fn norm64(norm: Norm, delta: &Tensor) -> Tensor {
+    norm.batch_norm(&delta.to_kind(Kind::Double))
+}
+
+/// Cosine annealing from `start` (step 0) to `end` (step `steps`), per sample.
+pub fn cosine(step: &Tensor, steps: usize, start: f64, end: f64) -> Tensor {
+    let c = ((step * (std::f64::consts::PI / steps.max(1) as f64)).cos() + 1.0) * 0.5;
+    c * (start - end) + end
+}
+
+/// The deterministic seed of a sample: independent of batching, sharding and resumption.
+pub fn sample_seed(global: u64, index: usize) -> u64 {
+    // splitmix64 of the pair
+    let mut z = global ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Uniform noise in `[-1, 1]` of shape `[C, H, W]` per seed, from a per-sample ChaCha stream.
+pub fn uniform_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let per: i64 = shape.iter().product();
+    let mut v = Vec::with_capacity(seeds.len() * per as usize);
+    for &s in seeds {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+        v.extend((0..per).map(|_| rng.gen_range(-1.0f32..=1.0)));
+    }
+    let mut full = vec![seeds.len() as i64];
+    full.extend_from_slice(shape);
+    Tensor::from_slice(&v)
+        .view(full.as_slice())
+        .to_device(device)
+}

@@ -5,10 +5,32 @@
 //!
 //! A failed attack has `success = 0` and `input_margin = inf` (never 0).
 
+use std::io::{Read, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::score::FreeScores;
+
+/// The columns `brittle margins` writes, in order (without the optional `feature_margin`).
+pub const MARGIN_COLUMNS: [&str; 15] = [
+    "index",
+    "label",
+    "pred",
+    "correct",
+    "logit_margin",
+    "input_margin",
+    "attack",
+    "success",
+    "forwards",
+    "backwards",
+    "seconds",
+    "prob_margin",
+    "max_prob",
+    "entropy",
+    "energy",
+];
 
 /// One sample of a margins file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,13 +64,139 @@ pub struct MarginRow {
     pub pseudo_margin: Option<f64>,
 }
 
+impl MarginRow {
+    /// A row from the free scores of the clean input and the verified attack result.
+    pub fn from_scores(index: usize, label: i64, s: &FreeScores) -> Self {
+        MarginRow {
+            index,
+            label,
+            pred: s.pred,
+            correct: u8::from(s.pred == label),
+            logit_margin: s.logit_margin,
+            input_margin: f64::INFINITY,
+            attack: String::new(),
+            success: 0,
+            forwards: 0,
+            backwards: 0,
+            seconds: 0.0,
+            prob_margin: Some(s.prob_margin),
+            max_prob: Some(s.max_prob),
+            entropy: Some(s.entropy),
+            energy: Some(s.energy),
+            feature_margin: s.feature_margin,
+            pseudo_margin: None,
+        }
+    }
+
+    /// The fields in [`header`] order.
+    pub fn fields(&self, with_feature_margin: bool) -> Vec<String> {
+        let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let mut v = vec![
+            self.index.to_string(),
+            self.label.to_string(),
+            self.pred.to_string(),
+            self.correct.to_string(),
+            self.logit_margin.to_string(),
+            self.input_margin.to_string(),
+            self.attack.clone(),
+            self.success.to_string(),
+            self.forwards.to_string(),
+            self.backwards.to_string(),
+            format!("{:.6}", self.seconds),
+            opt(self.prob_margin),
+            opt(self.max_prob),
+            opt(self.entropy),
+            opt(self.energy),
+        ];
+        if with_feature_margin {
+            v.push(opt(self.feature_margin));
+        }
+        v
+    }
+}
+
+/// The header of a margins file with or without the feature margin.
+pub fn header(with_feature_margin: bool) -> Vec<&'static str> {
+    let mut h = MARGIN_COLUMNS.to_vec();
+    if with_feature_margin {
+        h.push("feature_margin");
+    }
+    h
+}
+
+/// Appends rows to a margins file, flushing after every call so a killed run loses nothing
+/// that was reported written.
+pub struct MarginWriter<W: Write> {
+    w: csv::Writer<W>,
+    with_feature_margin: bool,
+}
+
+impl<W: Write> MarginWriter<W> {
+    /// A writer; `write_header` is false when appending to an existing file.
+    pub fn new(out: W, with_feature_margin: bool, write_header: bool) -> Result<Self> {
+        let mut w = csv::WriterBuilder::new()
+            .has_headers(false)
+            .from_writer(out);
+        if write_header {
+            w.write_record(header(with_feature_margin))?;
+            w.flush()?;
+        }
+        Ok(MarginWriter {
+            w,
+            with_feature_margin,
+        })
+    }
+
+    pub fn write(&mut self, rows: &[MarginRow]) -> Result<()> {
+        for r in rows {
+            self.w.write_record(r.fields(self.with_feature_margin))?;
+        }
+        self.w.flush()?;
+        Ok(())
+    }
+}
+
+/// Writes a complete margins file atomically (temporary file, then rename).
+pub fn write_margins(path: &Path, rows: &[MarginRow], with_fm: bool) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    MarginWriter::new(std::io::BufWriter::new(file), with_fm, true)?
+        .write(rows)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// Reads the rows of a margins file that a killed run may have left with a partial last line
+/// (which is dropped); returns the rows and whether the file has a header at all.
+pub fn read_partial_margins(path: &Path) -> Result<(Vec<MarginRow>, bool)> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .with_context(|| format!("reading {}", path.display()))?;
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => return Ok((Vec::new(), false)),
+    };
+    let rows = parse_margins(complete.as_bytes(), &path.display().to_string())?;
+    Ok((rows, true))
+}
+
 /// Reads every row of a margins file, with errors naming the file and the line.
 pub fn read_margins(path: &Path) -> Result<Vec<MarginRow>> {
-    let mut rd = csv::Reader::from_path(path)
+    let file = std::fs::File::open(path)
         .with_context(|| format!("opening margins file {}", path.display()))?;
+    parse_margins(file, &path.display().to_string())
+}
+
+fn parse_margins<R: Read>(input: R, name: &str) -> Result<Vec<MarginRow>> {
+    let mut rd = csv::Reader::from_reader(input);
     let headers = rd
         .headers()
-        .with_context(|| format!("{}: reading the header", path.display()))?
+        .with_context(|| format!("{name}: reading the header"))?
         .clone();
     for required in [
         "index",
@@ -60,27 +208,24 @@ pub fn read_margins(path: &Path) -> Result<Vec<MarginRow>> {
     ] {
         if !headers.iter().any(|h| h == required) {
             bail!(
-                "{}: column {required:?} is missing (header: {})",
-                path.display(),
+                "{name}: column {required:?} is missing (header: {})",
                 headers.iter().collect::<Vec<_>>().join(",")
             );
         }
     }
     let mut rows = Vec::new();
     for (i, rec) in rd.deserialize::<MarginRow>().enumerate() {
-        let row = rec.with_context(|| format!("{}: data row {}", path.display(), i + 1))?;
+        let row = rec.with_context(|| format!("{name}: data row {}", i + 1))?;
         if row.success == 1 && !(row.input_margin.is_finite() && row.input_margin >= 0.0) {
             bail!(
-                "{}: data row {}: success=1 but input_margin={}",
-                path.display(),
+                "{name}: data row {}: success=1 but input_margin={}",
                 i + 1,
                 row.input_margin
             );
         }
         if !row.logit_margin.is_finite() {
             bail!(
-                "{}: data row {}: logit_margin={} is not finite",
-                path.display(),
+                "{name}: data row {}: logit_margin={} is not finite",
                 i + 1,
                 row.logit_margin
             );

@@ -2,6 +2,8 @@
 
 pub mod args;
 pub mod fit;
+pub mod margins;
+pub mod merge;
 pub mod score;
 pub mod serve;
 
@@ -24,6 +26,10 @@ pub enum Command {
     Fit(fit::FitArgs),
     /// Serve a model and its detector over HTTP (`POST /v1/score`).
     Serve(serve::ServeArgs),
+    /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
+    Margins(margins::MarginsArgs),
+    /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
+    Merge(merge::MergeArgs),
 }
 
 /// Runs the parsed command.
@@ -32,5 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::run(a),
         Command::Fit(a) => fit::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Margins(a) => margins::run(a),
+        Command::Merge(a) => merge::run(a),
     }
 }

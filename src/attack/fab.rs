@@ -1,0 +1,190 @@
+//! FAB, the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020), Linf and L2.
+//!
+//! Each iteration linearises the decision boundaries between the attacked class and the
+//! classes of interest at the current point, picks the closest linearised boundary, projects
+//! both the current point and the clean input onto it (inside the [0,1] box), and moves to a
+//! convex combination of the two (biased towards the clean input by at most `alpha_max`),
+//! overshooting by `eta`. When the current point is adversarial it is first pulled back towards
+//! the clean input by `beta`. The gradient pass that linearises at a point also tells whether
+//! that point is adversarial, so an iteration costs one forward/backward per class of interest.
+//!
+//! Classes of interest are fixed per sample from the clean logits: all other classes
+//! (AutoAttack's untargeted FAB), the top-k other classes (cheaper), or, for the targeted
+//! variant, one independent run per top-k class.
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::project::hyperplane_in_box;
+use super::{
+    misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Candidate, Ctx,
+};
+use crate::norm::Norm;
+
+pub struct Fab {
+    pub norm: Norm,
+    pub steps: usize,
+    /// Other classes considered (`K - 1`: all).
+    pub topk: i64,
+    /// One independent run per class of interest instead of one run over all of them.
+    pub targeted: bool,
+    pub alpha_max: f64,
+    pub eta: f64,
+    pub beta: f64,
+    /// Start from a random point at this distance (0: from the clean input).
+    pub random_start: f64,
+    pub patience: usize,
+    pub name: &'static str,
+}
+
+impl Fab {
+    /// AutoAttack's settings (α_max 0.1, η 1.05, β 0.9), from the clean input.
+    pub fn new(norm: Norm, steps: usize, topk: i64, targeted: bool) -> Self {
+        Fab {
+            norm,
+            steps,
+            topk,
+            targeted,
+            alpha_max: 0.1,
+            eta: 1.05,
+            beta: 0.9,
+            random_start: 0.0,
+            patience: steps,
+            name: if targeted { "fab-t" } else { "fab" },
+        }
+    }
+
+    /// `(runs per sample, classes per run)`.
+    fn layout(&self, k: i64) -> (i64, i64) {
+        let t = self.topk.clamp(1, k - 1);
+        if self.targeted {
+            (t, 1)
+        } else {
+            (1, t)
+        }
+    }
+}
+
+/// Repeats every row `r` times, keeping a sample's copies adjacent.
+fn repeat_rows(t: &Tensor, r: i64) -> Tensor {
+    if r == 1 {
+        t.shallow_clone()
+    } else {
+        t.repeat_interleave_self_int(r, Some(0), None)
+    }
+}
+
+impl AttackStep for Fab {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn max_steps(&self) -> usize {
+        self.steps
+    }
+    fn patience(&self) -> usize {
+        self.patience
+    }
+
+    /// State: `[x (B·R rows), classes (B·R, C) int64]`.
+    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>> {
+        let logits = ctx.forward(b.x0)?;
+        let k = logits.size()[1];
+        let (runs, per_run) = self.layout(k);
+        let others = logits.scatter_value(1, &b.label.unsqueeze(1), f64::NEG_INFINITY);
+        let (_, top) = others.topk(runs * per_run, 1, true, true);
+        let classes = top.view([-1, per_run]);
+        let mut x = repeat_rows(b.x0, runs);
+        if self.random_start > 0.0 {
+            let shape = &b.x0.size()[1..];
+            let seeds: Vec<u64> = b
+                .seeds
+                .iter()
+                .flat_map(|&s| (0..runs as u64).map(move |r| s.wrapping_add(r)))
+                .collect();
+            let noise = uniform_noise(&seeds, shape, ctx.device());
+            let scale = match self.norm {
+                Norm::Linf => noise,
+                _ => {
+                    let n = self.norm.batch_norm(&noise).clamp_min(1e-12);
+                    &noise / per_sample(&n, &noise)
+                }
+            };
+            x = (x + scale * self.random_start).clamp(0.0, 1.0);
+        }
+        Ok(vec![x, classes])
+    }
+
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate> {
+        let (x, classes) = (&state[0], &state[1]);
+        let n = b.x0.size()[0];
+        let rows = x.size()[0];
+        let runs = rows / n;
+        let per_run = classes.size()[1];
+        let label = repeat_rows(b.label, runs);
+        let x0 = repeat_rows(b.x0, runs);
+        // Gradient of z_c - z_y for every (run, class) pair, in one replicated batch.
+        let xr = repeat_rows(x, per_run);
+        let cls = classes.reshape([-1, 1]);
+        let lab = repeat_rows(&label, per_run).unsqueeze(1);
+        let (logits, grad) =
+            ctx.grad(&xr, |z| z.gather(1, &cls, false) - z.gather(1, &lab, false))?;
+        let f =
+            (logits.gather(1, &cls, false) - logits.gather(1, &lab, false)).view([rows, per_run]);
+        let run_logits = logits.view([rows, per_run, -1]).select(1, 0);
+        let is_adv = misclassified(&run_logits, &label);
+        // Closest linearised boundary per run.
+        let gnorm = norm64(self.norm.dual(), &grad)
+            .view([rows, per_run])
+            .clamp_min(1e-12);
+        let dist = f.to_kind(Kind::Double).abs() / gnorm;
+        let pick = dist.argmin(1, true);
+        let fsel = f.gather(1, &pick, false).squeeze_dim(1);
+        let gsel = grad
+            .view([rows, per_run, -1])
+            .gather(
+                1,
+                &pick
+                    .unsqueeze(2)
+                    .expand([rows, 1, grad.size()[1..].iter().product()], false),
+                false,
+            )
+            .squeeze_dim(1)
+            .view_as(x);
+        // Pull adversarial points back towards the clean input.
+        let pulled = (&x0 + (x - &x0) * self.beta).where_self(&per_sample(&is_adv, x), x);
+        // Hyperplane f + <g, z - x> = 0, projected from the pulled point and from x0.
+        let dot = |p: &Tensor| {
+            (&gsel * (p - x))
+                .flatten(1, -1)
+                .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+        };
+        let c_cur = -(&fsel + dot(&pulled));
+        let c_orig = -(&fsel + dot(&x0));
+        let d = hyperplane_in_box(
+            self.norm,
+            &Tensor::cat(&[&pulled, &x0], 0),
+            &Tensor::cat(&[&gsel, &gsel], 0),
+            &Tensor::cat(&[c_cur, c_orig], 0),
+        )?;
+        let (d1, d2) = (d.narrow(0, 0, rows), d.narrow(0, rows, rows));
+        let a1 = norm64(self.norm, &d1);
+        let a2 = norm64(self.norm, &d2);
+        let alpha = (&a1 / (&a1 + &a2).clamp_min(1e-12)).clamp(0.0, self.alpha_max);
+        let alpha = per_sample(&alpha, x).to_kind(x.kind());
+        let next = ((&pulled + d1 * self.eta) * (alpha.neg() + 1.0)
+            + (&x0 + d2 * self.eta) * &alpha)
+            .clamp(0.0, 1.0);
+        // Report, per sample, the closest adversarial run.
+        let cand_dist = norm64(self.norm, &(x - &x0))
+            .masked_fill(&is_adv.logical_not(), f64::INFINITY)
+            .view([n, runs]);
+        let (dmin, which) = cand_dist.min_dim(1, false);
+        let base = Tensor::arange(n, (Kind::Int64, ctx.device())) * runs;
+        let chosen = x.index_select(0, &(base + which));
+        state[0] = next;
+        Ok(Candidate {
+            x: chosen,
+            is_adv: dmin.isfinite(),
+        })
+    }
+}

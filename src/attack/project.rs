@@ -1,0 +1,170 @@
+//! Projections: onto norm balls (FMN, DDN, PGD) and onto a hyperplane inside the [0,1] box (FAB).
+
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+use super::per_sample;
+use crate::norm::Norm;
+
+/// Projects each row of `delta` onto the `norm` ball of radius `eps` (`[B]`).
+pub fn project_ball(norm: Norm, delta: &Tensor, eps: &Tensor) -> Tensor {
+    let eps = eps.to_kind(delta.kind());
+    match norm {
+        Norm::Linf => {
+            let e = per_sample(&eps, delta);
+            delta.maximum(&(-&e)).minimum(&e)
+        }
+        Norm::L2 => {
+            let n = norm.batch_norm(delta).clamp_min(1e-12);
+            let scale = (eps / n).clamp_max(1.0);
+            delta * per_sample(&scale, delta)
+        }
+        Norm::L1 => project_l1(delta, &eps),
+    }
+}
+
+/// Euclidean projection onto the L1 ball (Duchi et al. 2008): soft-threshold at the level θ
+/// that makes the L1 norm equal ε, for rows outside the ball.
+fn project_l1(delta: &Tensor, eps: &Tensor) -> Tensor {
+    let flat = delta.flatten(1, -1);
+    let d = flat.size()[1];
+    let abs = flat.abs();
+    let (sorted, _) = abs.sort(1, true);
+    let cums = sorted.cumsum(1, sorted.kind());
+    let ks = Tensor::arange_start(1, d + 1, (sorted.kind(), delta.device())).unsqueeze(0);
+    let e = eps.unsqueeze(1);
+    // Largest k with sorted_k > (cumsum_k - eps) / k.
+    let cond = sorted.gt_tensor(&((&cums - &e) / &ks));
+    let k = cond
+        .to_kind(Kind::Int64)
+        .sum_dim_intlist([1].as_slice(), true, Kind::Int64)
+        .clamp_min(1);
+    let theta = ((cums.gather(1, &(&k - 1), false) - &e) / k.to_kind(sorted.kind())).clamp_min(0.0);
+    let inside = abs
+        .sum_dim_intlist([1].as_slice(), true, sorted.kind())
+        .le_tensor(&e);
+    let theta = theta.where_self(&inside.logical_not(), &theta.zeros_like());
+    let shrunk = flat.sign() * (abs - theta).clamp_min(0.0);
+    shrunk.view_as(delta)
+}
+
+/// Minimal-`norm` step `d` with `<w, d> = c` and `0 <= p + d <= 1`, per row.
+///
+/// The solution has the form `d_i = clamp(λ v_i, lo_i, hi_i)` with `v = s w` (L2) or
+/// `v = s sign(w)` (Linf), `s = sign(c)`, for the smallest `λ >= 0` reaching `|c|`; `<w, d(λ)>`
+/// is piecewise linear and increasing in λ, so λ is found exactly by sorting the breakpoints.
+/// When the box makes `|c|` unreachable the step saturates every useful coordinate (as FAB does).
+/// `p`, `w`: `[B, ...]`; `c`: `[B]`. Computed in float64.
+pub fn hyperplane_in_box(norm: Norm, p: &Tensor, w: &Tensor, c: &Tensor) -> Result<Tensor> {
+    let shape = p.size();
+    let kind = p.kind();
+    let p = p.flatten(1, -1).to_kind(Kind::Double);
+    let w = w.flatten(1, -1).to_kind(Kind::Double);
+    let c = c.to_kind(Kind::Double).unsqueeze(1);
+    let s = c.sign();
+    let s = s.where_self(&s.ne(0.0), &s.ones_like());
+    let u = &w * &s; // move so that <u, d> grows
+    let v = match norm {
+        Norm::L2 => u.shallow_clone(),
+        Norm::Linf => u.sign(),
+        Norm::L1 => bail!("FAB's projection supports linf and l2"),
+    };
+    let target = c.abs();
+    // Bound reached by coordinate i when moving along +v_i.
+    let bound = (-&p).where_self(&v.lt(0.0), &(1.0 - &p));
+    let zero = v.eq(0.0);
+    let big = 1e30;
+    let bp = (&bound / v.where_self(&zero.logical_not(), &v.ones_like()))
+        .clamp_min(0.0)
+        .masked_fill(&zero, big);
+    let slope = (&u * &v).masked_fill(&zero, 0.0); // d<u,d>/dλ of an unsaturated coordinate
+    let sat = (&u * &bound).masked_fill(&zero, 0.0); // its contribution once saturated
+    let (bps, order) = bp.sort(1, false);
+    let slope_s = slope.gather(1, &order, false);
+    let sat_s = sat.gather(1, &order, false);
+    // At λ = bps_k: coordinates before k are saturated, k.. are not.
+    let sat_before = sat_s.cumsum(1, Kind::Double) - &sat_s;
+    let slope_from = slope_s.flip([1]).cumsum(1, Kind::Double).flip([1]);
+    let h = &bps * &slope_from + &sat_before;
+    let k = h.lt_tensor(&target).to_kind(Kind::Int64).sum_dim_intlist(
+        [1].as_slice(),
+        true,
+        Kind::Int64,
+    );
+    let d = bps.size()[1];
+    let total_sat = sat_s.sum_dim_intlist([1].as_slice(), true, Kind::Double);
+    let kk = k.clamp_max(d - 1);
+    // Inside segment k: saturated = first k coordinates.
+    let sat_k = sat_before.gather(1, &kk, false);
+    let slope_k = slope_from.gather(1, &kk, false);
+    let lambda = ((&target - sat_k) / slope_k.clamp_min(1e-300)).clamp_min(0.0);
+    let unreachable = total_sat.le_tensor(&target).logical_or(&k.ge(d));
+    let lambda = lambda.masked_fill(&unreachable, big);
+    let step = (&lambda * &v).maximum(&(-&p)).minimum(&(1.0 - &p));
+    Ok(step.view(shape.as_slice()).to_kind(kind))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f64], shape: &[i64]) -> Tensor {
+        Tensor::from_slice(v).view(shape)
+    }
+
+    #[test]
+    fn l2_hyperplane_without_active_box_is_the_orthogonal_projection() {
+        let p = t(&[0.5, 0.5, 0.5], &[1, 3]);
+        let w = t(&[1.0, 2.0, -2.0], &[1, 3]);
+        let c = t(&[0.09], &[1]);
+        let d = hyperplane_in_box(Norm::L2, &p, &w, &c).unwrap();
+        let want = [0.01, 0.02, -0.02];
+        for (a, b) in Vec::<f64>::try_from(d.flatten(0, -1))
+            .unwrap()
+            .iter()
+            .zip(want)
+        {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn linf_hyperplane_moves_every_coordinate_by_the_same_amount_then_saturates() {
+        // <w, d> = 1 with |d_i| <= t: t = 1 / ||w||_1 = 0.25 unconstrained; the first coordinate
+        // can only move 0.1, so the others must cover the rest: 0.1 + 3 t = 1 -> t = 0.3.
+        let p = t(&[0.9, 0.5, 0.5], &[1, 3]);
+        let w = t(&[1.0, 1.0, 2.0], &[1, 3]);
+        let d = hyperplane_in_box(Norm::Linf, &p, &w, &t(&[1.0], &[1])).unwrap();
+        let got = Vec::<f64>::try_from(d.flatten(0, -1)).unwrap();
+        assert!(
+            (got[0] - 0.1).abs() < 1e-9
+                && (got[1] - 0.3).abs() < 1e-9
+                && (got[2] - 0.3).abs() < 1e-9,
+            "{got:?}"
+        );
+        // Negative c moves the other way; an unreachable c saturates.
+        let d = hyperplane_in_box(Norm::Linf, &p, &w, &t(&[-10.0], &[1])).unwrap();
+        let got = Vec::<f64>::try_from(d.flatten(0, -1)).unwrap();
+        assert!(
+            (got[0] + 0.9).abs() < 1e-9 && (got[2] + 0.5).abs() < 1e-9,
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn balls_project_onto_their_norm() {
+        let d = t(&[3.0, -4.0, 0.0, 0.1, 0.1, 0.1], &[2, 3]);
+        let e = t(&[1.0, 1.0], &[2]);
+        let l2 = project_ball(Norm::L2, &d, &e);
+        let n = Vec::<f64>::try_from(Norm::L2.batch_norm(&l2)).unwrap();
+        assert!((n[0] - 1.0).abs() < 1e-12 && (n[1] - 0.3f64.sqrt() * 0.1f64.sqrt()).abs() < 1e-12);
+        let l1 = Vec::<f64>::try_from(project_ball(Norm::L1, &d, &e).flatten(0, -1)).unwrap();
+        // soft threshold at θ = 3: (0, -1, 0); the second row is inside.
+        assert_eq!(l1, vec![0.0, -1.0, 0.0, 0.1, 0.1, 0.1]);
+        let li = Vec::<f64>::try_from(
+            project_ball(Norm::Linf, &d, &t(&[0.5, 0.05], &[2])).flatten(0, -1),
+        )
+        .unwrap();
+        assert_eq!(li, vec![0.5, -0.5, 0.0, 0.05, 0.05, 0.05]);
+    }
+}
