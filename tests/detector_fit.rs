@@ -23,7 +23,14 @@ fn options(eps: f64, pseudo: PseudoMode) -> FitOptions {
         norm: Norm::Linf,
         target_tpr: 0.95,
         pseudo,
-        train: TrainConfig::default(),
+        // Small and fast: a few seconds on a loaded CI core.
+        train: TrainConfig {
+            lr: 1e-2,
+            batch_size: 128,
+            max_epochs: 60,
+            patience: 15,
+            ..TrainConfig::default()
+        },
         val_fraction: 0.3,
         seed: 7,
         batch_size: 512,
@@ -34,7 +41,7 @@ fn options(eps: f64, pseudo: PseudoMode) -> FitOptions {
 #[test]
 fn pseudo_margin_raises_kendall_tau_on_an_inconsistent_model() {
     let (model, w_eff) = inconsistent_model(1);
-    let (data, rows) = synthetic_set(&model, &w_eff, 1500, 2);
+    let (data, rows) = synthetic_set(&model, &w_eff, 1000, 2);
     let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
     let det = fit(
         &model,

@@ -44,14 +44,17 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 2)]
     pub depth: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     /// Maximum training epochs.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     pub epochs: usize,
     /// Stop after this many epochs without a better validation Kendall tau.
     #[arg(long, default_value_t = 30)]
     pub patience: usize,
+    /// Pseudo-margin minibatch size.
+    #[arg(long, default_value_t = 128)]
+    pub mlp_batch_size: usize,
     /// Share of the attacked set held out for validation.
     #[arg(long, default_value_t = 0.3)]
     pub val_fraction: f64,
@@ -102,6 +105,7 @@ pub fn run(a: FitArgs) -> Result<()> {
             lr: a.lr,
             max_epochs: a.epochs,
             patience: a.patience,
+            batch_size: a.mlp_batch_size,
             ..TrainConfig::default()
         },
         val_fraction: a.val_fraction,

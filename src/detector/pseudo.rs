@@ -68,10 +68,10 @@ impl Default for TrainConfig {
             hidden: 64,
             depth: 2,
             loss: PseudoLoss::Regression,
-            lr: 1e-3,
+            lr: 3e-3,
             weight_decay: 1e-4,
-            batch_size: 64,
-            max_epochs: 300,
+            batch_size: 128,
+            max_epochs: 200,
             patience: 30,
         }
     }
