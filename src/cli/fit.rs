@@ -69,18 +69,35 @@ pub struct FitArgs {
     pub out: PathBuf,
 }
 
-/// Refuses a margins file whose sidecar names another norm.
-fn check_sidecar_norm(margins: &Path, norm: Norm) -> Result<()> {
+/// Refuses a margins file whose sidecar (`margins.csv.meta.json`, when present) names another
+/// norm or another model than this run.
+fn check_sidecar(margins: &Path, norm: Norm, fingerprint: &str) -> Result<()> {
     let side = sidecar_path(margins);
     let Ok(text) = std::fs::read_to_string(&side) else {
         return Ok(());
     };
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", side.display()))?;
-    if let Some(n) = v.get("norm").and_then(|n| n.as_str()) {
+    let field = |keys: &[&[&str]]| {
+        keys.iter().find_map(|path| {
+            path.iter()
+                .try_fold(&v, |v, k| v.get(k))
+                .and_then(|x| x.as_str())
+                .map(str::to_string)
+        })
+    };
+    if let Some(n) = field(&[&["settings", "norm"], &["norm"]]) {
         if n.parse::<Norm>().ok() != Some(norm) {
             bail!(
                 "{}: the margins were measured in norm {n}, but --norm is {norm}",
+                side.display()
+            );
+        }
+    }
+    if let Some(f) = field(&[&["settings", "model_fingerprint"], &["model", "fingerprint"]]) {
+        if f != fingerprint {
+            bail!(
+                "{}: the margins were computed with model fingerprint {f}, not with --model (fingerprint {fingerprint})",
                 side.display()
             );
         }
@@ -89,10 +106,10 @@ fn check_sidecar_norm(margins: &Path, norm: Norm) -> Result<()> {
 }
 
 pub fn run(a: FitArgs) -> Result<()> {
-    check_sidecar_norm(&a.margins, a.norm)?;
     let rows = read_margins(&a.margins)?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
+    check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
     let opts = FitOptions {
         eps: a.eps,
         norm: a.norm,
