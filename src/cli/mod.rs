@@ -3,9 +3,11 @@
 pub mod analyze;
 pub mod args;
 pub mod demo;
+pub mod fit;
 pub mod margins;
 pub mod merge;
 pub mod score;
+pub mod serve;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +26,10 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// The whole life cycle on the embedded default: margins, report, detector, live scores.
     Demo(demo::DemoArgs),
+    /// Fit a detector of brittle decisions (threshold, optional pseudo-margin) on an attacked set.
+    Fit(fit::FitArgs),
+    /// Serve a model and its detector over HTTP (`POST /v1/score`).
+    Serve(serve::ServeArgs),
     /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
     Margins(margins::MarginsArgs),
     /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
@@ -37,6 +43,8 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
         Command::Demo(a) => demo::run_demo(a),
+        Command::Fit(a) => fit::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Margins(a) => margins::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Analyze(a) => analyze::run(a),

@@ -1,0 +1,287 @@
+//! Fitting a detector on an attacked set (`margins.csv` + the data and model it came from).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, ensure, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::calibrate::calibrate;
+use super::pseudo::{self, PseudoInput, TrainConfig};
+use super::{
+    net_inputs, Detector, DetectorSpec, PseudoSpec, ScoreKind, ScoreQuality, Validation,
+    FORMAT_VERSION, WEIGHTS_FILE,
+};
+use crate::attack::table::MarginRow;
+use crate::data::Dataset;
+use crate::metrics::detection::{auroc, fpr_at_tpr};
+use crate::metrics::rank::kendall_tau_b;
+use crate::model::Classifier;
+use crate::norm::Norm;
+use crate::provenance::Provenance;
+use crate::score::free_scores;
+use crate::util::progress_bar;
+
+/// Whether to train a pseudo-margin and use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PseudoMode {
+    /// Train it; keep it only when its validation Kendall τ beats the logit margin's.
+    Auto,
+    /// Train it and use it.
+    On,
+    /// Use the logit margin.
+    Off,
+}
+
+/// Settings of `brittle fit`.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub eps: f64,
+    pub norm: Norm,
+    pub target_tpr: f64,
+    pub pseudo: PseudoMode,
+    pub train: TrainConfig,
+    /// Share of the attacked set held out to validate (and early-stop) the pseudo-margin.
+    pub val_fraction: f64,
+    pub seed: u64,
+    /// Samples per forward pass.
+    pub batch_size: usize,
+    /// Names of the margins file and data, recorded in `detector.json`.
+    pub margins_name: String,
+}
+
+/// The positions in `data` of each row's `index`, checking that the labels agree.
+pub fn match_rows(data: &Dataset, rows: &[MarginRow]) -> Result<Vec<usize>> {
+    let pos: HashMap<usize, usize> = data
+        .indices
+        .iter()
+        .enumerate()
+        .map(|(p, &i)| (i, p))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    rows.iter()
+        .map(|r| {
+            ensure!(
+                seen.insert(r.index),
+                "sample index {} appears twice in the margins file",
+                r.index
+            );
+            let Some(&p) = pos.get(&r.index) else {
+                bail!(
+                    "sample index {} of the margins file is not in {} (which holds indices {}..={}); \
+                     was it computed on another data file or with another --offset/--limit?",
+                    r.index,
+                    data.source,
+                    data.indices.iter().min().copied().unwrap_or(0),
+                    data.indices.iter().max().copied().unwrap_or(0)
+                );
+            };
+            if data.labels[p] != r.label {
+                bail!(
+                    "sample index {}: label {} in the margins file but {} in {}; \
+                     was it computed on another data file?",
+                    r.index,
+                    r.label,
+                    data.labels[p],
+                    data.source
+                );
+            }
+            Ok(p)
+        })
+        .collect()
+}
+
+/// Logits and pseudo-margin net inputs of the given dataset positions, on the CPU.
+fn forward_positions(
+    model: &dyn Classifier,
+    data: &Dataset,
+    positions: &[usize],
+    input: PseudoInput,
+    batch_size: usize,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(batch_size > 0, "batch size must be positive");
+    let pb = progress_bar(positions.len() as u64, "forward");
+    let (mut logits, mut inputs) = (Vec::new(), Vec::new());
+    for chunk in positions.chunks(batch_size) {
+        let idx = Tensor::from_slice(&chunk.iter().map(|&p| p as i64).collect::<Vec<_>>());
+        let x = data.images.index_select(0, &idx);
+        let (l, f) = net_inputs(model, &x, input)?;
+        logits.push(l.to_device(tch::Device::Cpu));
+        inputs.push(f.to_device(tch::Device::Cpu));
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok((Tensor::cat(&logits, 0), Tensor::cat(&inputs, 0)))
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// Kendall τ with the input margin, AUROC and FPR@95TPR of a score where low means brittle.
+pub fn score_quality(score: &[f64], d_in: &[f64], nonrobust: &[bool]) -> ScoreQuality {
+    let neg: Vec<f64> = score.iter().map(|s| -s).collect();
+    ScoreQuality {
+        kendall_tau: kendall_tau_b(score, d_in),
+        auroc: finite(auroc(&neg, nonrobust)),
+        fpr_at_95tpr: finite(fpr_at_tpr(&neg, nonrobust, 0.95).0),
+    }
+}
+
+fn pick<T: Copy>(v: &[T], positions: &[usize]) -> Vec<T> {
+    positions.iter().map(|&p| v[p]).collect()
+}
+
+/// Fits a detector: matches `rows` to `data`, recomputes the logit margins with `model`
+/// (refusing rows computed with another model), trains the pseudo-margin when asked, and
+/// calibrates λ.
+pub fn fit(
+    model: &dyn Classifier,
+    data: &Dataset,
+    rows: &[MarginRow],
+    opts: &FitOptions,
+    provenance: Provenance,
+) -> Result<Detector> {
+    ensure!(
+        rows.len() >= 4,
+        "the margins file has {} rows; fitting needs at least 4",
+        rows.len()
+    );
+    ensure!(
+        opts.val_fraction > 0.0 && opts.val_fraction < 1.0,
+        "validation fraction {} must be in (0, 1)",
+        opts.val_fraction
+    );
+    let positions = match_rows(data, rows)?;
+    let info = model.info().clone();
+    let input = if info.has_features {
+        PseudoInput::Features
+    } else {
+        PseudoInput::Logits
+    };
+    let (logits, inputs) = forward_positions(model, data, &positions, input, opts.batch_size)?;
+    let lm: Vec<f64> = free_scores(&logits)?
+        .iter()
+        .map(|s| s.logit_margin)
+        .collect();
+    let disagree = rows
+        .iter()
+        .zip(&lm)
+        .filter(|(r, &m)| (r.logit_margin - m).abs() > 1e-3 * (1.0 + m.abs()))
+        .count();
+    if disagree * 100 > rows.len() {
+        bail!(
+            "{disagree} of {} logit margins in the margins file differ from model {}'s: \
+             was it computed with another model?",
+            rows.len(),
+            info.name
+        );
+    }
+    let d_in: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            if r.success == 1 {
+                r.input_margin
+            } else {
+                f64::INFINITY
+            }
+        })
+        .collect();
+    let nonrobust: Vec<bool> = d_in.iter().map(|&d| d <= opts.eps).collect();
+
+    // Seeded train/validation split.
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(opts.seed));
+    let n_val = ((opts.val_fraction * rows.len() as f64).round() as usize).clamp(1, rows.len() - 2);
+    let (val, tr) = order.split_at(n_val);
+    let val_d = pick(&d_in, val);
+    let val_y = pick(&nonrobust, val);
+    let logit_q = score_quality(&pick(&lm, val), &val_d, &val_y);
+
+    let mut pseudo_q = None;
+    let mut kept = None;
+    if opts.pseudo != PseudoMode::Off {
+        let t = |p: &[usize]| {
+            inputs.index_select(
+                0,
+                &Tensor::from_slice(&p.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+            )
+        };
+        let trained = pseudo::train(
+            &t(tr),
+            &pick(&d_in, tr),
+            &t(val),
+            &val_d,
+            input,
+            &opts.train,
+            opts.seed,
+        )?;
+        let val_pm = trained.net.predict(&t(val))?;
+        let q = score_quality(&val_pm, &val_d, &val_y);
+        let better = q.kendall_tau > logit_q.kendall_tau;
+        tracing::info!(
+            "pseudo-margin: validation tau {:.4} vs logit margin {:.4} (best epoch {} of {})",
+            q.kendall_tau,
+            logit_q.kendall_tau,
+            trained.best_epoch,
+            trained.epochs_run
+        );
+        if opts.pseudo == PseudoMode::On || better {
+            kept = Some((trained, val_pm));
+        }
+        pseudo_q = Some(q);
+    }
+
+    let (score, calibrated_on, lambda, calibration, pseudo_spec, net) = match kept {
+        Some((trained, val_pm)) => {
+            let (lambda, rates) = calibrate(&val_pm, &val_y, opts.target_tpr)?;
+            let spec = PseudoSpec {
+                shape: trained.net.shape.clone(),
+                loss: opts.train.loss,
+                weights: WEIGHTS_FILE.to_string(),
+                best_epoch: trained.best_epoch,
+                epochs_run: trained.epochs_run,
+            };
+            (
+                ScoreKind::PseudoMargin,
+                "validation",
+                lambda,
+                rates,
+                Some(spec),
+                Some(trained.net),
+            )
+        }
+        None => {
+            let (lambda, rates) = calibrate(&lm, &nonrobust, opts.target_tpr)?;
+            (ScoreKind::LogitMargin, "all", lambda, rates, None, None)
+        }
+    };
+    Ok(Detector {
+        spec: DetectorSpec {
+            format_version: FORMAT_VERSION,
+            model: info,
+            norm: opts.norm,
+            eps: opts.eps,
+            score,
+            lambda,
+            target_tpr: opts.target_tpr,
+            calibrated_on: calibrated_on.to_string(),
+            calibration,
+            validation: Validation {
+                n_train: tr.len(),
+                n_val: val.len(),
+                logit_margin: logit_q,
+                pseudo_margin: pseudo_q,
+            },
+            pseudo: pseudo_spec,
+            margins: opts.margins_name.clone(),
+            data: data.source.clone(),
+            provenance,
+        },
+        pseudo: net,
+    })
+}

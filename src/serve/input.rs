@@ -1,0 +1,293 @@
+//! Request bodies to pixels: JSON nested arrays, NPY, PNG/JPEG. Every malformed input is a
+//! 4xx [`ApiError`] naming what is wrong.
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use super::ApiError;
+
+/// Decoded images: `n` images of the model's `[C, H, W]`, flattened NCHW, values in `[0, 1]`.
+#[derive(Debug)]
+pub struct Images {
+    pub pixels: Vec<f32>,
+    pub n: usize,
+}
+
+/// Limits and the expected shape.
+#[derive(Debug, Clone, Copy)]
+pub struct InputSpec {
+    pub shape: [i64; 3],
+    pub max_images: usize,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, msg)
+}
+
+impl InputSpec {
+    fn per_image(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize
+    }
+
+    /// Checks a `[C, H, W]` or `[N, C, H, W]` shape and returns N.
+    fn count(&self, shape: &[usize]) -> Result<usize, ApiError> {
+        let want: Vec<usize> = self.shape.iter().map(|&d| d as usize).collect();
+        let n = match shape.len() {
+            3 if shape == want.as_slice() => 1,
+            4 if shape[1..] == want[..] => shape[0],
+            _ => {
+                return Err(bad(format!(
+                    "images have shape {shape:?}; the model expects [C, H, W] = {want:?} or [N, {}, {}, {}]",
+                    want[0], want[1], want[2]
+                )))
+            }
+        };
+        if n == 0 {
+            return Err(bad("the request holds no image"));
+        }
+        if n > self.max_images {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{n} images in one request; at most {} are accepted",
+                    self.max_images
+                ),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Decodes a body by its `Content-Type`.
+    pub fn decode(&self, content_type: Option<&str>, body: &[u8]) -> Result<Images, ApiError> {
+        let mime = content_type
+            .and_then(|c| c.split(';').next())
+            .map(|c| c.trim().to_ascii_lowercase());
+        let images = match mime.as_deref() {
+            Some("application/json") => self.json(body)?,
+            Some("application/x-npy") | Some("application/npy") => self.npy(body)?,
+            Some("image/png") | Some("image/jpeg") | Some("image/jpg") => self.picture(body)?,
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!(
+                        "Content-Type {} is not accepted: send application/json, application/x-npy, image/png or image/jpeg",
+                        other.unwrap_or("(none)")
+                    ),
+                ))
+            }
+        };
+        if let Some(v) = images
+            .pixels
+            .iter()
+            .find(|v| !(v.is_finite() && (0.0..=1.0).contains(*v)))
+        {
+            return Err(bad(format!(
+                "pixel value {v} is outside [0, 1]"
+            )));
+        }
+        Ok(images)
+    }
+
+    /// `{"images": [...]}` with `[C][H][W]` or `[N][C][H][W]` nested arrays of numbers.
+    fn json(&self, body: &[u8]) -> Result<Images, ApiError> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let arr = v
+            .get("images")
+            .ok_or_else(|| bad("the JSON body must be an object with an \"images\" field"))?;
+        // The shape follows the first element at each depth; `flatten` checks the rest.
+        let mut shape = Vec::new();
+        let mut cur = arr;
+        while let Value::Array(a) = cur {
+            shape.push(a.len());
+            if shape.len() > 4 {
+                break;
+            }
+            match a.first() {
+                Some(first) => cur = first,
+                None => break,
+            }
+        }
+        let n = self.count(&shape)?;
+        let mut pixels = Vec::with_capacity(n * self.per_image());
+        flatten(arr, &shape, &mut Vec::new(), &mut pixels)?;
+        Ok(Images { pixels, n })
+    }
+
+    /// NPY array, C order, float32/float64 in `[0, 1]` or uint8 (divided by 255).
+    fn npy(&self, body: &[u8]) -> Result<Images, ApiError> {
+        let npy = npyz::NpyFile::new(body).map_err(|e| bad(format!("invalid NPY: {e}")))?;
+        if npy.order() != npyz::Order::C {
+            return Err(bad("NPY array is in Fortran order; send a C-ordered array"));
+        }
+        let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+        let n = self.count(&shape)?;
+        let npyz::DType::Plain(ts) = npy.dtype() else {
+            return Err(bad("NPY dtype must be a plain float32, float64 or uint8"));
+        };
+        let read_err = |e: std::io::Error| bad(format!("reading NPY data: {e}"));
+        let pixels: Vec<f32> = match (ts.type_char(), ts.size_field()) {
+            (npyz::TypeChar::Float, 4) => npy.into_vec::<f32>().map_err(read_err)?,
+            (npyz::TypeChar::Float, 8) => npy
+                .into_vec::<f64>()
+                .map_err(read_err)?
+                .into_iter()
+                .map(|v| v as f32)
+                .collect(),
+            (npyz::TypeChar::Uint, 1) => npy
+                .into_vec::<u8>()
+                .map_err(read_err)?
+                .into_iter()
+                .map(|v| f32::from(v) / 255.0)
+                .collect(),
+            _ => {
+                return Err(bad(format!(
+                    "NPY dtype {ts} is not accepted: use float32, float64 or uint8"
+                )))
+            }
+        };
+        Ok(Images { pixels, n })
+    }
+
+    /// One PNG or JPEG image of the model's height and width (RGB for 3 channels, grey for 1).
+    fn picture(&self, body: &[u8]) -> Result<Images, ApiError> {
+        let [c, h, w] = self.shape;
+        let img = image::load_from_memory(body)
+            .map_err(|e| bad(format!("cannot decode the image: {e}")))?;
+        if i64::from(img.height()) != h || i64::from(img.width()) != w {
+            return Err(bad(format!(
+                "image is {}x{} (width x height); the model expects {w}x{h}",
+                img.width(),
+                img.height()
+            )));
+        }
+        let hwc: Vec<u8> = match c {
+            3 => img.to_rgb8().into_raw(),
+            1 => img.to_luma8().into_raw(),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!("PNG/JPEG input needs a 1- or 3-channel model, this one has {c}"),
+                ))
+            }
+        };
+        let (c, hw) = (c as usize, (h * w) as usize);
+        let mut pixels = vec![0f32; c * hw];
+        for (i, &v) in hwc.iter().enumerate() {
+            pixels[(i % c) * hw + i / c] = f32::from(v) / 255.0;
+        }
+        Ok(Images { pixels, n: 1 })
+    }
+}
+
+/// Appends the numbers of `v` (which must have exactly `shape`) to `out`; `at` is the position
+/// for error messages.
+fn flatten(
+    v: &Value,
+    shape: &[usize],
+    at: &mut Vec<usize>,
+    out: &mut Vec<f32>,
+) -> Result<(), ApiError> {
+    let depth = at.len();
+    if depth == shape.len() {
+        let x = v.as_f64().ok_or_else(|| {
+            bad(format!("images{at:?} is {v}, not a number"))
+        })?;
+        out.push(x as f32);
+        return Ok(());
+    }
+    match v {
+        Value::Array(a) if a.len() == shape[depth] => {
+            for (i, item) in a.iter().enumerate() {
+                at.push(i);
+                flatten(item, shape, at, out)?;
+                at.pop();
+            }
+            Ok(())
+        }
+        _ => Err(bad(format!(
+            "images{at:?} is not an array of {} elements like the first one (ragged array)",
+            shape[depth]
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: InputSpec = InputSpec {
+        shape: [1, 2, 2],
+        max_images: 2,
+    };
+
+    fn status(r: Result<Images, ApiError>) -> u16 {
+        r.map(|_| 200).unwrap_or_else(|e| e.status.as_u16())
+    }
+
+    #[test]
+    fn json_single_and_batch() {
+        let one = SPEC
+            .decode(Some("application/json"), br#"{"images": [[[0, 0.25], [0.5, 1]]]}"#)
+            .unwrap();
+        assert_eq!((one.n, one.pixels), (1, vec![0.0, 0.25, 0.5, 1.0]));
+        let two = SPEC
+            .decode(
+                Some("application/json; charset=utf-8"),
+                br#"{"images": [[[[0, 0], [0, 0]]], [[[1, 1], [1, 0.5]]]]}"#,
+            )
+            .unwrap();
+        assert_eq!(two.n, 2);
+        assert_eq!(two.pixels[7], 0.5);
+    }
+
+    #[test]
+    fn malformed_inputs_are_client_errors() {
+        let j = |b: &[u8]| status(SPEC.decode(Some("application/json"), b));
+        assert_eq!(j(b"{"), 400);
+        assert_eq!(j(br#"{"imgs": []}"#), 400);
+        assert_eq!(j(br#"{"images": [[[0, 0], [0]]]}"#), 400); // ragged
+        assert_eq!(j(br#"{"images": [[[0, 0, 0], [0, 0, 0]]]}"#), 400); // wrong shape
+        assert_eq!(j(br#"{"images": [[["a", 0], [0, 0]]]}"#), 400);
+        assert_eq!(j(br#"{"images": [[[2, 0], [0, 0]]]}"#), 400); // out of range
+        assert_eq!(j(br#"{"images": []}"#), 400);
+        let three = br#"{"images": [[[[0,0],[0,0]]],[[[0,0],[0,0]]],[[[0,0],[0,0]]]]}"#;
+        assert_eq!(j(three), 413);
+        assert_eq!(status(SPEC.decode(Some("text/plain"), b"x")), 415);
+        assert_eq!(status(SPEC.decode(None, b"x")), 415);
+        assert_eq!(status(SPEC.decode(Some("application/x-npy"), b"\x93NUMPY garbage")), 400);
+        assert_eq!(status(SPEC.decode(Some("image/png"), b"not a png")), 400);
+    }
+
+    #[test]
+    fn npy_uint8_and_float() {
+        use npyz::WriterBuilder;
+        let mut buf = Vec::new();
+        {
+            let mut w = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&[1, 1, 2, 2])
+                .writer(&mut buf)
+                .begin_nd()
+                .unwrap();
+            w.extend([0u8, 51, 102, 255]).unwrap();
+            w.finish().unwrap();
+        }
+        let im = SPEC.decode(Some("application/x-npy"), &buf).unwrap();
+        assert_eq!(im.pixels, vec![0.0, 0.2, 0.4, 1.0]);
+    }
+
+    #[test]
+    fn png_is_converted_to_chw() {
+        let spec = InputSpec { shape: [3, 1, 2], max_images: 1 };
+        let img = image::RgbImage::from_raw(2, 1, vec![255, 0, 0, 0, 0, 255]).unwrap();
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let im = spec.decode(Some("image/png"), &png).unwrap();
+        // Channel-major: R = (1, 0), G = (0, 0), B = (0, 1).
+        assert_eq!(im.pixels, vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+        let wrong = InputSpec { shape: [3, 2, 2], max_images: 1 };
+        assert_eq!(status(wrong.decode(Some("image/png"), &png)), 400);
+    }
+}

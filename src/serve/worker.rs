@@ -1,0 +1,179 @@
+//! The model worker: one thread owns the classifier (tch modules are `Send`, not `Sync`) and
+//! drains a queue of requests, running whatever has arrived as one batch (dynamic
+//! micro-batching).
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use super::metrics::ServeMetrics;
+use crate::detector::Detector;
+use crate::model::{logits_no_grad, Classifier};
+use crate::score::free_scores;
+use crate::util::to_vec_f64;
+
+/// The answer for one image.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageResult {
+    pub pred: i64,
+    pub probs: Vec<f64>,
+    pub logit_margin: f64,
+    /// `None` when the detector has no pseudo-margin (or there is no detector).
+    pub pseudo_margin: Option<f64>,
+    /// `None` without a detector.
+    pub brittle: Option<bool>,
+}
+
+/// The model and its detector, applied to batches.
+pub struct Scorer {
+    pub model: Box<dyn Classifier>,
+    pub detector: Option<Detector>,
+}
+
+impl Scorer {
+    /// Scores `[N, C, H, W]` images with one forward pass.
+    pub fn score(&self, x: &Tensor) -> Result<Vec<ImageResult>> {
+        let x = x.to_device(self.model.device());
+        let (logits, pm) = match &self.detector {
+            Some(d) => d.forward(self.model.as_ref(), &x)?,
+            None => (logits_no_grad(self.model.as_ref(), &x)?, None),
+        };
+        let fs = free_scores(&logits)?;
+        let k = logits.size()[1] as usize;
+        let probs = to_vec_f64(&logits.to_kind(Kind::Double).softmax(1, Kind::Double))?;
+        fs.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let pseudo = pm.as_ref().map(|v| v[i]);
+                let brittle = match &self.detector {
+                    Some(d) => Some(d.decide(s.logit_margin, pseudo)?.brittle),
+                    None => None,
+                };
+                Ok(ImageResult {
+                    pred: s.pred,
+                    probs: probs[i * k..(i + 1) * k].to_vec(),
+                    logit_margin: s.logit_margin,
+                    pseudo_margin: pseudo,
+                    brittle,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Images of one request, flattened NCHW, and where to send their answers.
+pub struct Job {
+    pub pixels: Vec<f32>,
+    pub n: usize,
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<ImageResult>, String>>,
+}
+
+/// How the worker forms batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    /// Stop adding requests once a batch holds this many images.
+    pub max_batch: usize,
+    /// After the first request, wait at most this long for more (0: take only what is queued).
+    pub max_wait: Duration,
+}
+
+/// Starts the worker thread; it ends when every sender is dropped.
+pub fn spawn(
+    scorer: Scorer,
+    input_shape: [i64; 3],
+    policy: BatchPolicy,
+    queue: usize,
+    metrics: ServeMetrics,
+) -> Result<(SyncSender<Job>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(queue.max(1));
+    let handle = std::thread::Builder::new()
+        .name("brittle-model".into())
+        .spawn(move || run(scorer, input_shape, policy, rx, metrics))?;
+    Ok((tx, handle))
+}
+
+/// Collects the next batch: blocks for one job, then takes what is queued, waiting up to
+/// `max_wait` for more, until `max_batch` images. A job that would overflow the batch is kept
+/// in `pending` for the next one. `None` when the queue is closed and empty.
+fn next_batch(rx: &Receiver<Job>, pending: &mut Option<Job>, policy: BatchPolicy) -> Option<Vec<Job>> {
+    let first = match pending.take() {
+        Some(j) => j,
+        None => rx.recv().ok()?,
+    };
+    let deadline = Instant::now() + policy.max_wait;
+    let mut n = first.n;
+    let mut jobs = vec![first];
+    while n < policy.max_batch {
+        let next = match rx.try_recv() {
+            Ok(j) => j,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(left) {
+                    Ok(j) => j,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        };
+        if n + next.n > policy.max_batch {
+            *pending = Some(next);
+            break;
+        }
+        n += next.n;
+        jobs.push(next);
+    }
+    Some(jobs)
+}
+
+fn run(
+    scorer: Scorer,
+    [c, h, w]: [i64; 3],
+    policy: BatchPolicy,
+    rx: Receiver<Job>,
+    metrics: ServeMetrics,
+) {
+    let mut pending = None;
+    while let Some(jobs) = next_batch(&rx, &mut pending, policy) {
+        // Requests whose client went away need no forward pass.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        let n: usize = jobs.iter().map(|j| j.n).sum();
+        if n == 0 {
+            continue;
+        }
+        let pixels: Vec<f32> = if jobs.len() == 1 {
+            Vec::new()
+        } else {
+            jobs.iter().flat_map(|j| j.pixels.iter().copied()).collect()
+        };
+        let flat = if jobs.len() == 1 { &jobs[0].pixels } else { &pixels };
+        let x = Tensor::from_slice(flat).view([n as i64, c, h, w]);
+        metrics.batch_size.observe(n as f64);
+        // A panic inside libtorch must not take the service down: answer 500 and go on.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&x)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the model panicked")));
+        match outcome {
+            Ok(results) => {
+                metrics.images.inc_by(n as u64);
+                let flagged = results.iter().filter(|r| r.brittle == Some(true)).count();
+                metrics.flagged.inc_by(flagged as u64);
+                let mut it = results.into_iter();
+                for j in jobs {
+                    let mine: Vec<ImageResult> = it.by_ref().take(j.n).collect();
+                    let _ = j.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                let msg = format!("scoring failed: {e:#}");
+                for j in jobs {
+                    let _ = j.reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Shared by the detector and server tests: a linear classifier whose logits are rescaled per
+//! class (deliberately margin-inconsistent), with exact input margins, and the real-model paths.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use brittle::attack::table::MarginRow;
+use brittle::data::Dataset;
+use brittle::model::{Classifier, ModelInfo};
+use brittle::norm::Norm;
+use brittle::score::{feature_margin, free_scores};
+use tch::{Device, Kind, Tensor};
+
+/// `../shared` beside the repository, when present.
+pub fn shared() -> Option<PathBuf> {
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
+    p.join("models/resnet_2b.pt").exists().then_some(p)
+}
+
+/// `logits = W x + b` on flattened inputs.
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Tensor,
+    pub info: ModelInfo,
+}
+
+impl Classifier for Linear {
+    fn logits(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(x.flatten(1, -1).matmul(&self.w.tr()) + &self.b)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+/// Wraps a classifier and multiplies its logit k by `scale[k]`: the decisions' input margins
+/// change smoothly but the logit margin no longer compares across classes.
+pub struct Rescaled<C: Classifier> {
+    pub inner: C,
+    pub scale: Tensor,
+}
+
+impl<C: Classifier> Classifier for Rescaled<C> {
+    fn logits(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(self.inner.logits(x)? * &self.scale)
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
+    }
+}
+
+pub const SHAPE: [i64; 3] = [1, 4, 4];
+pub const CLASSES: i64 = 4;
+
+/// The rescaled linear model (seeded) and its effective last layer `diag(scale) W`.
+pub fn inconsistent_model(seed: i64) -> (Rescaled<Linear>, Tensor) {
+    tch::manual_seed(seed);
+    let d = SHAPE.iter().product::<i64>();
+    let w = Tensor::randn([CLASSES, d], (Kind::Float, Device::Cpu));
+    let b = -w.sum_dim_intlist([1].as_slice(), false, Kind::Float) * 0.5;
+    let scale = Tensor::from_slice(&[0.1f32, 0.3, 3.0, 10.0]);
+    let w_eff = &w * scale.unsqueeze(1);
+    let info = ModelInfo {
+        name: format!("rescaled-linear-{seed}"),
+        format: "test".into(),
+        fingerprint: format!("rescaled-linear-{seed}"),
+        num_classes: CLASSES,
+        input_shape: SHAPE,
+        has_features: false,
+    };
+    (
+        Rescaled {
+            inner: Linear { w, b, info },
+            scale,
+        },
+        w_eff,
+    )
+}
+
+/// `n` uniform images labelled with the model's prediction, and their exact Linf distances
+/// to the decision boundary (box constraints ignored) as a margins table.
+pub fn synthetic_set(model: &Rescaled<Linear>, w_eff: &Tensor, n: i64, seed: i64) -> (Dataset, Vec<MarginRow>) {
+    tch::manual_seed(seed);
+    let x = Tensor::rand([n, SHAPE[0], SHAPE[1], SHAPE[2]], (Kind::Float, Device::Cpu));
+    let logits = tch::no_grad(|| model.logits(&x)).unwrap();
+    let fs = free_scores(&logits).unwrap();
+    let d = feature_margin(&logits, w_eff, Norm::Linf).unwrap();
+    let labels: Vec<i64> = fs.iter().map(|s| s.pred).collect();
+    // Original indices start at 100 so that positions and indices differ.
+    let indices: Vec<usize> = (100..100 + n as usize).collect();
+    let rows = fs
+        .iter()
+        .zip(&d)
+        .zip(&indices)
+        .map(|((s, &d), &index)| MarginRow {
+            index,
+            label: s.pred,
+            pred: s.pred,
+            correct: 1,
+            logit_margin: s.logit_margin,
+            input_margin: d,
+            attack: "exact".into(),
+            success: 1,
+            forwards: 0,
+            backwards: 0,
+            seconds: 0.0,
+            prob_margin: None,
+            max_prob: None,
+            entropy: None,
+            energy: None,
+            feature_margin: None,
+            pseudo_margin: None,
+        })
+        .collect();
+    let data = Dataset::new(x, labels, CLASSES, indices, "synthetic".into()).unwrap();
+    (data, rows)
+}
