@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod score;
+pub mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -18,11 +19,17 @@ pub struct Cli {
 pub enum Command {
     /// Free scores (logit margin, probabilities, entropy, energy, feature margin) of every sample.
     Score(score::ScoreArgs),
+    /// Train a native small CNN: standard, PGD adversarial training or TRADES.
+    Train(train::TrainArgs),
+    /// Clean and PGD accuracy of a model.
+    EvalPgd(train::EvalPgdArgs),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score::run(a),
+        Command::Train(a) => train::run(a),
+        Command::EvalPgd(a) => train::run_eval(a),
     }
 }

@@ -1,13 +1,15 @@
 //! Native Rust architectures (RobustBench families and small CNNs) with weights from PyTorch
 //! checkpoints or safetensors.
 
+pub mod small_cnn;
+
 use anyhow::{bail, Result};
 
 use super::normalize::Normalizer;
 use super::{Classifier, ModelSpec};
 
 /// Architecture names accepted by `--arch`.
-pub const ARCHITECTURES: &[&str] = &[];
+pub const ARCHITECTURES: &[&str] = &[small_cnn::ARCH];
 
 /// Builds a native architecture and loads its weights.
 pub fn load(
@@ -16,6 +18,11 @@ pub fn load(
     input_shape: [i64; 3],
     fingerprint: String,
 ) -> Result<Box<dyn Classifier>> {
-    let _ = (normalizer, input_shape, fingerprint);
-    bail!("native architecture {:?} is not available yet", spec.arch)
+    match spec.arch.as_deref() {
+        Some(small_cnn::ARCH) => small_cnn::load(spec, normalizer, input_shape, fingerprint),
+        other => bail!(
+            "unknown native architecture {other:?}; known: {}",
+            ARCHITECTURES.join(", ")
+        ),
+    }
 }
