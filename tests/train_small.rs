@@ -42,6 +42,7 @@ fn config(mode: Mode, epochs: usize) -> TrainConfig {
         width: 4,
         seed: 7,
         data: "test".into(),
+        init: None,
     }
 }
 

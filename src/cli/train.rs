@@ -93,6 +93,9 @@ pub struct TrainArgs {
     /// Trained weights (`.safetensors`); a `.meta.json` sidecar records provenance and accuracies.
     #[arg(long, default_value = "model.safetensors")]
     pub out: PathBuf,
+    /// Start from these `small-cnn` weights instead of a random initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Save a checkpoint here after every epoch and resume from it when rerun.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -162,8 +165,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
         width: a.width,
         seed: a.seed,
         data: data_fingerprint(&data),
+        init: a
+            .init
+            .as_ref()
+            .map(|p| Ok::<_, anyhow::Error>(format!("{} sha256={}", p.display(), sha256_file(p)?)))
+            .transpose()?,
     };
     let mut trainer = Trainer::new(config, data.input_shape(), data.num_classes, device)?;
+    if let Some(p) = &a.init {
+        trainer.init_from(p)?;
+    }
     if let Some(dir) = &a.checkpoint_dir {
         if checkpoint::resume(&mut trainer, dir)? {
             eprintln!(

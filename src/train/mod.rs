@@ -8,7 +8,7 @@ pub mod pgd;
 
 use std::f64::consts::PI;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -62,8 +62,10 @@ pub struct TrainConfig {
     pub eps_warmup_epochs: f64,
     pub width: i64,
     pub seed: u64,
-    /// Fingerprint of the training data (source and sha256 of its pixels and labels).
+    /// Fingerprint of the training data (source, size, sha256 of labels and indices).
     pub data: String,
+    /// Weights the run starts from (`path sha256=…`) instead of a random initialisation.
+    pub init: Option<String>,
 }
 
 impl TrainConfig {
@@ -158,6 +160,16 @@ impl Trainer {
             epoch: 0,
             history: Vec::new(),
         })
+    }
+
+    /// Starts from the weights of a `small-cnn` safetensors file (fine-tuning).
+    pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
+        let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .into_iter()
+            .collect();
+        self.model
+            .load_tensors(&tensors, &path.display().to_string())
     }
 
     /// Trains one epoch over `data`; every random choice derives from `(seed, epoch)`, so a

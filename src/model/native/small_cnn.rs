@@ -156,9 +156,12 @@ impl SmallCnn {
         let [c, h, w] = self.config.input_shape;
         let example = Tensor::full([1, c, h, w], 0.5, (Kind::Float, self.vs.device()));
         let module = tch::no_grad(|| {
-            tch::CModule::create_by_tracing(ARCH, "forward", &[example], &mut |xs: &[Tensor]| {
-                vec![self.forward(&xs[0]).1]
-            })
+            tch::CModule::create_by_tracing(
+                "SmallCnn",
+                "forward",
+                &[example],
+                &mut |xs: &[Tensor]| vec![self.forward(&xs[0]).1],
+            )
         })
         .with_context(|| format!("tracing {ARCH}"))?;
         module
