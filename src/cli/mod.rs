@@ -8,6 +8,7 @@ pub mod margins;
 pub mod merge;
 pub mod score;
 pub mod serve;
+pub mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,6 +37,10 @@ pub enum Command {
     Merge(merge::MergeArgs),
     /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
     Analyze(analyze::AnalyzeArgs),
+    /// Train a native small CNN: standard, PGD adversarial training or TRADES.
+    Train(train::TrainArgs),
+    /// Clean and PGD accuracy of a model.
+    EvalPgd(train::EvalPgdArgs),
 }
 
 /// Runs the parsed command.
@@ -48,5 +53,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Margins(a) => margins::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Analyze(a) => analyze::run(a),
+        Command::Train(a) => train::run(a),
+        Command::EvalPgd(a) => train::run_eval(a),
     }
 }

@@ -1,18 +1,173 @@
-//! MNIST / Fashion-MNIST IDX files (raw or gzip).
+//! MNIST / Fashion-MNIST IDX files (raw or gzip): an `idx3-ubyte` images file (magic 2051,
+//! `[N, H, W]` unsigned bytes) and an `idx1-ubyte` labels file (magic 2049, `[N]`), both
+//! big-endian. The labels file is given with `--labels` or found beside the images.
 
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use tch::{Kind, Tensor};
 
-use super::Dataset;
+use super::{window, Dataset};
 
-/// Reads an IDX image file and its labels file.
+/// Magic number of an unsigned-byte, 3-dimensional IDX file (images).
+pub const IMAGES_MAGIC: u32 = 0x0803;
+/// Magic number of an unsigned-byte, 1-dimensional IDX file (labels).
+pub const LABELS_MAGIC: u32 = 0x0801;
+/// MNIST and Fashion-MNIST both have ten classes.
+const NUM_CLASSES: i64 = 10;
+
+/// Reads images `offset..offset+limit` and their labels as `[N, 1, H, W]` in `[0, 1]`.
 pub fn read(
     path: &Path,
     labels: Option<&Path>,
     offset: usize,
     limit: Option<usize>,
 ) -> Result<Dataset> {
-    let _ = (labels, offset, limit);
-    bail!("{}: IDX reader not available yet", path.display())
+    let labels_path = match labels {
+        Some(p) => p.to_path_buf(),
+        None => find_labels(path)?,
+    };
+    let images = read_idx(path, IMAGES_MAGIC)?;
+    let labels = read_idx(&labels_path, LABELS_MAGIC)?;
+    let (n, h, w) = (images.dims[0], images.dims[1], images.dims[2]);
+    if labels.dims[0] != n {
+        bail!(
+            "{} has {n} images but {} has {} labels",
+            path.display(),
+            labels_path.display(),
+            labels.dims[0]
+        );
+    }
+    if let Some((i, l)) = labels
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as i64 >= NUM_CLASSES)
+    {
+        bail!(
+            "{}: label {l} of sample {i} is outside 0..{NUM_CLASSES}",
+            labels_path.display()
+        );
+    }
+    let source = path.display().to_string();
+    let range = window(n, offset, limit, &source)?;
+    let pixels = h * w;
+    let count = range.len();
+    let images = Tensor::from_slice(&images.data[range.start * pixels..range.end * pixels])
+        .view([count as i64, 1, h as i64, w as i64])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let labels = labels.data[range.clone()]
+        .iter()
+        .map(|&l| l as i64)
+        .collect();
+    Dataset::new(images, labels, NUM_CLASSES, range.collect(), source)
+}
+
+/// The labels file beside an images file: `X-images-idx3-ubyte[.gz]` → `X-labels-idx1-ubyte[.gz]`
+/// (also `X-images.idx3-ubyte`), trying with and without `.gz`.
+pub fn find_labels(images: &Path) -> Result<PathBuf> {
+    let name = images
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".gz").unwrap_or(&name);
+    let renamed = stem.replace("idx3", "idx1").replace("images", "labels");
+    if renamed == stem {
+        bail!(
+            "{}: cannot derive a labels file name (expected `images`/`idx3` in the name); pass --labels",
+            images.display()
+        );
+    }
+    let candidates = [renamed.clone(), format!("{renamed}.gz")];
+    candidates
+        .iter()
+        .map(|c| images.with_file_name(c))
+        .find(|p| p.exists())
+        .with_context(|| {
+            format!(
+                "{}: no labels file beside it (looked for {} and {}.gz); pass --labels",
+                images.display(),
+                renamed,
+                renamed
+            )
+        })
+}
+
+/// A parsed IDX file of unsigned bytes.
+struct Idx {
+    dims: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// Reads and checks one IDX file (gzip recognised by its magic bytes, not its name).
+fn read_idx(path: &Path, magic: u32) -> Result<Idx> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .with_context(|| format!("{}: corrupt gzip stream", path.display()))?;
+        out
+    } else {
+        raw
+    };
+    let ndim = match magic {
+        IMAGES_MAGIC => 3,
+        _ => 1,
+    };
+    let header = 4 + 4 * ndim;
+    if bytes.len() < 4 {
+        bail!(
+            "{}: {} bytes is too short for an IDX file",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let found = word(0);
+    if found != magic {
+        bail!(
+            "{}: IDX magic number {found} (0x{found:08x}), expected {magic} ({}); is this the {} file?",
+            path.display(),
+            if magic == IMAGES_MAGIC {
+                "unsigned-byte images [N, H, W]"
+            } else {
+                "unsigned-byte labels [N]"
+            },
+            if magic == IMAGES_MAGIC {
+                "images"
+            } else {
+                "labels"
+            }
+        );
+    }
+    if bytes.len() < header {
+        bail!(
+            "{}: {} bytes is shorter than the {header}-byte IDX header (truncated)",
+            path.display(),
+            bytes.len()
+        );
+    }
+    let dims: Vec<usize> = (0..ndim).map(|d| word(4 + 4 * d) as usize).collect();
+    if dims.iter().skip(1).any(|&d| d == 0) {
+        bail!("{}: IDX dimensions {dims:?} contain a zero", path.display());
+    }
+    let expected = dims.iter().product::<usize>();
+    let body = bytes.len() - header;
+    if body != expected {
+        bail!(
+            "{}: header says {dims:?} = {expected} bytes of data but the file has {body} ({})",
+            path.display(),
+            if body < expected {
+                "truncated"
+            } else {
+                "trailing bytes"
+            }
+        );
+    }
+    let mut data = bytes;
+    data.drain(..header);
+    Ok(Idx { dims, data })
 }

@@ -6,6 +6,7 @@
 //! (BatchNorm uses its running statistics) and expose their penultimate features and last
 //! linear layer.
 
+<<<<<<< HEAD
 pub mod cnn_a;
 pub mod lenet5;
 pub mod preact_resnet;
@@ -15,10 +16,16 @@ pub mod wide_resnet;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
+=======
+pub mod small_cnn;
+
+use anyhow::{bail, Result};
+>>>>>>> train
 
 use super::normalize::Normalizer;
 use super::{weights, Classifier, ModelInfo, ModelSpec};
 
+<<<<<<< HEAD
 /// What a builder needs to size its layers.
 #[derive(Debug, Clone, Copy)]
 pub struct ArchConfig {
@@ -201,6 +208,10 @@ impl Classifier for NativeClassifier {
         &self.info
     }
 }
+=======
+/// Architecture names accepted by `--arch`.
+pub const ARCHITECTURES: &[&str] = &[small_cnn::ARCH];
+>>>>>>> train
 
 /// Builds a native architecture and loads its weights.
 pub fn load(
@@ -209,6 +220,7 @@ pub fn load(
     input_shape: [i64; 3],
     fingerprint: String,
 ) -> Result<Box<dyn Classifier>> {
+<<<<<<< HEAD
     let arch = spec
         .arch
         .as_deref()
@@ -255,4 +267,13 @@ pub fn load(
         logits.size()
     );
     Ok(Box::new(model))
+=======
+    match spec.arch.as_deref() {
+        Some(small_cnn::ARCH) => small_cnn::load(spec, normalizer, input_shape, fingerprint),
+        other => bail!(
+            "unknown native architecture {other:?}; known: {}",
+            ARCHITECTURES.join(", ")
+        ),
+    }
+>>>>>>> train
 }

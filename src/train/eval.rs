@@ -1,0 +1,68 @@
+//! Clean and robust accuracy of a classifier under [`pgd`](super::pgd::pgd) with cross-entropy.
+
+use anyhow::{ensure, Result};
+use tch::{Kind, Tensor};
+
+use super::pgd::{cross_entropy, pgd, PgdConfig};
+use crate::data::Dataset;
+use crate::model::{logits_no_grad, Classifier};
+use crate::util::progress_bar;
+
+/// Accuracies measured on a dataset.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Accuracy {
+    pub samples: usize,
+    pub clean: f64,
+    /// Fraction classified correctly both clean and at the PGD point (`None` without an attack).
+    pub robust: Option<f64>,
+}
+
+/// Clean accuracy, and robust accuracy when `attack` is given (a sample counts as robust when
+/// it is classified correctly clean and after the attack). Seeds libtorch's RNG with `seed`.
+pub fn accuracy(
+    model: &dyn Classifier,
+    data: &Dataset,
+    attack: Option<&PgdConfig>,
+    batch_size: usize,
+    seed: u64,
+) -> Result<Accuracy> {
+    ensure!(batch_size > 0, "--batch-size must be positive");
+    ensure!(!data.is_empty(), "{}: no samples to evaluate", data.source);
+    tch::manual_seed(seed as i64);
+    let device = model.device();
+    let pb = progress_bar(
+        data.len() as u64,
+        if attack.is_some() { "pgd eval" } else { "eval" },
+    );
+    let (mut clean_ok, mut robust_ok) = (0i64, 0i64);
+    for start in (0..data.len()).step_by(batch_size) {
+        let end = (start + batch_size).min(data.len());
+        let (x, labels) = data.batch(start, end);
+        let x = x.to_device(device);
+        let y = Tensor::from_slice(labels).to_device(device);
+        let clean = logits_no_grad(model, &x)?.argmax(-1, false).eq_tensor(&y);
+        clean_ok += clean.sum(Kind::Int64).int64_value(&[]);
+        if let Some(cfg) = attack {
+            let adv = pgd(model, &x, cfg, cross_entropy(&y))?;
+            let adv_ok = logits_no_grad(model, &adv)?.argmax(-1, false).eq_tensor(&y);
+            robust_ok += adv_ok.logical_and(&clean).sum(Kind::Int64).int64_value(&[]);
+        }
+        pb.inc((end - start) as u64);
+        let seen = end as f64;
+        pb.set_message(match attack {
+            Some(_) => format!(
+                "clean {:.2}% robust {:.2}%",
+                100.0 * clean_ok as f64 / seen,
+                100.0 * robust_ok as f64 / seen
+            ),
+            None => format!("clean {:.2}%", 100.0 * clean_ok as f64 / seen),
+        });
+    }
+    pb.finish_and_clear();
+    let n = data.len() as f64;
+    Ok(Accuracy {
+        samples: data.len(),
+        clean: clean_ok as f64 / n,
+        robust: attack.map(|_| robust_ok as f64 / n),
+    })
+}

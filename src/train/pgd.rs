@@ -1,0 +1,138 @@
+//! Projected gradient descent (Madry et al. 2018) in an Linf or L2 ball intersected with the
+//! pixel box `[0, 1]`: the attack adversarial training trains against and `brittle eval-pgd`
+//! measures robust accuracy with.
+
+use anyhow::{bail, Result};
+use tch::{Kind, Reduction, Tensor};
+
+use crate::model::{logits_and_grad, Classifier};
+use crate::norm::Norm;
+
+/// One PGD attack.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PgdConfig {
+    pub norm: Norm,
+    pub eps: f64,
+    pub steps: usize,
+    pub step_size: f64,
+    /// Start from a uniform random point of the ball (Linf) or a random point of the ball (L2).
+    pub random_start: bool,
+}
+
+impl PgdConfig {
+    /// Checks the settings once, so the attack loop cannot fail on them.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.norm, Norm::Linf | Norm::L2) {
+            bail!("PGD supports --norm linf or l2, not {}", self.norm);
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            bail!(
+                "--eps must be a finite non-negative number, got {}",
+                self.eps
+            );
+        }
+        if !(self.step_size.is_finite() && self.step_size >= 0.0) {
+            bail!(
+                "--step-size must be finite and non-negative, got {}",
+                self.step_size
+            );
+        }
+        Ok(())
+    }
+
+    /// The same attack with ε and step size scaled by `factor` (ε warm-up).
+    pub fn scaled(&self, factor: f64) -> PgdConfig {
+        PgdConfig {
+            eps: self.eps * factor,
+            step_size: self.step_size * factor,
+            ..*self
+        }
+    }
+}
+
+/// Per-sample cross-entropy `[N]`: the objective of Madry PGD.
+pub fn cross_entropy(labels: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
+    move |logits: &Tensor| {
+        logits.cross_entropy_loss::<Tensor>(labels, None, Reduction::None, -100, 0.0)
+    }
+}
+
+/// Per-sample `KL(p || softmax(logits))` `[N]` for fixed log-probabilities `log_p`: the TRADES
+/// objective.
+pub fn kl_from(log_p: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
+    move |logits: &Tensor| {
+        logits
+            .log_softmax(-1, Kind::Float)
+            .kl_div(log_p, Reduction::None, true)
+            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+    }
+}
+
+/// Projects `adv` onto the ε-ball around `x` and the box `[0, 1]`.
+fn project(x: &Tensor, adv: &Tensor, cfg: &PgdConfig) -> Tensor {
+    let delta = adv - x;
+    let delta = match cfg.norm {
+        Norm::Linf => delta.clamp(-cfg.eps, cfg.eps),
+        _ => {
+            let n = per_sample(&Norm::L2.batch_norm(&delta), x.dim());
+            let factor = (n.clamp_min(1e-12).reciprocal() * cfg.eps).clamp_max(1.0);
+            delta * factor
+        }
+    };
+    (x + delta).clamp(0.0, 1.0)
+}
+
+/// `[N]` → `[N, 1, 1, 1]` for broadcasting against a batch of `dim` dimensions.
+fn per_sample(v: &Tensor, dim: usize) -> Tensor {
+    let mut shape = vec![-1i64];
+    shape.resize(dim, 1);
+    v.view(shape.as_slice())
+}
+
+/// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
+/// along a Gaussian direction for L2), clamped to `[0, 1]`. Uses libtorch's global RNG.
+fn random_start(x: &Tensor, cfg: &PgdConfig) -> Tensor {
+    let delta = match cfg.norm {
+        Norm::Linf => (x.rand_like() * 2.0 - 1.0) * cfg.eps,
+        _ => {
+            let g = x.randn_like();
+            let n = per_sample(&Norm::L2.batch_norm(&g).clamp_min(1e-12), x.dim());
+            let r = per_sample(
+                &x.new_empty([x.size()[0]], (Kind::Float, x.device()))
+                    .uniform_(0.0, 1.0),
+                x.dim(),
+            );
+            g / n * r * cfg.eps
+        }
+    };
+    (x + delta).clamp(0.0, 1.0)
+}
+
+/// Maximises `objective(logits)` (per sample, `[N]`) over the ball around `x`; returns the
+/// adversarial batch, detached. Linf steps follow the gradient's sign, L2 steps its direction.
+pub fn pgd(
+    model: &dyn Classifier,
+    x: &Tensor,
+    cfg: &PgdConfig,
+    objective: impl Fn(&Tensor) -> Tensor,
+) -> Result<Tensor> {
+    cfg.validate()?;
+    let x = x.detach();
+    let mut adv = if cfg.random_start && cfg.eps > 0.0 {
+        random_start(&x, cfg)
+    } else {
+        x.shallow_clone()
+    };
+    for _ in 0..cfg.steps {
+        let (_, grad) = logits_and_grad(model, &adv, &objective)?;
+        let step = match cfg.norm {
+            Norm::Linf => grad.sign(),
+            _ => {
+                let n = per_sample(&Norm::L2.batch_norm(&grad).clamp_min(1e-12), x.dim());
+                grad / n
+            }
+        };
+        adv = tch::no_grad(|| project(&x, &(adv + step * cfg.step_size), cfg));
+    }
+    Ok(adv.detach())
+}
