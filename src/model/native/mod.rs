@@ -6,26 +6,20 @@
 //! (BatchNorm uses its running statistics) and expose their penultimate features and last
 //! linear layer.
 
-<<<<<<< HEAD
 pub mod cnn_a;
 pub mod lenet5;
 pub mod preact_resnet;
 pub mod resnet;
+pub mod small_cnn;
 pub mod wide_resnet;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
-=======
-pub mod small_cnn;
-
-use anyhow::{bail, Result};
->>>>>>> train
 
 use super::normalize::Normalizer;
 use super::{weights, Classifier, ModelInfo, ModelSpec};
 
-<<<<<<< HEAD
 /// What a builder needs to size its layers.
 #[derive(Debug, Clone, Copy)]
 pub struct ArchConfig {
@@ -208,10 +202,6 @@ impl Classifier for NativeClassifier {
         &self.info
     }
 }
-=======
-/// Architecture names accepted by `--arch`.
-pub const ARCHITECTURES: &[&str] = &[small_cnn::ARCH];
->>>>>>> train
 
 /// Builds a native architecture and loads its weights.
 pub fn load(
@@ -220,11 +210,13 @@ pub fn load(
     input_shape: [i64; 3],
     fingerprint: String,
 ) -> Result<Box<dyn Classifier>> {
-<<<<<<< HEAD
     let arch = spec
         .arch
         .as_deref()
         .ok_or_else(|| anyhow!("a native model needs --arch (one of {})", known_names()))?;
+    if arch == small_cnn::ARCH {
+        return small_cnn::load(spec, normalizer, input_shape, fingerprint);
+    }
     let num_classes = spec.num_classes.unwrap_or(10);
     let mut vs = nn::VarStore::new(spec.device);
     let net = build_network(arch, &vs.root(), input_shape, num_classes)?;
@@ -267,13 +259,4 @@ pub fn load(
         logits.size()
     );
     Ok(Box::new(model))
-=======
-    match spec.arch.as_deref() {
-        Some(small_cnn::ARCH) => small_cnn::load(spec, normalizer, input_shape, fingerprint),
-        other => bail!(
-            "unknown native architecture {other:?}; known: {}",
-            ARCHITECTURES.join(", ")
-        ),
-    }
->>>>>>> train
 }
