@@ -53,15 +53,26 @@ fn pseudo_margin_raises_kendall_tau_on_an_inconsistent_model() {
     .unwrap();
     let v = &det.spec.validation;
     let pm_tau = v.pseudo_margin.as_ref().unwrap().kendall_tau;
-    println!("validation tau: logit margin {:.4}, pseudo-margin {pm_tau:.4}", v.logit_margin.kendall_tau);
+    println!(
+        "validation tau: logit margin {:.4}, pseudo-margin {pm_tau:.4}",
+        v.logit_margin.kendall_tau
+    );
     assert!(pm_tau > v.logit_margin.kendall_tau + 0.05, "{v:?}");
-    assert_eq!(det.spec.score, ScoreKind::PseudoMargin, "auto must keep the better score");
+    assert_eq!(
+        det.spec.score,
+        ScoreKind::PseudoMargin,
+        "auto must keep the better score"
+    );
 
     // On fresh samples of the same model, independently of fit's bookkeeping.
     let (fresh, fresh_rows) = synthetic_set(&model, &w_eff, 600, 3);
     let (logits, pm) = det.forward(&model, &fresh.images).unwrap();
     let pm = pm.unwrap();
-    let lm: Vec<f64> = free_scores(&logits).unwrap().iter().map(|s| s.logit_margin).collect();
+    let lm: Vec<f64> = free_scores(&logits)
+        .unwrap()
+        .iter()
+        .map(|s| s.logit_margin)
+        .collect();
     let d: Vec<f64> = fresh_rows.iter().map(|r| r.input_margin).collect();
     let (t_pm, t_lm) = (kendall_tau_b(&pm, &d), kendall_tau_b(&lm, &d));
     println!("fresh tau: logit margin {t_lm:.4}, pseudo-margin {t_pm:.4}");
@@ -75,7 +86,9 @@ fn pseudo_margin_raises_kendall_tau_on_an_inconsistent_model() {
     assert_eq!(again.forward(&model, &fresh.images).unwrap().1.unwrap(), pm);
     // ... and refuses another model.
     let (other, _) = inconsistent_model(2);
-    let err = again.check_model(brittle::model::Classifier::info(&other)).unwrap_err();
+    let err = again
+        .check_model(brittle::model::Classifier::info(&other))
+        .unwrap_err();
     assert!(err.to_string().contains("fingerprint"), "{err}");
 }
 
@@ -92,7 +105,10 @@ fn fitting_is_deterministic_with_a_seed() {
     assert_eq!(a.spec.validation, b.spec.validation);
     opts.seed = 8;
     let c = fit(&model, &data, &rows, &opts, Provenance::current(Some(8))).unwrap();
-    assert_ne!(a.spec.validation, c.spec.validation, "another seed, another split");
+    assert_ne!(
+        a.spec.validation, c.spec.validation,
+        "another seed, another split"
+    );
 }
 
 #[test]
@@ -103,15 +119,27 @@ fn rows_must_match_the_data() {
     let prov = || Provenance::current(None);
     let mut shifted = rows.clone();
     shifted[3].index = 5; // dataset indices are 100..140
-    let err = format!("{:#}", fit(&model, &data, &shifted, &opts, prov()).unwrap_err());
-    assert!(err.contains("index 5") && err.contains("another data file"), "{err}");
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &shifted, &opts, prov()).unwrap_err()
+    );
+    assert!(
+        err.contains("index 5") && err.contains("another data file"),
+        "{err}"
+    );
     let mut relabelled = rows.clone();
     relabelled[0].label = (relabelled[0].label + 1) % 4;
-    let err = format!("{:#}", fit(&model, &data, &relabelled, &opts, prov()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &relabelled, &opts, prov()).unwrap_err()
+    );
     assert!(err.contains("label"), "{err}");
     for r in rows.iter_mut() {
         r.logit_margin += 1.0;
     }
-    let err = format!("{:#}", fit(&model, &data, &rows, &opts, prov()).unwrap_err());
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &rows, &opts, prov()).unwrap_err()
+    );
     assert!(err.contains("another model"), "{err}");
 }

@@ -31,14 +31,21 @@ fn post(addr: SocketAddr, content_type: &str, body: &[u8]) -> (u16, Value) {
     };
     let status = resp.status();
     let text = resp.into_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn images_json(x: &Tensor) -> Vec<u8> {
     let n = x.size()[0];
     let v: Vec<f32> = Vec::try_from(x.flatten(0, -1)).unwrap();
     let per = v.len() / n as usize;
-    let [c, h, w] = [x.size()[1] as usize, x.size()[2] as usize, x.size()[3] as usize];
+    let [c, h, w] = [
+        x.size()[1] as usize,
+        x.size()[2] as usize,
+        x.size()[3] as usize,
+    ];
     let nested: Vec<Vec<Vec<Vec<f32>>>> = (0..n as usize)
         .map(|i| {
             (0..c)
@@ -97,22 +104,58 @@ fn malformed_wrong_and_oversized_requests_get_client_errors() {
     };
     let server = synthetic_server(cfg, dir.path());
     let addr = server.addr;
-    let ok = images_json(&Tensor::full([2, 1, 4, 4], 0.5, (tch::Kind::Float, tch::Device::Cpu)));
+    let ok = images_json(&Tensor::full(
+        [2, 1, 4, 4],
+        0.5,
+        (tch::Kind::Float, tch::Device::Cpu),
+    ));
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("application/json", b"{not json".to_vec(), 400),
         ("application/json", br#"{"pictures": []}"#.to_vec(), 400),
-        ("application/json", br#"{"images": [[[0.1, 0.2], [0.3, 0.4]]]}"#.to_vec(), 400),
-        ("application/json", br#"{"images": [[[0.1, 0.2, 0.3, 0.4], [0.1], [0, 0, 0, 0], [0, 0, 0, 0]]]}"#.to_vec(), 400),
-        ("application/json", images_json(&Tensor::full([1, 1, 4, 4], 1.5, (tch::Kind::Float, tch::Device::Cpu))), 400),
-        ("application/json", images_json(&Tensor::zeros([5, 1, 4, 4], (tch::Kind::Float, tch::Device::Cpu))), 413),
+        (
+            "application/json",
+            br#"{"images": [[[0.1, 0.2], [0.3, 0.4]]]}"#.to_vec(),
+            400,
+        ),
+        (
+            "application/json",
+            br#"{"images": [[[0.1, 0.2, 0.3, 0.4], [0.1], [0, 0, 0, 0], [0, 0, 0, 0]]]}"#.to_vec(),
+            400,
+        ),
+        (
+            "application/json",
+            images_json(&Tensor::full(
+                [1, 1, 4, 4],
+                1.5,
+                (tch::Kind::Float, tch::Device::Cpu),
+            )),
+            400,
+        ),
+        (
+            "application/json",
+            images_json(&Tensor::zeros(
+                [5, 1, 4, 4],
+                (tch::Kind::Float, tch::Device::Cpu),
+            )),
+            413,
+        ),
         ("application/json", vec![b' '; 10_000], 413),
-        ("application/x-npy", b"\x93NUMPY\x01\x00garbage".to_vec(), 400),
+        (
+            "application/x-npy",
+            b"\x93NUMPY\x01\x00garbage".to_vec(),
+            400,
+        ),
         ("image/png", b"\x89PNG broken".to_vec(), 400),
         ("text/csv", b"1,2,3".to_vec(), 415),
     ];
     for (ct, body, want) in &cases {
         let (status, v) = post(addr, ct, body);
-        assert_eq!(status, *want, "{ct} {:?}: {v}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        assert_eq!(
+            status,
+            *want,
+            "{ct} {:?}: {v}",
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
         if status != 413 || v.get("error").is_some() {
             assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
         }
@@ -124,12 +167,31 @@ fn malformed_wrong_and_oversized_requests_get_client_errors() {
     assert_eq!(v["detector"]["eps"], json!(0.05));
     let health = ureq::get(&format!("http://{addr}/healthz")).call().unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
-    assert!(metrics.contains(r#"brittle_requests_total{status="400"} 7"#), "{metrics}");
-    assert!(metrics.contains(r#"brittle_requests_total{status="413"} 2"#), "{metrics}");
-    assert!(metrics.contains(r#"brittle_requests_total{status="200"} 1"#), "{metrics}");
-    assert!(metrics.contains("brittle_images_scored_total 2"), "{metrics}");
-    assert!(metrics.contains("brittle_request_duration_seconds_bucket"), "{metrics}");
+    let metrics = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(r#"brittle_requests_total{status="400"} 7"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"brittle_requests_total{status="413"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"brittle_requests_total{status="200"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("brittle_images_scored_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("brittle_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(metrics.contains("brittle_flagged_share"), "{metrics}");
     server.shutdown().unwrap();
 }
@@ -164,7 +226,11 @@ fn concurrent_clients_get_their_own_answers() {
             (0..8usize)
                 .map(|r| {
                     let (start, n) = ((t * 8 + r) % 62, 1 + (t + r) % 3);
-                    (start, n, images_json(&data.images.narrow(0, start as i64, n as i64)))
+                    (
+                        start,
+                        n,
+                        images_json(&data.images.narrow(0, start as i64, n as i64)),
+                    )
                 })
                 .collect()
         })
@@ -185,19 +251,37 @@ fn concurrent_clients_get_their_own_answers() {
                         let (pred, lm, pm, brittle) = expected[i];
                         assert_eq!(got["pred"].as_i64().unwrap(), pred, "client {t} image {i}");
                         let g = got["logit_margin"].as_f64().unwrap();
-                        assert!((g - lm).abs() <= 1e-5 * (1.0 + lm.abs()), "client {t} image {i}: {g} vs {lm}");
+                        assert!(
+                            (g - lm).abs() <= 1e-5 * (1.0 + lm.abs()),
+                            "client {t} image {i}: {g} vs {lm}"
+                        );
                         let g = got["pseudo_margin"].as_f64().unwrap();
-                        assert!((g - pm).abs() <= 1e-5 * (1.0 + pm.abs()), "client {t} image {i}: {g} vs {pm}");
+                        assert!(
+                            (g - pm).abs() <= 1e-5 * (1.0 + pm.abs()),
+                            "client {t} image {i}: {g} vs {pm}"
+                        );
                         assert_eq!(got["brittle"].as_bool().unwrap(), brittle);
-                        let probs: Vec<f64> = got["probs"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect();
+                        let probs: Vec<f64> = got["probs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|p| p.as_f64().unwrap())
+                            .collect();
                         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
                     }
                 }
             });
         }
     });
-    let metrics = ureq::get(&format!("http://{addr}/metrics")).call().unwrap().into_string().unwrap();
-    assert!(metrics.contains(r#"brittle_requests_total{status="200"} 64"#), "{metrics}");
+    let metrics = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(r#"brittle_requests_total{status="200"} 64"#),
+        "{metrics}"
+    );
     server.shutdown().unwrap();
 }
 
@@ -212,21 +296,46 @@ fn real_model_answers_match_brittle_score() {
     let dir = tempfile::tempdir().unwrap();
     let model_path = shared.join("models/resnet_2b.pt");
     let data_path = shared.join("data/cifar10/real-pool.bin");
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/detector/resnet_2b_margins.csv");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/detector/resnet_2b_margins.csv"
+    );
     let det_dir = dir.path().join("det");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["fit", fixture, "--model"]).arg(&model_path).arg("--data").arg(&data_path)
-        .args(["--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out"]).arg(&det_dir)
+        .args(["fit", fixture, "--model"])
+        .arg(&model_path)
+        .arg("--data")
+        .arg(&data_path)
+        .args([
+            "--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out",
+        ])
+        .arg(&det_dir)
         .env("BRITTLE_NO_PROGRESS", "1")
-        .output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let scores = dir.path().join("scores.csv");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["score", "--model"]).arg(&model_path).arg("--data").arg(&data_path)
-        .args(["--limit", "6", "--device", "cpu", "--detector"]).arg(&det_dir).arg("--out").arg(&scores)
+        .args(["score", "--model"])
+        .arg(&model_path)
+        .arg("--data")
+        .arg(&data_path)
+        .args(["--limit", "6", "--device", "cpu", "--detector"])
+        .arg(&det_dir)
+        .arg("--out")
+        .arg(&scores)
         .env("BRITTLE_NO_PROGRESS", "1")
-        .output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut rd = csv::Reader::from_path(&scores).unwrap();
     let hdr = rd.headers().unwrap().clone();
     let col = |name: &str| hdr.iter().position(|h| h == name).unwrap();
@@ -236,22 +345,49 @@ fn real_model_answers_match_brittle_score() {
         assert_eq!(got["pred"].as_i64().unwrap().to_string(), r[col("pred")]);
         let lm: f64 = r[col("logit_margin")].parse().unwrap();
         let g = got["logit_margin"].as_f64().unwrap();
-        assert!((g - lm).abs() <= 1e-5 * (1.0 + lm.abs()), "image {i}: {g} vs {lm}");
+        assert!(
+            (g - lm).abs() <= 1e-5 * (1.0 + lm.abs()),
+            "image {i}: {g} vs {lm}"
+        );
         let pm: f64 = r[col("pseudo_margin")].parse().unwrap();
         let g = got["pseudo_margin"].as_f64().unwrap();
-        assert!((g - pm).abs() <= 1e-5 * (1.0 + pm.abs()), "image {i}: {g} vs {pm}");
-        assert_eq!(u8::from(got["brittle"].as_bool().unwrap()).to_string(), r[col("brittle")]);
+        assert!(
+            (g - pm).abs() <= 1e-5 * (1.0 + pm.abs()),
+            "image {i}: {g} vs {pm}"
+        );
+        assert_eq!(
+            u8::from(got["brittle"].as_bool().unwrap()).to_string(),
+            r[col("brittle")]
+        );
     };
 
-    let data = brittle::data::DataSpec { path: data_path.clone(), limit: Some(6), ..Default::default() }.load().unwrap();
+    let data = brittle::data::DataSpec {
+        path: data_path.clone(),
+        limit: Some(6),
+        ..Default::default()
+    }
+    .load()
+    .unwrap();
     let spec = brittle::model::ModelSpec {
-        path: model_path, format: None, arch: None, num_classes: None, mean: None, std: None,
-        input_layout: Default::default(), device: tch::Device::Cpu,
+        path: model_path,
+        format: None,
+        arch: None,
+        num_classes: None,
+        mean: None,
+        std: None,
+        input_layout: Default::default(),
+        device: tch::Device::Cpu,
     };
     let model = brittle::model::load_classifier(&spec, [3, 32, 32]).unwrap();
     let det = Detector::load(&det_dir, tch::Device::Cpu).unwrap();
     assert_eq!(model.info().fingerprint, det.spec.model.fingerprint);
-    let server = spawn(model, Some(det), ServeConfig::new([3, 32, 32]), LOOPBACK.parse().unwrap()).unwrap();
+    let server = spawn(
+        model,
+        Some(det),
+        ServeConfig::new([3, 32, 32]),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap();
     let addr = server.addr;
 
     // JSON batch of all six.
@@ -265,7 +401,12 @@ fn real_model_answers_match_brittle_score() {
     let mut npy = Vec::new();
     {
         use npyz::WriterBuilder;
-        let mut w = npyz::WriteOptions::new().default_dtype().shape(&[6, 3, 32, 32]).writer(&mut npy).begin_nd().unwrap();
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[6, 3, 32, 32])
+            .writer(&mut npy)
+            .begin_nd()
+            .unwrap();
         w.extend(flat.iter().copied()).unwrap();
         w.finish().unwrap();
     }
@@ -276,11 +417,18 @@ fn real_model_answers_match_brittle_score() {
     }
     // One PNG per image (CIFAR pixels are bytes, so PNG is lossless).
     for i in 0..6usize {
-        let chw: Vec<u8> = flat[i * 3072..(i + 1) * 3072].iter().map(|v| (v * 255.0).round() as u8).collect();
-        let hwc: Vec<u8> = (0..1024).flat_map(|p| (0..3).map(move |c| (c, p))).map(|(c, p)| chw[c * 1024 + p]).collect();
+        let chw: Vec<u8> = flat[i * 3072..(i + 1) * 3072]
+            .iter()
+            .map(|v| (v * 255.0).round() as u8)
+            .collect();
+        let hwc: Vec<u8> = (0..1024)
+            .flat_map(|p| (0..3).map(move |c| (c, p)))
+            .map(|(c, p)| chw[c * 1024 + p])
+            .collect();
         let img = image::RgbImage::from_raw(32, 32, hwc).unwrap();
         let mut png = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
         let (status, v) = post(addr, "image/png", &png);
         assert_eq!(status, 200, "{v}");
         expect(i, &v["results"][0]);
@@ -298,18 +446,47 @@ fn serve_command_stops_gracefully_on_sigterm() {
         return;
     };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["serve", "--model"]).arg(shared.join("models/resnet_2b.pt"))
-        .args(["--input-shape", "3,32,32", "--addr", LOOPBACK, "--device", "cpu"])
+        .args(["serve", "--model"])
+        .arg(shared.join("models/resnet_2b.pt"))
+        .args([
+            "--input-shape",
+            "3,32,32",
+            "--addr",
+            LOOPBACK,
+            "--device",
+            "cpu",
+        ])
         .stderr(std::process::Stdio::piped())
-        .spawn().unwrap();
+        .spawn()
+        .unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    let addr: SocketAddr = line.split("http://").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).parse().unwrap();
-    let (status, v) = post(addr, "application/json", &images_json(&Tensor::full([1, 3, 32, 32], 0.5, (tch::Kind::Float, tch::Device::Cpu))));
+    let addr: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    let (status, v) = post(
+        addr,
+        "application/json",
+        &images_json(&Tensor::full(
+            [1, 3, 32, 32],
+            0.5,
+            (tch::Kind::Float, tch::Device::Cpu),
+        )),
+    );
     assert_eq!(status, 200, "{v}");
-    assert!(v["results"][0]["brittle"].is_null(), "no detector, no flag: {v}");
-    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(
+        v["results"][0]["brittle"].is_null(),
+        "no detector, no flag: {v}"
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");

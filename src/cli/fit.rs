@@ -94,7 +94,10 @@ fn check_sidecar(margins: &Path, norm: Norm, fingerprint: &str) -> Result<()> {
             );
         }
     }
-    if let Some(f) = field(&[&["settings", "model_fingerprint"], &["model", "fingerprint"]]) {
+    if let Some(f) = field(&[
+        &["settings", "model_fingerprint"],
+        &["model", "fingerprint"],
+    ]) {
         if f != fingerprint {
             bail!(
                 "{}: the margins were computed with model fingerprint {f}, not with --model (fingerprint {fingerprint})",
@@ -130,8 +133,14 @@ pub fn run(a: FitArgs) -> Result<()> {
         batch_size: a.batch_size,
         margins_name: a.margins.display().to_string(),
     };
-    let det = fit(model.as_ref(), &data, &rows, &opts, Provenance::current(Some(a.seed)))
-        .with_context(|| format!("fitting a detector on {}", a.margins.display()))?;
+    let det = fit(
+        model.as_ref(),
+        &data,
+        &rows,
+        &opts,
+        Provenance::current(Some(a.seed)),
+    )
+    .with_context(|| format!("fitting a detector on {}", a.margins.display()))?;
     det.save(&a.out)?;
     let s = &det.spec;
     let v = &s.validation;

@@ -30,7 +30,11 @@ pub fn rates(scores: &[f64], nonrobust: &[bool], lambda: f64) -> Rates {
         }
     }
     Rates {
-        tpr: if p == 0 { f64::NAN } else { tp as f64 / p as f64 },
+        tpr: if p == 0 {
+            f64::NAN
+        } else {
+            tp as f64 / p as f64
+        },
         fpr: (n > 0).then(|| fp as f64 / n as f64),
         positives: p,
         negatives: n,

@@ -206,8 +206,14 @@ pub fn train(
         "training inputs {:?} do not match {n} margins",
         x_train.size()
     );
-    ensure!(n >= 2 && !d_val.is_empty(), "pseudo-margin training needs at least 2 training and 1 validation samples");
-    ensure!(cfg.batch_size >= 2, "pseudo-margin batch size must be at least 2");
+    ensure!(
+        n >= 2 && !d_val.is_empty(),
+        "pseudo-margin training needs at least 2 training and 1 validation samples"
+    );
+    ensure!(
+        cfg.batch_size >= 2,
+        "pseudo-margin batch size must be at least 2"
+    );
     let cap = d_train
         .iter()
         .copied()
@@ -308,16 +314,29 @@ mod tests {
         let (g, b) = (good.double_value(&[]), bad.double_value(&[]));
         assert!(g < 0.01 && b > 4.9, "good {g}, bad {b}");
         // Ties carry no pair: loss of a constant target is 0.
-        let tie = pairwise_ranking_loss(&Tensor::from_slice(&[1.0f32, 2.0]), &Tensor::from_slice(&[1.0f32, 1.0]));
+        let tie = pairwise_ranking_loss(
+            &Tensor::from_slice(&[1.0f32, 2.0]),
+            &Tensor::from_slice(&[1.0f32, 1.0]),
+        );
         assert_eq!(tie.double_value(&[]), 0.0);
     }
 
     #[test]
     fn weights_round_trip_through_safetensors() {
         tch::manual_seed(3);
-        let shape = NetShape { input: PseudoInput::Logits, in_dim: 4, hidden: 8, depth: 2 };
+        let shape = NetShape {
+            input: PseudoInput::Logits,
+            in_dim: 4,
+            hidden: 8,
+            depth: 2,
+        };
         let mut net = PseudoNet::new(shape.clone(), Device::Cpu);
-        net.set_stats(&Tensor::from_slice(&[1.0f32, 2., 3., 4.]), &Tensor::from_slice(&[2.0f32; 4]), 0.5, 3.0);
+        net.set_stats(
+            &Tensor::from_slice(&[1.0f32, 2., 3., 4.]),
+            &Tensor::from_slice(&[2.0f32; 4]),
+            0.5,
+            3.0,
+        );
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         let before = net.predict(&x).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -325,7 +344,12 @@ mod tests {
         net.save(&p).unwrap();
         let again = PseudoNet::load(shape, &p, Device::Cpu).unwrap();
         assert_eq!(again.predict(&x).unwrap(), before);
-        let wrong = NetShape { input: PseudoInput::Logits, in_dim: 4, hidden: 9, depth: 2 };
+        let wrong = NetShape {
+            input: PseudoInput::Logits,
+            in_dim: 4,
+            hidden: 9,
+            depth: 2,
+        };
         assert!(PseudoNet::load(wrong, &p, Device::Cpu).is_err());
     }
 }

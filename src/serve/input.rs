@@ -81,9 +81,7 @@ impl InputSpec {
             .iter()
             .find(|v| !(v.is_finite() && (0.0..=1.0).contains(*v)))
         {
-            return Err(bad(format!(
-                "pixel value {v} is outside [0, 1]"
-            )));
+            return Err(bad(format!("pixel value {v} is outside [0, 1]")));
         }
         Ok(images)
     }
@@ -190,9 +188,9 @@ fn flatten(
 ) -> Result<(), ApiError> {
     let depth = at.len();
     if depth == shape.len() {
-        let x = v.as_f64().ok_or_else(|| {
-            bad(format!("images{at:?} is {v}, not a number"))
-        })?;
+        let x = v
+            .as_f64()
+            .ok_or_else(|| bad(format!("images{at:?} is {v}, not a number")))?;
         out.push(x as f32);
         return Ok(());
     }
@@ -228,7 +226,10 @@ mod tests {
     #[test]
     fn json_single_and_batch() {
         let one = SPEC
-            .decode(Some("application/json"), br#"{"images": [[[0, 0.25], [0.5, 1]]]}"#)
+            .decode(
+                Some("application/json"),
+                br#"{"images": [[[0, 0.25], [0.5, 1]]]}"#,
+            )
             .unwrap();
         assert_eq!((one.n, one.pixels), (1, vec![0.0, 0.25, 0.5, 1.0]));
         let two = SPEC
@@ -255,7 +256,10 @@ mod tests {
         assert_eq!(j(three), 413);
         assert_eq!(status(SPEC.decode(Some("text/plain"), b"x")), 415);
         assert_eq!(status(SPEC.decode(None, b"x")), 415);
-        assert_eq!(status(SPEC.decode(Some("application/x-npy"), b"\x93NUMPY garbage")), 400);
+        assert_eq!(
+            status(SPEC.decode(Some("application/x-npy"), b"\x93NUMPY garbage")),
+            400
+        );
         assert_eq!(status(SPEC.decode(Some("image/png"), b"not a png")), 400);
     }
 
@@ -279,7 +283,10 @@ mod tests {
 
     #[test]
     fn png_is_converted_to_chw() {
-        let spec = InputSpec { shape: [3, 1, 2], max_images: 1 };
+        let spec = InputSpec {
+            shape: [3, 1, 2],
+            max_images: 1,
+        };
         let img = image::RgbImage::from_raw(2, 1, vec![255, 0, 0, 0, 0, 255]).unwrap();
         let mut png = Vec::new();
         img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
@@ -287,7 +294,10 @@ mod tests {
         let im = spec.decode(Some("image/png"), &png).unwrap();
         // Channel-major: R = (1, 0), G = (0, 0), B = (0, 1).
         assert_eq!(im.pixels, vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
-        let wrong = InputSpec { shape: [3, 2, 2], max_images: 1 };
+        let wrong = InputSpec {
+            shape: [3, 2, 2],
+            max_images: 1,
+        };
         assert_eq!(status(wrong.decode(Some("image/png"), &png)), 400);
     }
 }

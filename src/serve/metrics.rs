@@ -88,9 +88,7 @@ impl ServeMetrics {
     }
 
     pub fn record_request(&self, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&StatusLabel { status })
-            .inc();
+        self.requests.get_or_create(&StatusLabel { status }).inc();
         self.latency.observe(seconds);
     }
 }

@@ -187,7 +187,12 @@ async fn score_body(
     })?;
     let results = rx
         .await
-        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the model worker has stopped"))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model worker has stopped",
+            )
+        })?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
     Ok(json!({ "detector": st.detector, "results": results }))
 }

@@ -98,7 +98,11 @@ pub fn spawn(
 /// Collects the next batch: blocks for one job, then takes what is queued, waiting up to
 /// `max_wait` for more, until `max_batch` images. A job that would overflow the batch is kept
 /// in `pending` for the next one. `None` when the queue is closed and empty.
-fn next_batch(rx: &Receiver<Job>, pending: &mut Option<Job>, policy: BatchPolicy) -> Option<Vec<Job>> {
+fn next_batch(
+    rx: &Receiver<Job>,
+    pending: &mut Option<Job>,
+    policy: BatchPolicy,
+) -> Option<Vec<Job>> {
     let first = match pending.take() {
         Some(j) => j,
         None => rx.recv().ok()?,
@@ -151,7 +155,11 @@ fn run(
         } else {
             jobs.iter().flat_map(|j| j.pixels.iter().copied()).collect()
         };
-        let flat = if jobs.len() == 1 { &jobs[0].pixels } else { &pixels };
+        let flat = if jobs.len() == 1 {
+            &jobs[0].pixels
+        } else {
+            &pixels
+        };
         let x = Tensor::from_slice(flat).view([n as i64, c, h, w]);
         metrics.batch_size.observe(n as f64);
         // A panic inside libtorch must not take the service down: answer 500 and go on.

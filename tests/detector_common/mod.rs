@@ -85,9 +85,17 @@ pub fn inconsistent_model(seed: i64) -> (Rescaled<Linear>, Tensor) {
 
 /// `n` uniform images labelled with the model's prediction, and their exact Linf distances
 /// to the decision boundary (box constraints ignored) as a margins table.
-pub fn synthetic_set(model: &Rescaled<Linear>, w_eff: &Tensor, n: i64, seed: i64) -> (Dataset, Vec<MarginRow>) {
+pub fn synthetic_set(
+    model: &Rescaled<Linear>,
+    w_eff: &Tensor,
+    n: i64,
+    seed: i64,
+) -> (Dataset, Vec<MarginRow>) {
     tch::manual_seed(seed);
-    let x = Tensor::rand([n, SHAPE[0], SHAPE[1], SHAPE[2]], (Kind::Float, Device::Cpu));
+    let x = Tensor::rand(
+        [n, SHAPE[0], SHAPE[1], SHAPE[2]],
+        (Kind::Float, Device::Cpu),
+    );
     let logits = tch::no_grad(|| model.logits(&x)).unwrap();
     let fs = free_scores(&logits).unwrap();
     let d = feature_margin(&logits, w_eff, Norm::Linf).unwrap();
