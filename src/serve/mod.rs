@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod worker;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -59,7 +61,7 @@ pub struct ServeConfig {
     pub input_shape: [i64; 3],
     /// Most images per forward pass.
     pub max_batch: usize,
-    /// How long the worker waits for more requests after the first of a batch.
+    /// How long the worker waits for requests already being received to join a batch.
     pub max_wait: Duration,
     /// Most images per request (413 beyond).
     pub max_images: usize,
@@ -86,6 +88,8 @@ impl ServeConfig {
 /// What the handlers share.
 struct AppState {
     jobs: SyncSender<Job>,
+    /// Requests between body received and answer sent (the worker waits for them to batch).
+    inflight: Arc<AtomicUsize>,
     input: InputSpec,
     metrics: ServeMetrics,
     /// Detector fields echoed in every answer.
@@ -112,18 +116,21 @@ pub fn router(
         None => serde_json::Value::Null,
     };
     let metrics = ServeMetrics::default();
+    let inflight = Arc::new(AtomicUsize::new(0));
     let (jobs, handle) = worker::spawn(
         Scorer { model, detector },
         cfg.input_shape,
         BatchPolicy {
             max_batch: cfg.max_batch.max(1),
             max_wait: cfg.max_wait,
+            inflight: inflight.clone(),
         },
         cfg.queue,
         metrics.clone(),
     )?;
     let state = Arc::new(AppState {
         jobs,
+        inflight,
         input: InputSpec {
             shape: cfg.input_shape,
             max_images: cfg.max_images,
@@ -153,10 +160,12 @@ async fn score(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let t0 = Instant::now();
+    st.inflight.fetch_add(1, Ordering::SeqCst);
     let resp = match score_body(&st, &headers, body).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     };
+    st.inflight.fetch_sub(1, Ordering::SeqCst);
     st.metrics
         .record_request(resp.status().as_u16(), t0.elapsed().as_secs_f64());
     resp
@@ -275,7 +284,10 @@ pub fn serve_listener(
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        // Small JSON answers must not wait for delayed ACKs (Nagle).
+        let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await

@@ -2,7 +2,9 @@
 //! drains a queue of requests, running whatever has arrived as one batch (dynamic
 //! micro-batching).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -72,12 +74,16 @@ pub struct Job {
 }
 
 /// How the worker forms batches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchPolicy {
     /// Stop adding requests once a batch holds this many images.
     pub max_batch: usize,
-    /// After the first request, wait at most this long for more (0: take only what is queued).
+    /// Wait at most this long for requests that are in flight (being decoded) to join the
+    /// batch (0: take only what is queued).
     pub max_wait: Duration,
+    /// Requests received and not yet answered: when no other request is in flight the worker
+    /// runs at once, so a lone client never pays the wait.
+    pub inflight: Arc<AtomicUsize>,
 }
 
 /// Starts the worker thread; it ends when every sender is dropped.
@@ -95,13 +101,14 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-/// Collects the next batch: blocks for one job, then takes what is queued, waiting up to
-/// `max_wait` for more, until `max_batch` images. A job that would overflow the batch is kept
+/// Collects the next batch: blocks for one job, then takes what is queued and, while more
+/// requests are in flight than the batch holds, waits up to `max_wait` for them, until
+/// `max_batch` images. A job that would overflow the batch is kept
 /// in `pending` for the next one. `None` when the queue is closed and empty.
 fn next_batch(
     rx: &Receiver<Job>,
     pending: &mut Option<Job>,
-    policy: BatchPolicy,
+    policy: &BatchPolicy,
 ) -> Option<Vec<Job>> {
     let first = match pending.take() {
         Some(j) => j,
@@ -116,7 +123,7 @@ fn next_batch(
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
+                if left.is_zero() || policy.inflight.load(Ordering::SeqCst) <= jobs.len() {
                     break;
                 }
                 match rx.recv_timeout(left) {
@@ -143,7 +150,7 @@ fn run(
     metrics: ServeMetrics,
 ) {
     let mut pending = None;
-    while let Some(jobs) = next_batch(&rx, &mut pending, policy) {
+    while let Some(jobs) = next_batch(&rx, &mut pending, &policy) {
         // Requests whose client went away need no forward pass.
         let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
         let n: usize = jobs.iter().map(|j| j.n).sum();

@@ -1,0 +1,165 @@
+//! Load generator for `brittle serve` on loopback: bare forward time of one image, one-image
+//! request latency (JSON and NPY bodies) and throughput under concurrent clients, in one run.
+//!
+//! cargo run --release --example serve_bench -- --model M.pt [--detector DIR] [--clients 8]
+//!     [--requests 2000] [--seconds 20] [--max-wait-us 1000]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use brittle::detector::Detector;
+use brittle::model::{load_classifier, logits_no_grad, ModelSpec};
+use brittle::serve::{spawn, ServeConfig};
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model_path: String = arg(&args, "--model", String::new());
+    anyhow::ensure!(!model_path.is_empty(), "--model is required");
+    let detector: String = arg(&args, "--detector", String::new());
+    let clients: usize = arg(&args, "--clients", 8);
+    let requests: usize = arg(&args, "--requests", 2000);
+    let seconds: f64 = arg(&args, "--seconds", 20.0);
+    let max_wait_us: u64 = arg(&args, "--max-wait-us", 1000);
+    let shape = [3i64, 32, 32];
+    let spec = ModelSpec {
+        path: model_path.into(),
+        format: None,
+        arch: None,
+        num_classes: None,
+        mean: None,
+        std: None,
+        input_layout: Default::default(),
+        device: tch::Device::Cpu,
+    };
+    let load_det = || -> Result<Option<Detector>> {
+        (!detector.is_empty())
+            .then(|| Detector::load(detector.as_ref(), tch::Device::Cpu))
+            .transpose()
+    };
+
+    // Bare forward of one image (what the detector adds is included when it has a net).
+    let model = load_classifier(&spec, shape)?;
+    let det = load_det()?;
+    let x = tch::Tensor::rand([1, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let mut bare = Vec::new();
+    for i in 0..300 {
+        let t = Instant::now();
+        match &det {
+            Some(d) => drop(d.forward(model.as_ref(), &x)?),
+            None => drop(logits_no_grad(model.as_ref(), &x)?),
+        }
+        if i >= 50 {
+            bare.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let bare_p50 = pct(&mut bare, 0.5);
+    drop(det);
+
+    let cfg = ServeConfig {
+        max_wait: Duration::from_micros(max_wait_us),
+        ..ServeConfig::new(shape)
+    };
+    let server = spawn(model, load_det()?, cfg, "127.0.0.1:0".parse()?)?;
+    let url = format!("http://{}/v1/score", server.addr);
+    let pixels: Vec<f32> = Vec::try_from(x.flatten(0, -1))?;
+    let json = serde_json::to_vec(&serde_json::json!({
+        "images": [pixels.chunks(1024).map(|c| c.chunks(32).collect::<Vec<_>>()).collect::<Vec<_>>()]
+    }))?;
+    let mut npy = Vec::new();
+    {
+        use npyz::WriterBuilder;
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[1, 3, 32, 32])
+            .writer(&mut npy)
+            .begin_nd()?;
+        w.extend(pixels.iter().copied())?;
+        w.finish()?;
+    }
+    let one = |agent: &ureq::Agent, ct: &str, body: &[u8]| -> Result<f64> {
+        let t = Instant::now();
+        let r = agent.post(&url).set("Content-Type", ct).send_bytes(body)?;
+        let _ = r.into_string()?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let agent = ureq::AgentBuilder::new().build();
+    for (name, ct, body) in [
+        ("json", "application/json", &json),
+        ("npy", "application/x-npy", &npy),
+    ] {
+        let mut lat = Vec::new();
+        for i in 0..400 {
+            let s = one(&agent, ct, body).with_context(|| format!("{name} request"))?;
+            if i >= 50 {
+                lat.push(s);
+            }
+        }
+        let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+        println!(
+            "one image, {name}: p50 {:.3} ms, p99 {:.3} ms; bare forward p50 {:.3} ms; serve/bare p50 = {:.2}",
+            p50 * 1e3, p99 * 1e3, bare_p50 * 1e3, p50 / bare_p50
+        );
+    }
+
+    // Concurrent clients, bounded in count and time.
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let per_client = requests.div_ceil(clients);
+    let t0 = Instant::now();
+    let mut lat: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..clients)
+            .map(|_| {
+                let (one, npy) = (&one, &npy);
+                s.spawn(move || {
+                    let agent = ureq::AgentBuilder::new().build();
+                    let mut v = Vec::new();
+                    while v.len() < per_client && Instant::now() < deadline {
+                        match one(&agent, "application/x-npy", npy) {
+                            Ok(s) => v.push(s),
+                            Err(e) => eprintln!("request failed: {e:#}"),
+                        }
+                    }
+                    v
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let wall = t0.elapsed().as_secs_f64();
+    let n = lat.len();
+    let metrics = ureq::get(&url.replace("/v1/score", "/metrics"))
+        .call()?
+        .into_string()?;
+    let batches = metrics
+        .lines()
+        .find(|l| l.starts_with("brittle_batch_size_count"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    println!(
+        "{clients} clients, npy, max wait {max_wait_us} us: {n} requests in {wall:.2} s = {:.0} images/s; p50 {:.3} ms, p99 {:.3} ms; {:.0} forward passes in total (all phases)",
+        n as f64 / wall,
+        pct(&mut lat, 0.5) * 1e3,
+        pct(&mut lat, 0.99) * 1e3,
+        batches
+    );
+    println!(
+        "bare forward, batch 1, back to back: {:.0} images/s",
+        1.0 / bare_p50
+    );
+    server.shutdown()
+}
