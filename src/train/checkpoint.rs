@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
 use super::{EpochStats, TrainConfig, Trainer};
+use crate::model::native::small_cnn::read_safetensors;
 
 const WEIGHTS: &str = "checkpoint.safetensors";
 const STATE: &str = "checkpoint.json";
@@ -76,10 +77,7 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<bool> {
     }
     let weights = dir.join(WEIGHTS);
     let source = weights.display().to_string();
-    let all: HashMap<String, Tensor> = Tensor::read_safetensors(&weights)
-        .with_context(|| format!("reading {source}"))?
-        .into_iter()
-        .collect();
+    let all = read_safetensors(&weights)?;
     let model: HashMap<String, Tensor> = all
         .iter()
         .filter_map(|(n, t)| {

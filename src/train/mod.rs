@@ -8,14 +8,14 @@ pub mod pgd;
 
 use std::f64::consts::PI;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::data::Dataset;
-use crate::model::native::small_cnn::{SmallCnn, SmallCnnConfig};
+use crate::model::native::small_cnn::{read_safetensors, SmallCnn, SmallCnnConfig};
 use crate::model::Classifier;
 use crate::util::progress_bar;
 use adam::Adam;
@@ -164,10 +164,7 @@ impl Trainer {
 
     /// Starts from the weights of a `small-cnn` safetensors file (fine-tuning).
     pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
-        let tensors: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .into_iter()
-            .collect();
+        let tensors = read_safetensors(path)?;
         self.model
             .load_tensors(&tensors, &path.display().to_string())
     }

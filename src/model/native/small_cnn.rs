@@ -199,10 +199,7 @@ impl SmallCnn {
         normalizer: Option<Normalizer>,
         device: Device,
     ) -> Result<Self> {
-        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-            .with_context(|| format!("reading safetensors {}", path.display()))?
-            .into_iter()
-            .collect();
+        let tensors = read_safetensors(path)?;
         let dim0 = |name: &str| -> Result<i64> {
             tensors
                 .get(name)
@@ -223,6 +220,14 @@ impl SmallCnn {
         me.load_tensors(&tensors, &path.display().to_string())?;
         Ok(me)
     }
+}
+
+/// All named tensors of a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("reading safetensors {}", path.display()))?
+        .into_iter()
+        .collect())
 }
 
 /// `--arch small-cnn --model w.safetensors`: the class count comes from the weights and must
