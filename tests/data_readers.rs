@@ -29,7 +29,7 @@ fn load(
 }
 
 fn err(r: anyhow::Result<Dataset>) -> String {
-    format!("{:#}", r.err().expect("expected an error"))
+    format!("{:#}", r.expect_err("expected an error"))
 }
 
 fn expected() -> Tensor {

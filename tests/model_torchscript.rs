@@ -5,43 +5,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use brittle::data::DataSpec;
-use brittle::model::load::{InputLayout, ModelSpec};
 use brittle::model::{load_classifier, logits_no_grad, Classifier};
 use brittle::norm::Norm;
 use brittle::score::feature_margin;
-use tch::{Device, Kind, Tensor};
+use native_common::{accuracy, fixture, rel_err, spec};
+use tch::Tensor;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/native")
-        .join(name)
-}
-
-fn spec(
-    path: PathBuf,
-    arch: Option<&str>,
-    mean: Option<Vec<f64>>,
-    std: Option<Vec<f64>>,
-) -> ModelSpec {
-    ModelSpec {
-        path,
-        format: None,
-        arch: arch.map(str::to_owned),
-        num_classes: Some(10),
-        mean,
-        std,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
-    }
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - b).abs().max().double_value(&[]) / scale
-}
+mod native_common;
 
 #[test]
 fn scripted_features_last_linear_and_feature_margin() {
@@ -111,14 +81,7 @@ fn real_models_reproduce_manifest_accuracy() {
     }
     .load()
     .unwrap();
-    let labels = Tensor::from_slice(&data.labels);
-    let accuracy = |l: &Tensor| {
-        l.argmax(1, false)
-            .eq_tensor(&labels)
-            .to_kind(Kind::Double)
-            .mean(Kind::Double)
-            .double_value(&[])
-    };
+    let accuracy = |l: &Tensor| accuracy(l, &data.labels);
     for m in manifest["models"].as_array().unwrap() {
         let file = shared
             .join("models")

@@ -2,40 +2,16 @@
 //! their errors on bad input.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use brittle::model::load::{InputLayout, ModelSpec};
+use brittle::model::load::ModelSpec;
 use brittle::model::native::build_network;
 use brittle::model::weights::{load_into, read_tensors};
-use brittle::model::{load_classifier, logits_and_grad, Classifier};
+use brittle::model::{load_classifier, logits_and_grad};
+use native_common::{accuracy, fixture, rel_err, spec};
 use tch::{nn, Device, Kind, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/native")
-        .join(name)
-}
-
-fn spec(path: PathBuf, arch: &str, mean: Option<Vec<f64>>, std: Option<Vec<f64>>) -> ModelSpec {
-    ModelSpec {
-        path,
-        format: None,
-        arch: Some(arch.to_owned()),
-        num_classes: Some(10),
-        mean,
-        std,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
-    }
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - b).abs().max().double_value(&[]) / scale
-}
+mod native_common;
 
 fn golden(file: &str) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture(&format!("golden_{file}.safetensors")))
@@ -56,7 +32,7 @@ fn check_golden(arch: &str, weights: &str) {
     let s = x.size();
     let spec = spec(
         fixture(weights),
-        arch,
+        Some(arch),
         Some(to_vec(&g["mean"])),
         Some(to_vec(&g["std"])),
     );
@@ -122,7 +98,7 @@ fn checkpoint_nesting_prefixes_and_dtypes() {
         let root = vs.root();
         for (name, t) in &reference {
             let (module, param) = name.split_once('.').unwrap();
-            root.sub(module).zeros(param, &t.size());
+            let _ = root.sub(module).zeros(param, &t.size());
         }
         load_into(&vs, tensors, file).unwrap();
         for (name, t) in vs.variables() {
@@ -167,7 +143,7 @@ fn load_err(spec: &ModelSpec, shape: [i64; 3]) -> String {
 #[test]
 fn wrong_channel_count_names_expected_and_got() {
     let e = load_err(
-        &spec(fixture("cnn-a.safetensors"), "cnn-a", None, None),
+        &spec(fixture("cnn-a.safetensors"), Some("cnn-a"), None, None),
         [1, 8, 8],
     );
     assert!(
@@ -193,7 +169,7 @@ fn missing_unexpected_and_misshaped_weights_are_listed() {
     }
     let path = dir.path().join("bad.safetensors");
     Tensor::write_safetensors(&tensors, &path).unwrap();
-    let e = load_err(&spec(path, "cnn-a", None, None), [3, 8, 8]);
+    let e = load_err(&spec(path, Some("cnn-a"), None, None), [3, 8, 8]);
     assert!(
         e.contains("1 mis-shaped: 5.weight: file [100, 64], model [100, 128]"),
         "{e}"
@@ -209,7 +185,7 @@ fn missing_unexpected_and_misshaped_weights_are_listed() {
 fn bad_files_and_names_give_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = load_err(
-        &spec(fixture("cnn-a.safetensors"), "vgg99", None, None),
+        &spec(fixture("cnn-a.safetensors"), Some("vgg99"), None, None),
         [3, 8, 8],
     );
     assert!(
@@ -217,12 +193,12 @@ fn bad_files_and_names_give_errors() {
         "{e}"
     );
     let e = load_err(
-        &spec(fixture("cnn-a.safetensors"), "resnet18@x", None, None),
+        &spec(fixture("cnn-a.safetensors"), Some("resnet18@x"), None, None),
         [3, 32, 32],
     );
     assert!(e.contains("positive integer"), "{e}");
     let e = load_err(
-        &spec(dir.path().join("none.pt"), "cnn-a", None, None),
+        &spec(dir.path().join("none.pt"), Some("cnn-a"), None, None),
         [3, 8, 8],
     );
     assert!(e.contains("does not exist"), "{e}");
@@ -235,15 +211,20 @@ fn bad_files_and_names_give_errors() {
         let bytes = std::fs::read(fixture(src)).unwrap();
         let path = dir.path().join(format!("cut-{src}"));
         std::fs::write(&path, &bytes[..(bytes.len() as f64 * keep) as usize]).unwrap();
-        let e = load_err(&spec(path, "cnn-a", None, None), [3, 8, 8]);
+        let e = load_err(&spec(path, Some("cnn-a"), None, None), [3, 8, 8]);
         assert!(e.contains(expect), "{src} cut at {keep}: {e}");
     }
     let path = dir.path().join("garbage.pt");
     std::fs::write(&path, b"hello, not weights at all").unwrap();
-    let e = load_err(&spec(path, "cnn-a", None, None), [3, 8, 8]);
+    let e = load_err(&spec(path, Some("cnn-a"), None, None), [3, 8, 8]);
     assert!(e.contains("not a PyTorch checkpoint"), "{e}");
     let e = load_err(
-        &spec(fixture("wrn-10-1.safetensors"), "wrn-10-1", None, None),
+        &spec(
+            fixture("wrn-10-1.safetensors"),
+            Some("wrn-10-1"),
+            None,
+            None,
+        ),
         [3, 4, 4],
     );
     assert!(e.contains("too small"), "{e}");
@@ -252,7 +233,7 @@ fn bad_files_and_names_give_errors() {
 #[test]
 fn wrong_input_shape_at_run_time_is_an_error() {
     let model = load_classifier(
-        &spec(fixture("cnn-a.safetensors"), "cnn-a", None, None),
+        &spec(fixture("cnn-a.safetensors"), Some("cnn-a"), None, None),
         [3, 8, 8],
     )
     .unwrap();
@@ -281,20 +262,14 @@ fn advertorch_lenet5_on_mnist() {
     }
     .load()
     .unwrap();
-    let labels = Tensor::from_slice(&data.labels);
     for (file, want) in expected {
         let model = load_classifier(
-            &spec(dir.join(&file), "lenet5-advertorch", None, None),
+            &spec(dir.join(&file), Some("lenet5-advertorch"), None, None),
             [1, 28, 28],
         )
         .unwrap();
         let logits = brittle::model::logits_no_grad(model.as_ref(), &data.images).unwrap();
-        let acc = logits
-            .argmax(1, false)
-            .eq_tensor(&labels)
-            .to_kind(Kind::Double)
-            .mean(Kind::Double)
-            .double_value(&[]);
+        let acc = accuracy(&logits, &data.labels);
         assert!(
             (acc - want).abs() < 1e-9,
             "{file}: accuracy {acc}, PyTorch {want}"

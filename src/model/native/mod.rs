@@ -114,6 +114,33 @@ pub fn downsampled(input_shape: [i64; 3], factor: i64, arch: &str) -> Result<(i6
     Ok((h, w))
 }
 
+/// The blocks of an 18-layer ResNet: `layer1..layer4` of two blocks each, widths w, 2w, 4w,
+/// 8w, the first block of stages 2-4 with stride 2. `block(path, cin, cout, stride)`.
+pub fn resnet18_blocks<B>(
+    p: &nn::Path,
+    w: i64,
+    mut block: impl FnMut(nn::Path, i64, i64, i64) -> B,
+) -> Vec<B> {
+    let mut blocks = Vec::new();
+    let mut cin = w;
+    for (stage, (planes, stride)) in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let layer = p / format!("layer{}", stage + 1);
+        for i in 0..2 {
+            blocks.push(block(
+                &layer / i,
+                cin,
+                planes,
+                if i == 0 { stride } else { 1 },
+            ));
+            cin = planes;
+        }
+    }
+    blocks
+}
+
 /// A 3x3 or 1x1 convolution without bias, as in the ResNet families.
 pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
     let cfg = nn::ConvConfig {

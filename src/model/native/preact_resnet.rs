@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_eval, conv, downsampled, ArchConfig, Network};
+use super::{avg_pool, bn, bn_eval, conv, downsampled, resnet18_blocks, ArchConfig, Network};
 
 /// `bn-relu-conv-bn-relu-conv + shortcut`, the shortcut a 1x1 conv when the shape changes.
 struct PreActBlock {
@@ -57,19 +57,9 @@ struct PreActResNet18 {
 pub fn build(p: &nn::Path, cfg: &ArchConfig, bn_before_fc: bool) -> Result<Box<dyn Network>> {
     downsampled(cfg.input_shape, 32, "preact-resnet18")?;
     let w = cfg.width.unwrap_or(64);
-    let mut blocks = Vec::new();
-    let mut cin = w;
-    for (stage, (planes, stride)) in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
-        .into_iter()
-        .enumerate()
-    {
-        let layer = p / format!("layer{}", stage + 1);
-        for i in 0..2 {
-            let s = if i == 0 { stride } else { 1 };
-            blocks.push(PreActBlock::new(&layer / i, cin, planes, s, bn_before_fc));
-            cin = planes;
-        }
-    }
+    let blocks = resnet18_blocks(p, w, |path, cin, cout, stride| {
+        PreActBlock::new(path, cin, cout, stride, bn_before_fc)
+    });
     Ok(Box::new(PreActResNet18 {
         conv1: conv(p / "conv1", cfg.input_shape[0], w, 3, 1),
         blocks,

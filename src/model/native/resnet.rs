@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_eval, conv, downsampled, ArchConfig, Network};
+use super::{avg_pool, bn, bn_eval, conv, downsampled, resnet18_blocks, ArchConfig, Network};
 
 /// `conv-bn-relu-conv-bn + shortcut`, then ReLU; the shortcut is `conv1x1-bn` when the shape changes.
 struct BasicBlock {
@@ -53,23 +53,7 @@ struct ResNet18 {
 pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
     downsampled(cfg.input_shape, 32, "resnet18")?;
     let w = cfg.width.unwrap_or(64);
-    let mut blocks = Vec::new();
-    let mut cin = w;
-    for (stage, (planes, stride)) in [(w, 1), (2 * w, 2), (4 * w, 2), (8 * w, 2)]
-        .into_iter()
-        .enumerate()
-    {
-        let layer = p / format!("layer{}", stage + 1);
-        for i in 0..2 {
-            blocks.push(BasicBlock::new(
-                &layer / i,
-                cin,
-                planes,
-                if i == 0 { stride } else { 1 },
-            ));
-            cin = planes;
-        }
-    }
+    let blocks = resnet18_blocks(p, w, BasicBlock::new);
     Ok(Box::new(ResNet18 {
         conv1: conv(p / "conv1", cfg.input_shape[0], w, 3, 1),
         bn1: bn(p / "bn1", w),
