@@ -189,16 +189,39 @@ fn print_headline(metrics: &Path, detector: &Path, eps: &str) -> Result<()> {
             );
         }
     }
-    if let Some(est) = m.get("robust_accuracy_estimate") {
-        println!("robust accuracy: estimate from 100 attacked samples {est}");
+    let attack_ra = m["robust_accuracy"].as_array().cloned().unwrap_or_default();
+    for est in m["robust_accuracy_estimate"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "robust accuracy at eps {}: estimate from {} attacked samples {} ± {} (attack on all: {})",
+            est["eps_label"].as_str().unwrap_or("?"),
+            est["subset"],
+            num(&est["estimate"]["mean"]),
+            num(&est["estimate"]["std"]),
+            num(&est["attack_based"])
+        );
     }
-    if let Some(ra) = m.get("robust_accuracy") {
-        println!("robust accuracy: attack on every sample {ra}");
+    if m["robust_accuracy_estimate"].is_null() {
+        for ra in &attack_ra {
+            println!(
+                "robust accuracy at eps {}: {}",
+                ra["eps_label"].as_str().unwrap_or("?"),
+                num(&ra["value"])
+            );
+        }
     }
     println!(
-        "detector: flag when {} <= {} ",
-        d["score"].as_str().unwrap_or("score"),
-        num(&d["threshold"])
+        "detector: flag when {} <= {} at eps {} (calibration TPR {}, FPR {}; validation Kendall tau: logit margin {}, pseudo-margin {})",
+        d["score"].as_str().unwrap_or("?"),
+        num(&d["lambda"]),
+        num(&d["eps"]),
+        num(&d["calibration"]["tpr"]),
+        num(&d["calibration"]["fpr"]),
+        num(&d["validation"]["logit_margin"]["kendall_tau"]),
+        num(&d["validation"]["pseudo_margin"]["kendall_tau"])
     );
     Ok(())
 }
