@@ -17,7 +17,7 @@ use super::{AttackKind, AttackStep};
 use crate::norm::Norm;
 
 /// Bisection steps on the final segment.
-pub const REFINE_STEPS: usize = 10;
+pub const REFINE_STEPS: usize = 16;
 
 /// The passes of an attack, run in order on each chunk, then an optional segment bisection.
 pub struct Plan {

@@ -1,0 +1,215 @@
+//! `brittle margins` end to end on a tiny TorchScript CNN (tests/fixtures/attack, made by
+//! scripts/fixtures/attack.py): verified adversarial examples, kill -9 and resume, shards and
+//! merge. Files must match an uninterrupted run byte for byte except the `seconds` column.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{CModule, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/attack")
+        .join(name)
+}
+
+fn margins(out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_brittle"));
+    c.args(["margins", "--model"])
+        .arg(fixture("tiny_cnn.pt"))
+        .arg("--data")
+        .arg(fixture("tiny.bin"))
+        .args([
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--seed",
+            "5",
+            "--batch-size",
+            "4",
+            "--chunk",
+            "4",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .env("BRITTLE_NO_PROGRESS", "1")
+        .stdout(Stdio::null());
+    c
+}
+
+fn run_ok(mut c: Command) {
+    let out = c.stderr(Stdio::piped()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The file without its `seconds` column.
+fn without_seconds(p: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(p).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let s = header.iter().position(|h| *h == "seconds").unwrap();
+    text.lines()
+        .map(|l| {
+            l.split(',')
+                .enumerate()
+                .filter(|(i, _)| *i != s)
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
+fn data_rows(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_success_flips_the_prediction_at_the_reported_distance() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, adv) = (dir.path().join("m.csv"), dir.path().join("adv.npy"));
+    run_ok({
+        let mut c = margins(&out, &["--attack", "best", "--norm", "l2", "--save-adv"]);
+        c.arg(&adv);
+        c
+    });
+    let rows = brittle::attack::table::read_margins(&out).unwrap();
+    assert_eq!(rows.len(), 48);
+    let model = CModule::load(fixture("tiny_cnn.pt")).unwrap();
+    let adv = Tensor::read_npy(&adv).unwrap();
+    let mut data = std::fs::read(fixture("tiny.bin")).unwrap();
+    let labels: Vec<u8> = data.chunks(3073).map(|r| r[0]).collect();
+    data.retain({
+        let mut i = 0usize;
+        move |_| {
+            i += 1;
+            (i - 1) % 3073 != 0
+        }
+    });
+    let x = Tensor::from_slice(&data)
+        .to_kind(Kind::Float)
+        .view([48, 3, 32, 32])
+        / 255.0;
+    let pred_x = model.forward_ts(&[&x]).unwrap().argmax(1, false);
+    let pred_adv = model.forward_ts(&[&adv]).unwrap().argmax(1, false);
+    let dist = (&adv - &x)
+        .flatten(1, -1)
+        .to_kind(Kind::Double)
+        .norm_scalaropt_dim(2, [1].as_slice(), false);
+    let mut successes = 0;
+    for r in &rows {
+        let i = r.index as i64;
+        assert_eq!(r.label, labels[r.index] as i64);
+        assert_eq!(r.pred, pred_x.int64_value(&[i]));
+        if r.success == 1 {
+            successes += 1;
+            assert_ne!(
+                pred_adv.int64_value(&[i]),
+                r.pred,
+                "sample {i}: not adversarial"
+            );
+            let d = dist.double_value(&[i]);
+            assert!(
+                (d - r.input_margin).abs() <= 1e-6 * d.max(1e-3),
+                "sample {i}: {d} vs {}",
+                r.input_margin
+            );
+            assert!(r.forwards > 0 && r.backwards > 0);
+        } else {
+            assert!(r.input_margin.is_infinite());
+        }
+    }
+    assert!(successes >= 46, "{successes} successes");
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.csv");
+    let args = ["--attack", "fmn", "--steps", "150"];
+    run_ok(margins(&full, &args));
+    let killed = dir.path().join("killed.csv");
+    let mut child = margins(&killed, &args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while data_rows(&killed) < 8 && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let partial = data_rows(&killed);
+    assert!(
+        (8..48).contains(&partial),
+        "killed after {partial} rows: too late to test resumption"
+    );
+    run_ok(margins(&killed, &args));
+    assert_eq!(without_seconds(&full), without_seconds(&killed));
+    // Other settings are refused rather than mixed in.
+    let out = margins(&killed, &["--attack", "fmn", "--steps", "151"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("other settings"));
+}
+
+#[test]
+fn shards_merge_into_the_unsharded_file_and_gaps_or_duplicates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--attack", "fab", "--steps", "10", "--norm", "l2"];
+    let full = dir.path().join("full.csv");
+    run_ok(margins(&full, &args));
+    let shards: Vec<PathBuf> = (0..3)
+        .map(|i| dir.path().join(format!("s{i}.csv")))
+        .collect();
+    for (i, s) in shards.iter().enumerate() {
+        let shard = format!("{i}/3");
+        let mut a = args.to_vec();
+        a.extend(["--shard", &shard]);
+        run_ok(margins(s, &a));
+        assert!(data_rows(s) < 48);
+    }
+    let merge = |inputs: &[&PathBuf], out: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .arg("merge")
+            .args(inputs)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let merged = dir.path().join("merged.csv");
+    let ok = merge(&[&shards[0], &shards[1], &shards[2]], &merged);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(without_seconds(&full), without_seconds(&merged));
+    let missing = merge(&[&shards[0], &shards[2]], &dir.path().join("x.csv"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("missing"));
+    let dup = merge(
+        &[&shards[0], &shards[1], &shards[2], &shards[1]],
+        &dir.path().join("y.csv"),
+    );
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("appears in both"));
+    // The shard index may come from a Kubernetes indexed job.
+    let k8s = dir.path().join("k8s.csv");
+    let mut a = args.to_vec();
+    a.extend(["--shards", "3"]);
+    run_ok({
+        let mut c = margins(&k8s, &a);
+        c.env("JOB_COMPLETION_INDEX", "1");
+        c
+    });
+    assert_eq!(without_seconds(&k8s), without_seconds(&shards[1]));
+}

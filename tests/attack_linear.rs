@@ -1,0 +1,162 @@
+//! On a linear classifier the input margin has a closed form: every attack's verified distance
+//! must be >= it (an adversarial point cannot be closer than the boundary), and `best` and FAB
+//! (plus the segment bisection) must reach it to 1e-3 relative. Points sit in the middle of the
+//! box with small margins so the [0,1] constraints are inactive.
+
+use brittle::attack::best::Plan;
+use brittle::attack::driver::Chunk;
+use brittle::attack::{sample_seed, AttackKind};
+use brittle::model::{Classifier, ModelInfo};
+use brittle::norm::Norm;
+use tch::{Device, Kind, Tensor};
+
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+    info: ModelInfo,
+}
+
+impl Classifier for Linear {
+    fn logits(&self, x: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(x.flatten(1, -1).matmul(&self.w.tr()) + &self.b)
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+}
+
+const K: i64 = 5;
+const SHAPE: [i64; 3] = [2, 4, 4];
+
+fn setup(n: i64) -> (Linear, Tensor) {
+    tch::manual_seed(7);
+    let d = SHAPE.iter().product::<i64>();
+    let w = Tensor::randn([K, d], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([K], (Kind::Float, Device::Cpu)) * 0.01;
+    let x = Tensor::rand(
+        [n, SHAPE[0], SHAPE[1], SHAPE[2]],
+        (Kind::Float, Device::Cpu),
+    ) * 0.1
+        + 0.45;
+    let info = ModelInfo {
+        name: "linear".into(),
+        format: "test".into(),
+        fingerprint: "linear".into(),
+        num_classes: K,
+        input_shape: SHAPE,
+        has_features: false,
+    };
+    (Linear { w, b, info }, x)
+}
+
+/// Per sample: min over j != top of |(w_top - w_j).x + b_top - b_j| / ||w_top - w_j||_dual, and
+/// the same distance for j = the runner-up class alone (where attacks that follow the margin
+/// loss from the clean point, like FMN, converge; in Linf it need not be the closest boundary).
+fn closed_form(m: &Linear, x: &Tensor, norm: Norm) -> Vec<(f64, f64)> {
+    let z = m.logits(x).unwrap().to_kind(Kind::Double);
+    let w = m.w.to_kind(Kind::Double);
+    let n = x.size()[0];
+    let top = Vec::<i64>::try_from(z.argmax(1, false)).unwrap();
+    (0..n)
+        .map(|i| {
+            let t = top[i as usize];
+            let dist = |j: i64| {
+                let gap = z.double_value(&[i, t]) - z.double_value(&[i, j]);
+                let dw = (w.get(t) - w.get(j)).unsqueeze(0);
+                gap / norm.dual().batch_norm(&dw).double_value(&[0])
+            };
+            let second = (0..K)
+                .filter(|&j| j != t)
+                .max_by(|&a, &b| z.double_value(&[i, a]).total_cmp(&z.double_value(&[i, b])))
+                .unwrap();
+            (
+                (0..K)
+                    .filter(|&j| j != t)
+                    .map(dist)
+                    .fold(f64::INFINITY, f64::min),
+                dist(second),
+            )
+        })
+        .collect()
+}
+
+fn attack(m: &Linear, x: &Tensor, kind: AttackKind, norm: Norm, steps: Option<usize>) -> Vec<f64> {
+    let n = x.size()[0];
+    let label = m.logits(x).unwrap().argmax(1, false);
+    let seeds = (0..n as usize).map(|i| sample_seed(1, i)).collect();
+    let mut chunk = Chunk::new(
+        x.shallow_clone(),
+        label.shallow_clone(),
+        seeds,
+        &vec![false; n as usize],
+    );
+    let plan = Plan::new(kind, norm, steps, 3, K).unwrap();
+    for p in &plan.passes {
+        chunk.run(m, norm, p.as_ref(), 8).unwrap();
+    }
+    if plan.refine > 0 {
+        chunk.refine(m, norm, plan.refine, 8).unwrap();
+    }
+    let v = chunk.verify(m, norm, 8).unwrap();
+    // Every success flips the prediction and reports the recomputed norm.
+    let pred = m.logits(&chunk.best_adv).unwrap().argmax(1, false);
+    let d = norm.batch_norm(&(&chunk.best_adv - x).to_kind(Kind::Double));
+    for (i, r) in v.iter().enumerate() {
+        assert!(r.success, "{kind:?} {norm}: sample {i} failed");
+        assert_ne!(
+            pred.int64_value(&[i as i64]),
+            label.int64_value(&[i as i64])
+        );
+        assert!((d.double_value(&[i as i64]) - r.distance).abs() <= 1e-12);
+    }
+    v.into_iter().map(|r| r.distance).collect()
+}
+
+/// `global`: the attack must reach the nearest boundary; otherwise the runner-up class's.
+fn check(kind: AttackKind, norm: Norm, steps: Option<usize>, tol: f64, global: bool) {
+    let (m, x) = setup(12);
+    let want = closed_form(&m, &x, norm);
+    let got = attack(&m, &x, kind, norm, steps);
+    for (i, (g, (w, w2))) in got.iter().zip(&want).enumerate() {
+        let reach = if global { *w } else { *w2 };
+        // |d_i| <= ||d|| for every norm, so a margin below 0.4 keeps x + d inside the box.
+        assert!(
+            *w < 0.4,
+            "sample {i}: margin {w} too large for an inactive box"
+        );
+        assert!(
+            *g >= w * (1.0 - 1e-5),
+            "{kind:?} {norm} sample {i}: {g} below the true margin {w}"
+        );
+        assert!(
+            *g <= reach * (1.0 + tol),
+            "{kind:?} {norm} sample {i}: {g} vs closed form {reach}"
+        );
+    }
+}
+
+#[test]
+fn best_reaches_the_closed_form_margin() {
+    check(AttackKind::Best, Norm::Linf, None, 1e-3, true);
+    check(AttackKind::Best, Norm::L2, None, 1e-3, true);
+}
+
+#[test]
+fn fab_reaches_the_closed_form_margin() {
+    check(AttackKind::Fab, Norm::Linf, Some(30), 1e-2, true);
+    check(AttackKind::Fab, Norm::L2, Some(30), 1e-2, true);
+    check(AttackKind::FabT, Norm::L2, Some(30), 1e-2, true);
+}
+
+#[test]
+fn fmn_ddn_and_pgd_are_upper_bounds_close_to_the_closed_form() {
+    check(AttackKind::Fmn, Norm::Linf, Some(300), 2e-2, false);
+    check(AttackKind::Fmn, Norm::L2, Some(300), 2e-2, false);
+    // DDN moves its norm by γ = 5% per step, so it only lands within a few γ of the boundary.
+    check(AttackKind::Ddn, Norm::L2, Some(300), 1e-1, false);
+    // PGD restarts from a random point of the ε-sphere each round: it needs ~100 steps per ε.
+    check(AttackKind::Pgd, Norm::L2, Some(1000), 5e-2, false);
+}
