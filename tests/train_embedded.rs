@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use brittle::data::{DataSpec, Dataset};
 use brittle::model::load::InputLayout;
-use brittle::model::native::small_cnn::SmallCnn;
+use brittle::model::native::load_native;
 use brittle::model::{load_classifier, logits_no_grad, Classifier, ModelSpec};
 use brittle::norm::Norm;
 use brittle::train::eval::accuracy;
@@ -136,9 +136,15 @@ fn linf_pgd_stays_in_the_ball_and_lowers_accuracy() {
 fn torchscript_export_gives_the_same_logits() {
     tch::set_num_threads(1);
     let weights = root().join("assets/mnist-small-cnn.safetensors");
-    let mut native = SmallCnn::from_safetensors(&weights, [1, 28, 28], None, Device::Cpu).unwrap();
+    let mut native = load_native(
+        &spec(weights, Some("small-cnn")),
+        None,
+        [1, 28, 28],
+        String::new(),
+    )
+    .unwrap();
     let (x, _) = subset().batch(0, 64);
-    let want = tch::no_grad(|| native.forward(&x).1);
+    let want = logits_no_grad(&native, &x).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let pt = dir.path().join("m.pt");
     native.export_torchscript(&pt).unwrap();

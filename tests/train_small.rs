@@ -1,9 +1,11 @@
 //! `brittle train` on tiny models: the loss goes down, checkpoints resume bit-for-bit, the CLI
 //! writes loadable weights with provenance.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use brittle::data::{DataSpec, Dataset};
+use brittle::model::load::InputLayout;
+use brittle::model::{load_classifier, Classifier, ModelSpec};
 use brittle::norm::Norm;
 use brittle::train::pgd::PgdConfig;
 use brittle::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
@@ -39,7 +41,7 @@ fn config(mode: Mode, epochs: usize) -> TrainConfig {
         lr_schedule: LrSchedule::Constant,
         trades_beta: 1.0,
         eps_warmup_epochs: 0.0,
-        width: 4,
+        arch: "small-cnn@4".into(),
         seed: 7,
         data: "test".into(),
         init: None,
@@ -48,7 +50,7 @@ fn config(mode: Mode, epochs: usize) -> TrainConfig {
 
 /// Mean clean cross-entropy of the trainer's model on `data`.
 fn clean_loss(t: &Trainer, data: &Dataset) -> f64 {
-    let logits = tch::no_grad(|| t.model.forward(&data.images).1);
+    let logits = tch::no_grad(|| t.model.logits(&data.images)).unwrap();
     logits
         .cross_entropy_for_logits(&Tensor::from_slice(&data.labels))
         .double_value(&[])
@@ -80,7 +82,7 @@ fn training_reduces_the_loss_in_every_mode() {
 }
 
 fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = t.model.vs.variables().into_iter().collect();
+    let mut v: Vec<_> = t.model.var_store().variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -239,14 +241,19 @@ fn missing_weights_tensor_is_a_clear_error() {
         &p,
     )
     .unwrap();
-    let err = brittle::model::native::small_cnn::SmallCnn::from_safetensors(
-        Path::new(&p),
-        [1, 28, 28],
-        None,
-        Device::Cpu,
-    )
-    .err()
-    .expect("must fail");
+    let spec = ModelSpec {
+        path: p.clone(),
+        format: None,
+        arch: Some("small-cnn".into()),
+        num_classes: Some(10),
+        mean: None,
+        std: None,
+        input_layout: InputLayout::Nchw,
+        device: Device::Cpu,
+    };
+    let err = load_classifier(&spec, [1, 28, 28])
+        .err()
+        .expect("must fail");
     let msg = format!("{err:#}");
     assert!(
         msg.contains("bad.safetensors") && msg.contains("fc2.weight"),

@@ -9,8 +9,8 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use crate::data::{DataSpec, Dataset};
-use crate::model::native::small_cnn::{self, DEFAULT_WIDTH};
-use crate::model::DeviceChoice;
+use crate::model::native::small_cnn;
+use crate::model::{Classifier, DeviceChoice};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{write_sidecar, Provenance};
 use crate::train::eval::{accuracy, Accuracy};
@@ -60,12 +60,12 @@ pub struct TrainArgs {
     /// Evaluate only the first N test samples.
     #[arg(long)]
     pub test_limit: Option<usize>,
-    /// Architecture (native); `small-cnn` is the one brittle trains.
+    /// Native architecture (any registered one; `small-cnn` trains fastest).
     #[arg(long, default_value = small_cnn::ARCH)]
     pub arch: String,
-    /// Channels of the first convolution (the rest scale with it).
-    #[arg(long, default_value_t = DEFAULT_WIDTH)]
-    pub width: i64,
+    /// Base width of the architecture (the same as an `@N` suffix of `--arch`).
+    #[arg(long)]
+    pub width: Option<i64>,
     #[arg(long, value_enum, default_value_t = Mode::Pgd)]
     pub mode: Mode,
     #[command(flatten)]
@@ -123,13 +123,16 @@ fn data_fingerprint(d: &Dataset) -> String {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    if a.arch != small_cnn::ARCH {
-        bail!(
-            "brittle train builds --arch {}, not {:?}",
-            small_cnn::ARCH,
-            a.arch
-        );
-    }
+    let arch = match a.width {
+        Some(_) if a.arch.contains('@') => {
+            bail!(
+                "--width and an '@N' suffix of --arch {} both set the width",
+                a.arch
+            )
+        }
+        Some(w) => format!("{}@{w}", a.arch),
+        None => a.arch.clone(),
+    };
     if a.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         bail!(
             "--out {}: weights are written as .safetensors",
@@ -162,7 +165,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         lr_schedule: a.lr_schedule,
         trades_beta: a.trades_beta,
         eps_warmup_epochs: a.eps_warmup_epochs,
-        width: a.width,
+        arch,
         seed: a.seed,
         data: data_fingerprint(&data),
         init: a
@@ -207,7 +210,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     trainer
         .model
-        .vs
+        .var_store()
         .save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let final_test: Option<Accuracy> = match &test {
@@ -237,8 +240,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         &a.out,
         &serde_json::json!({
             "provenance": Provenance::current(Some(a.seed)),
-            "arch": small_cnn::ARCH,
-            "model": trainer.model.config,
+            "arch": trainer.config.arch,
+            "model": trainer.model.info(),
             "train": trainer.config,
             "history": trainer.history,
             "test_data": test.as_ref().map(|t| t.source.clone()),

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use tch::Tensor;
 
 use super::{EpochStats, TrainConfig, Trainer};
-use crate::model::native::small_cnn::read_safetensors;
+use crate::model::{weights, Classifier};
 
 const WEIGHTS: &str = "checkpoint.safetensors";
 const STATE: &str = "checkpoint.json";
@@ -28,7 +28,7 @@ pub fn save(trainer: &Trainer, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut tensors: Vec<(String, Tensor)> = trainer
         .model
-        .vs
+        .var_store()
         .variables()
         .into_iter()
         .map(|(n, t)| (format!("model.{n}"), t.detach()))
@@ -77,22 +77,20 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<bool> {
     }
     let weights = dir.join(WEIGHTS);
     let source = weights.display().to_string();
-    let all = read_safetensors(&weights)?;
-    let model: HashMap<String, Tensor> = all
+    let device = trainer.model.device();
+    let all: HashMap<String, Tensor> = weights::read_tensors(&weights)?
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(device)))
+        .collect();
+    let model: Vec<(String, Tensor)> = all
         .iter()
         .filter_map(|(n, t)| {
             n.strip_prefix("model.")
                 .map(|m| (m.to_string(), t.shallow_clone()))
         })
         .collect();
-    let device = trainer.model.vs.device();
-    let on_device = |m: &HashMap<String, Tensor>| -> HashMap<String, Tensor> {
-        m.iter()
-            .map(|(n, t)| (n.clone(), t.to_device(device)))
-            .collect()
-    };
-    trainer.model.load_tensors(&on_device(&model), &source)?;
-    trainer.opt.restore(&on_device(&all), state.step, &source)?;
+    trainer.model.load_weights(model, &source)?;
+    trainer.opt.restore(&all, state.step, &source)?;
     trainer.epoch = state.epoch;
     trainer.history = state.history;
     Ok(true)

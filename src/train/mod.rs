@@ -15,7 +15,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::data::Dataset;
-use crate::model::native::small_cnn::{read_safetensors, SmallCnn, SmallCnnConfig};
+use crate::model::native::NativeClassifier;
+use crate::model::weights;
 use crate::model::Classifier;
 use crate::util::progress_bar;
 use adam::Adam;
@@ -60,7 +61,8 @@ pub struct TrainConfig {
     pub trades_beta: f64,
     /// ε (and step size) grow linearly from 0 over this many epochs.
     pub eps_warmup_epochs: f64,
-    pub width: i64,
+    /// Registered native architecture (`--arch`, with its `@N` width).
+    pub arch: String,
     pub seed: u64,
     /// Fingerprint of the training data (source, size, sha256 of labels and indices).
     pub data: String,
@@ -125,7 +127,7 @@ pub struct EpochStats {
 
 /// A training run: model, optimizer, position.
 pub struct Trainer {
-    pub model: SmallCnn,
+    pub model: NativeClassifier,
     pub opt: Adam,
     pub config: TrainConfig,
     /// Epochs finished.
@@ -143,16 +145,11 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         tch::manual_seed(config.seed as i64);
-        let model = SmallCnn::new(
-            SmallCnnConfig {
-                input_shape,
-                num_classes,
-                width: config.width,
-            },
-            None,
-            device,
-        )?;
-        let opt = Adam::new(model.vs.variables());
+        let model = NativeClassifier::new(&config.arch, input_shape, num_classes, None, device)?;
+        let mut params = model.var_store().variables();
+        // BatchNorm running statistics are buffers, not parameters.
+        params.retain(|_, t| t.requires_grad());
+        let opt = Adam::new(params);
         Ok(Trainer {
             model,
             opt,
@@ -162,11 +159,11 @@ impl Trainer {
         })
     }
 
-    /// Starts from the weights of a `small-cnn` safetensors file (fine-tuning).
+    /// Starts from the weights of a file of the same architecture (fine-tuning).
     pub fn init_from(&mut self, path: &std::path::Path) -> Result<()> {
-        let tensors = read_safetensors(path)?;
+        let tensors = weights::read_tensors(path)?;
         self.model
-            .load_tensors(&tensors, &path.display().to_string())
+            .load_weights(tensors, &path.display().to_string())
     }
 
     /// Trains one epoch over `data`; every random choice derives from `(seed, epoch)`, so a
@@ -195,13 +192,13 @@ impl Trainer {
             let attack = c.attack_at(t, steps_per_epoch);
             let (loss, clean_logits, adv_logits) = match c.mode {
                 Mode::Standard => {
-                    let logits = self.model.logits(&x)?;
+                    let logits = self.model.logits_t(&x, true)?;
                     let loss = logits.cross_entropy_for_logits(&y);
                     (loss, logits.shallow_clone(), logits)
                 }
                 Mode::Pgd => {
                     let adv = pgd(&self.model, &x, &attack, cross_entropy(&y))?;
-                    let adv_logits = self.model.logits(&adv)?;
+                    let adv_logits = self.model.logits_t(&adv, true)?;
                     let loss = adv_logits.cross_entropy_for_logits(&y);
                     let clean = tch::no_grad(|| self.model.logits(&x))?;
                     (loss, clean, adv_logits)
@@ -210,8 +207,8 @@ impl Trainer {
                     let log_p =
                         tch::no_grad(|| self.model.logits(&x))?.log_softmax(-1, Kind::Float);
                     let adv = pgd(&self.model, &x, &attack, kl_from(&log_p))?;
-                    let clean = self.model.logits(&x)?;
-                    let adv_logits = self.model.logits(&adv)?;
+                    let clean = self.model.logits_t(&x, true)?;
+                    let adv_logits = self.model.logits_t(&adv, true)?;
                     let kl = adv_logits.log_softmax(-1, Kind::Float).kl_div(
                         &clean.log_softmax(-1, Kind::Float),
                         Reduction::Sum,

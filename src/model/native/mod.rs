@@ -13,6 +13,8 @@ pub mod resnet;
 pub mod small_cnn;
 pub mod wide_resnet;
 
+use std::path::Path;
+
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -34,6 +36,12 @@ pub struct ArchConfig {
 pub trait Network: Send {
     /// Penultimate features `[N, D]` of a normalised input.
     fn features(&self, x: &Tensor) -> Tensor;
+    /// Features in training (`train`) or evaluation mode; families whose layers behave the
+    /// same in both (no BatchNorm or dropout) keep this default.
+    fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let _ = train;
+        self.features(x)
+    }
     /// The last linear layer.
     fn head(&self) -> &nn::Linear;
 }
@@ -43,7 +51,7 @@ pub type Builder = fn(&nn::Path, &ArchConfig) -> Result<Box<dyn Network>>;
 
 /// Architecture names accepted by `--arch`. Besides these, any `wrn-<depth>-<widen>` is a
 /// RobustBench WideResNet, and a suffix `@N` sets the base width of the ResNet families
-/// (first-stage channels, 64 by default), for reduced test models.
+/// (first-stage channels, 64 by default) and of `small-cnn`, for reduced test models.
 pub const ARCHITECTURES: &[(&str, Builder)] = &[
     ("cnn-a", cnn_a::build),
     ("lenet5-advertorch", lenet5::build),
@@ -52,6 +60,7 @@ pub const ARCHITECTURES: &[(&str, Builder)] = &[
         preact_resnet::build(p, c, true)
     }),
     ("resnet18", resnet::build),
+    (small_cnn::ARCH, small_cnn::build),
     ("wrn-28-10", |p, c| wide_resnet::build(p, c, 28, 10)),
     ("wrn-34-10", |p, c| wide_resnet::build(p, c, 34, 10)),
     ("wrn-70-16", |p, c| wide_resnet::build(p, c, 70, 16)),
@@ -170,14 +179,49 @@ pub fn avg_pool(x: &Tensor, k: i64) -> Tensor {
 /// A native architecture with its weights, behind [`Classifier`].
 pub struct NativeClassifier {
     /// Owns the weights the network's layers point to.
-    _vs: nn::VarStore,
+    vs: nn::VarStore,
     net: Box<dyn Network>,
     normalizer: Option<Normalizer>,
-    device: Device,
     info: ModelInfo,
 }
 
 impl NativeClassifier {
+    /// Builds `arch` (see [`build_network`]) with freshly initialised, trainable weights from
+    /// libtorch's global RNG (call `tch::manual_seed` first for a reproducible start).
+    pub fn new(
+        arch: &str,
+        input_shape: [i64; 3],
+        num_classes: i64,
+        normalizer: Option<Normalizer>,
+        device: Device,
+    ) -> Result<Self> {
+        let vs = nn::VarStore::new(device);
+        let net = build_network(arch, &vs.root(), input_shape, num_classes)?;
+        Ok(NativeClassifier {
+            vs,
+            net,
+            normalizer,
+            info: ModelInfo {
+                name: arch.to_owned(),
+                format: format!("native:{arch}"),
+                fingerprint: String::new(),
+                num_classes,
+                input_shape,
+                has_features: true,
+            },
+        })
+    }
+
+    /// The weights, named as in the PyTorch `state_dict` (training updates and saves them).
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// Copies named tensors into the weights (see [`weights::load_into`]).
+    pub fn load_weights(&self, tensors: Vec<(String, Tensor)>, source: &str) -> Result<()> {
+        weights::load_into(&self.vs, tensors, source)
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let s = x.size();
         ensure!(
@@ -191,23 +235,58 @@ impl NativeClassifier {
         Ok(())
     }
 
-    fn features(&self, x: &Tensor) -> Result<Tensor> {
+    fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(x)?;
         let x = match &self.normalizer {
             Some(n) => n.apply(x),
             None => x.shallow_clone(),
         };
-        Ok(self.net.features(&x))
+        Ok(self.net.features_t(&x, train))
+    }
+
+    /// Logits in training (`train`) or evaluation mode.
+    pub fn logits_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.net.head().forward(&self.features(x, train)?))
+    }
+
+    /// Saves a traced TorchScript module whose `forward(x)` returns the logits, normalisation
+    /// included (tch's tracer exports single-output methods only). Freezes the weights:
+    /// tracing records them as constants.
+    pub fn export_torchscript(&mut self, path: &Path) -> Result<()> {
+        self.vs.freeze();
+        let [c, h, w] = self.info.input_shape;
+        let example = Tensor::full([1, c, h, w], 0.5, (Kind::Float, self.vs.device()));
+        let mut err = None;
+        let module = tch::no_grad(|| {
+            tch::CModule::create_by_tracing(
+                "Native",
+                "forward",
+                &[example],
+                &mut |xs: &[Tensor]| {
+                    vec![self.logits(&xs[0]).unwrap_or_else(|e| {
+                        err = Some(e);
+                        Tensor::new()
+                    })]
+                },
+            )
+        });
+        if let Some(e) = err {
+            return Err(e.context(format!("tracing {}", self.info.name)));
+        }
+        module
+            .with_context(|| format!("tracing {}", self.info.name))?
+            .save(path)
+            .with_context(|| format!("writing TorchScript {}", path.display()))
     }
 }
 
 impl Classifier for NativeClassifier {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.net.head().forward(&self.features(x)?))
+        self.logits_t(x, false)
     }
 
     fn features_and_logits(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-        let f = self.features(x)?;
+        let f = self.features(x, false)?;
         let l = self.net.head().forward(&f);
         Ok(Some((f, l)))
     }
@@ -215,14 +294,14 @@ impl Classifier for NativeClassifier {
     fn last_linear(&self) -> Option<(Tensor, Tensor)> {
         let head = self.net.head();
         let b = head.bs.as_ref().map_or_else(
-            || Tensor::zeros([head.ws.size()[0]], (Kind::Float, self.device)),
+            || Tensor::zeros([head.ws.size()[0]], (Kind::Float, self.vs.device())),
             Tensor::shallow_clone,
         );
-        Some((head.ws.shallow_clone(), b))
+        Some((head.ws.detach(), b.detach()))
     }
 
     fn device(&self) -> Device {
-        self.device
+        self.vs.device()
     }
 
     fn info(&self) -> &ModelInfo {
@@ -237,43 +316,46 @@ pub fn load(
     input_shape: [i64; 3],
     fingerprint: String,
 ) -> Result<Box<dyn Classifier>> {
+    Ok(Box::new(load_native(
+        spec,
+        normalizer,
+        input_shape,
+        fingerprint,
+    )?))
+}
+
+/// [`load`], keeping the concrete type (for TorchScript export).
+pub fn load_native(
+    spec: &ModelSpec,
+    normalizer: Option<Normalizer>,
+    input_shape: [i64; 3],
+    fingerprint: String,
+) -> Result<NativeClassifier> {
     let arch = spec
         .arch
         .as_deref()
         .ok_or_else(|| anyhow!("a native model needs --arch (one of {})", known_names()))?;
-    if arch == small_cnn::ARCH {
-        return small_cnn::load(spec, normalizer, input_shape, fingerprint);
-    }
     let num_classes = spec.num_classes.unwrap_or(10);
-    let mut vs = nn::VarStore::new(spec.device);
-    let net = build_network(arch, &vs.root(), input_shape, num_classes)?;
     let tensors = weights::read_tensors(&spec.path)?;
-    weights::load_into(&vs, tensors, &spec.path.display().to_string()).with_context(|| {
-        format!(
-            "{arch} was built for inputs [{}, {}, {}] (from the data) and {num_classes} classes",
-            input_shape[0], input_shape[1], input_shape[2]
-        )
-    })?;
-    vs.freeze();
-    let name = spec
+    let built = small_cnn::arch_for_weights(arch, &tensors).unwrap_or_else(|| arch.to_owned());
+    let mut model =
+        NativeClassifier::new(&built, input_shape, num_classes, normalizer, spec.device)?;
+    model
+        .load_weights(tensors, &spec.path.display().to_string())
+        .with_context(|| {
+            format!(
+                "{built} was built for inputs [{}, {}, {}] (from the data) and {num_classes} classes",
+                input_shape[0], input_shape[1], input_shape[2]
+            )
+        })?;
+    model.vs.freeze();
+    model.info.name = spec
         .path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| arch.to_owned());
-    let model = NativeClassifier {
-        _vs: vs,
-        net,
-        normalizer,
-        device: spec.device,
-        info: ModelInfo {
-            name,
-            format: format!("native:{arch}"),
-            fingerprint,
-            num_classes,
-            input_shape,
-            has_features: true,
-        },
-    };
+    model.info.format = format!("native:{arch}");
+    model.info.fingerprint = fingerprint;
     let probe = Tensor::full(
         [2, input_shape[0], input_shape[1], input_shape[2]],
         0.5,
@@ -285,5 +367,5 @@ pub fn load(
         "{arch}: probe gave logits of shape {:?}, expected [2, {num_classes}]",
         logits.size()
     );
-    Ok(Box::new(model))
+    Ok(model)
 }
