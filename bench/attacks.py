@@ -129,7 +129,10 @@ def main():
         adv = fn(model, x.clone(), pred.clone()).detach()
         times[ref] = time.perf_counter() - t0
         results[ref] = margins(model, x, adv.clamp(0, 1), pred, p)
-        print(f"{ref}: {times[ref]:.2f} s", flush=True)
+        r, b = results[ref], results[name]
+        both = np.isfinite(b) & np.isfinite(r) & (r > 0)
+        print(f"{ref}: {times[ref]:.2f} s; median brittle/ref {np.median(b[both] / r[both]):.4f}, "
+              f"brittle tighter on {np.mean(b <= r):.0%}, time ratio {times[name] / times[ref]:.3f}", flush=True)
     b = results[name]
     print(f"\n{args.n} samples of {os.path.basename(args.model)}, {args.norm}, {args.threads} threads")
     print(f"{'reference':28s} {'median b/ref':>12s} {'b tighter':>10s} {'time b/ref':>10s} {'ms/sample ref':>13s}")

@@ -91,7 +91,7 @@ fn every_success_flips_the_prediction_at_the_reported_distance() {
         let mut i = 0usize;
         move |_| {
             i += 1;
-            (i - 1) % 3073 != 0
+            !(i - 1).is_multiple_of(3073)
         }
     });
     let x = Tensor::from_slice(&data)

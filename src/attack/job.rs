@@ -490,7 +490,7 @@ mod tests {
         let mut seen = vec![0; n];
         for i in 0..3 {
             for r in shard_chunks(n, 4, Some(Shard::new(i, 3).unwrap())) {
-                assert!(r.start % 4 == 0);
+                assert!(r.start.is_multiple_of(4));
                 r.for_each(|p| seen[p] += 1);
             }
         }
