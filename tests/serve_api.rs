@@ -276,40 +276,28 @@ fn real_model_answers_match_brittle_score() {
         "/tests/fixtures/detector/resnet_2b_margins.csv"
     );
     let det_dir = dir.path().join("det");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["fit", fixture, "--model"])
-        .arg(&model_path)
-        .arg("--data")
-        .arg(&data_path)
-        .args([
-            "--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out",
-        ])
-        .arg(&det_dir)
-        .env("BRITTLE_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .args(["fit", fixture, "--model"])
+            .arg(&model_path)
+            .arg("--data")
+            .arg(&data_path)
+            .args([
+                "--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out",
+            ])
+            .arg(&det_dir),
     );
     let scores = dir.path().join("scores.csv");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["score", "--model"])
-        .arg(&model_path)
-        .arg("--data")
-        .arg(&data_path)
-        .args(["--limit", "6", "--device", "cpu", "--detector"])
-        .arg(&det_dir)
-        .arg("--out")
-        .arg(&scores)
-        .env("BRITTLE_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .args(["score", "--model"])
+            .arg(&model_path)
+            .arg("--data")
+            .arg(&data_path)
+            .args(["--limit", "6", "--device", "cpu", "--detector"])
+            .arg(&det_dir)
+            .arg("--out")
+            .arg(&scores),
     );
     let mut rd = csv::Reader::from_path(&scores).unwrap();
     let hdr = rd.headers().unwrap().clone();
@@ -469,4 +457,14 @@ fn assert_request_counts(addr: SocketAddr, counts: &[(u16, u64)]) -> String {
         assert!(metrics.contains(&line), "want {line}, got {metrics}");
     }
     metrics
+}
+
+/// Runs a `brittle` command without progress bars and asserts it succeeded.
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.env("BRITTLE_NO_PROGRESS", "1").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -37,6 +37,25 @@ pub struct ModelInfo {
     pub has_features: bool,
 }
 
+impl ModelInfo {
+    /// Info for a model file before its probe fills in the classes and features.
+    pub(crate) fn unprobed(
+        path: &Path,
+        format: &str,
+        fingerprint: String,
+        input_shape: [i64; 3],
+    ) -> Self {
+        ModelInfo {
+            name: name_from_path(path, ""),
+            format: format.to_owned(),
+            fingerprint,
+            num_classes: 0,
+            input_shape,
+            has_features: false,
+        }
+    }
+}
+
 /// An image classifier on a device: logits, penultimate features, and gradients through autograd.
 ///
 /// Inputs are float32 `[N, C, H, W]` in `[0, 1]` on [`Classifier::device`]; any normalisation

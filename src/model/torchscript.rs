@@ -45,21 +45,13 @@ impl TorchScriptClassifier {
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript module {}", path.display()))?;
         module.set_eval();
-        let name = super::name_from_path(path, "");
         let mut me = TorchScriptClassifier {
             module,
             normalizer,
             device,
             features: FeatureSource::None,
             last_linear: None,
-            info: ModelInfo {
-                name,
-                format: "torchscript".into(),
-                fingerprint,
-                num_classes: 0,
-                input_shape,
-                has_features: false,
-            },
+            info: ModelInfo::unprobed(path, "torchscript", fingerprint, input_shape),
         };
         let probe = super::probe_input(input_shape, device)?;
         let out = tch::no_grad(|| me.forward_ivalue(&probe)).with_context(|| {

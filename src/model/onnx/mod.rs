@@ -96,21 +96,13 @@ pub fn load(
         .with_context(|| format!("{}: reading the ONNX graph", path.display()))?;
     let feed = feed_for(&graph, input_shape, spec.input_layout)
         .with_context(|| format!("{}: graph input", path.display()))?;
-    let name = super::name_from_path(path, "");
     let mut me = OnnxClassifier {
         graph,
         normalizer,
         feed,
         batch: BatchMode::PerSample,
         device: spec.device,
-        info: ModelInfo {
-            name,
-            format: String::new(),
-            fingerprint,
-            num_classes: 0,
-            input_shape,
-            has_features: false,
-        },
+        info: ModelInfo::unprobed(path, "", fingerprint, input_shape),
     };
     tch::no_grad(|| me.probe(input_shape))
         .with_context(|| format!("{}: probing the graph", path.display()))?;
