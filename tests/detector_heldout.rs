@@ -3,18 +3,17 @@
 //! reported (within 5 points). Margins: `tests/fixtures/detector/resnet_2b_margins.csv`
 //! (made by `brittle margins`, see tests/fixtures/detector/README.md).
 
-mod detector_common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use brittle::attack::table::read_margins;
-use brittle::data::DataSpec;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::ScoreKind;
-use brittle::model::{load_classifier, ModelSpec};
+use brittle::model::load_classifier;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use rand::seq::SliceRandom;
@@ -29,32 +28,14 @@ fn fixture() -> PathBuf {
     ))
 }
 
-fn model_spec(shared: &Path, name: &str) -> ModelSpec {
-    ModelSpec {
-        path: shared.join("models").join(name),
-        format: None,
-        arch: None,
-        num_classes: None,
-        mean: None,
-        std: None,
-        input_layout: Default::default(),
-        device: tch::Device::Cpu,
-    }
-}
-
 #[test]
 fn threshold_generalises_to_held_out_half() {
-    let Some(shared) = detector_common::shared() else {
-        eprintln!("skipping: ../shared/models is absent");
+    let Some(shared) = common::shared() else {
         return;
     };
-    let data = DataSpec {
-        path: shared.join("data/cifar10/real-pool.bin"),
-        ..Default::default()
-    }
-    .load()
-    .unwrap();
-    let model = load_classifier(&model_spec(&shared, "resnet_2b.pt"), [3, 32, 32]).unwrap();
+    let data = common::real_pool(&shared);
+    let model_path = shared.join("models/resnet_2b.pt");
+    let model = load_classifier(&common::spec(model_path, None, None, None), [3, 32, 32]).unwrap();
     let rows = read_margins(&fixture()).unwrap();
     let opts = FitOptions {
         eps: EPS,
@@ -127,8 +108,7 @@ fn threshold_generalises_to_held_out_half() {
 /// refuse margins whose indices are not in the data.
 #[test]
 fn fit_and_score_commands() {
-    let Some(shared) = detector_common::shared() else {
-        eprintln!("skipping: ../shared/models is absent");
+    let Some(shared) = common::shared() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -2,16 +2,14 @@
 //! ../shared (skipped when absent): accuracy as in manifest.json, native CNN-A == TorchScript.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
-use brittle::data::DataSpec;
 use brittle::model::{load_classifier, logits_no_grad, Classifier};
 use brittle::norm::Norm;
 use brittle::score::feature_margin;
-use native_common::{accuracy, fixture, rel_err, spec};
+use common::{accuracy, fixture, rel_err, spec};
 use tch::Tensor;
 
-mod native_common;
+mod common;
 
 #[test]
 fn scripted_features_last_linear_and_feature_margin() {
@@ -54,33 +52,17 @@ fn scripted_features_last_linear_and_feature_margin() {
     }
 }
 
-fn shared() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    if p.join("models/manifest.json").exists() {
-        Some(p)
-    } else {
-        println!("skipped: {} is absent", p.display());
-        None
-    }
-}
-
 fn pool_logits(model: &dyn Classifier, images: &Tensor) -> Tensor {
     logits_no_grad(model, images).unwrap()
 }
 
 #[test]
 fn real_models_reproduce_manifest_accuracy() {
-    let Some(shared) = shared() else { return };
-    let manifest: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(shared.join("models/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let data = DataSpec {
-        path: shared.join("data/cifar10/real-pool.bin"),
-        ..Default::default()
-    }
-    .load()
-    .unwrap();
+    let Some(shared) = common::shared() else {
+        return;
+    };
+    let manifest = common::manifest(&shared);
+    let data = common::real_pool(&shared);
     let accuracy = |l: &Tensor| accuracy(l, &data.labels);
     for m in manifest["models"].as_array().unwrap() {
         let file = shared

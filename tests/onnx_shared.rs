@@ -1,45 +1,17 @@
 //! Every ONNX model of `shared/models` against its TorchScript twin: logits, the input gradient
 //! of the logit margin, and the accuracy that `manifest.json` records on `real-pool.bin`.
 
-use std::path::{Path, PathBuf};
+use brittle::model::{load_classifier, logits_and_grad, logits_no_grad};
+use tch::{Kind, Tensor};
 
-use brittle::data::DataSpec;
-use brittle::model::load::InputLayout;
-use brittle::model::{load_classifier, logits_and_grad, logits_no_grad, ModelSpec};
-use tch::{Device, Kind, Tensor};
+mod common;
 
-fn shared() -> Option<PathBuf> {
-    let p = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
-    if p.join("models/manifest.json").exists() {
-        Some(p.to_path_buf())
-    } else {
-        println!("skipping: {} is absent", p.display());
-        None
-    }
-}
-
-fn spec(path: PathBuf, mean: Option<Vec<f64>>, std: Option<Vec<f64>>) -> ModelSpec {
-    ModelSpec {
-        path,
-        format: None,
-        arch: None,
-        num_classes: None,
-        mean,
-        std,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
-    }
-}
+use common::{rel_err, spec};
 
 /// Top logit minus the runner-up, per sample.
 fn margin(logits: &Tensor) -> Tensor {
     let top = logits.topk(2, 1, true, true).0;
     top.select(1, 0) - top.select(1, 1)
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let err = (a - b).abs().max().double_value(&[]);
-    err / b.abs().max().double_value(&[])
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f64> {
@@ -52,17 +24,12 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 
 #[test]
 fn onnx_models_match_their_torchscript_twins() {
-    let Some(shared) = shared() else { return };
+    let Some(shared) = common::shared() else {
+        return;
+    };
     let models = shared.join("models");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(models.join("manifest.json")).unwrap())
-            .unwrap();
-    let data = DataSpec {
-        path: shared.join("data/cifar10/real-pool.bin"),
-        ..Default::default()
-    }
-    .load()
-    .unwrap();
+    let manifest = common::manifest(&shared);
+    let data = common::real_pool(&shared);
     let shape = data.input_shape();
     let entries = manifest["models"].as_array().unwrap();
     assert!(
@@ -76,6 +43,7 @@ fn onnx_models_match_their_torchscript_twins() {
         let onnx = load_classifier(
             &spec(
                 models.join(m["onnx"].as_str().unwrap()),
+                None,
                 Some(floats(&norm["mean"])),
                 Some(floats(&norm["std"])),
             ),
@@ -83,7 +51,12 @@ fn onnx_models_match_their_torchscript_twins() {
         )
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let ts = load_classifier(
-            &spec(models.join(m["torchscript"].as_str().unwrap()), None, None),
+            &spec(
+                models.join(m["torchscript"].as_str().unwrap()),
+                None,
+                None,
+                None,
+            ),
             shape,
         )
         .unwrap();
@@ -95,7 +68,7 @@ fn onnx_models_match_their_torchscript_twins() {
         let (x, _) = data.batch(0, 64);
         let (lo, go) = logits_and_grad(onnx.as_ref(), &x, margin).unwrap();
         let (lt, gt) = logits_and_grad(ts.as_ref(), &x, margin).unwrap();
-        let (el, eg) = (max_rel(&lo, &lt), max_rel(&go, &gt));
+        let (el, eg) = (rel_err(&lo, &lt), rel_err(&go, &gt));
         println!(
             "{name}: logits rel err {el:.2e}, margin gradient rel err {eg:.2e} (|grad| max {:.3e})",
             gt.abs().max().double_value(&[])
@@ -108,7 +81,7 @@ fn onnx_models_match_their_torchscript_twins() {
                 .last_linear()
                 .expect("features come with the last layer");
             let rebuilt = f.matmul(&w.tr()) + b;
-            assert!(max_rel(&rebuilt, &l) <= 1e-5, "{name}: W f + b != logits");
+            assert!(rel_err(&rebuilt, &l) <= 1e-5, "{name}: W f + b != logits");
         }
 
         let mut correct = 0i64;

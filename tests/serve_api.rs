@@ -1,7 +1,7 @@
 //! `POST /v1/score` over loopback: answers equal the library's (and `brittle score`'s), malformed
 //! and oversized requests get 4xx, concurrent clients get their own answers, shutdown is clean.
 
-mod detector_common;
+mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
 use brittle::serve::{spawn, ServeConfig, ServerHandle};
-use detector_common::{inconsistent_model, synthetic_set, SHAPE};
+use common::{inconsistent_model, synthetic_set, SHAPE};
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -167,23 +167,7 @@ fn malformed_wrong_and_oversized_requests_get_client_errors() {
     assert_eq!(v["detector"]["eps"], json!(0.05));
     let health = ureq::get(&format!("http://{addr}/healthz")).call().unwrap();
     assert_eq!(health.status(), 200);
-    let metrics = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    assert!(
-        metrics.contains(r#"brittle_requests_total{status="400"} 7"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"brittle_requests_total{status="413"} 2"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"brittle_requests_total{status="200"} 1"#),
-        "{metrics}"
-    );
+    let metrics = assert_request_counts(addr, &[(400, 7), (413, 2), (200, 1)]);
     assert!(
         metrics.contains("brittle_images_scored_total 2"),
         "{metrics}"
@@ -273,15 +257,7 @@ fn concurrent_clients_get_their_own_answers() {
             });
         }
     });
-    let metrics = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    assert!(
-        metrics.contains(r#"brittle_requests_total{status="200"} 64"#),
-        "{metrics}"
-    );
+    assert_request_counts(addr, &[(200, 64)]);
     server.shutdown().unwrap();
 }
 
@@ -289,8 +265,7 @@ fn concurrent_clients_get_their_own_answers() {
 /// NPY and PNG bodies.
 #[test]
 fn real_model_answers_match_brittle_score() {
-    let Some(shared) = detector_common::shared() else {
-        eprintln!("skipping: ../shared/models is absent");
+    let Some(shared) = common::shared() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -301,40 +276,28 @@ fn real_model_answers_match_brittle_score() {
         "/tests/fixtures/detector/resnet_2b_margins.csv"
     );
     let det_dir = dir.path().join("det");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["fit", fixture, "--model"])
-        .arg(&model_path)
-        .arg("--data")
-        .arg(&data_path)
-        .args([
-            "--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out",
-        ])
-        .arg(&det_dir)
-        .env("BRITTLE_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .args(["fit", fixture, "--model"])
+            .arg(&model_path)
+            .arg("--data")
+            .arg(&data_path)
+            .args([
+                "--eps", "2/255", "--pseudo", "on", "--epochs", "5", "--device", "cpu", "--out",
+            ])
+            .arg(&det_dir),
     );
     let scores = dir.path().join("scores.csv");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["score", "--model"])
-        .arg(&model_path)
-        .arg("--data")
-        .arg(&data_path)
-        .args(["--limit", "6", "--device", "cpu", "--detector"])
-        .arg(&det_dir)
-        .arg("--out")
-        .arg(&scores)
-        .env("BRITTLE_NO_PROGRESS", "1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .args(["score", "--model"])
+            .arg(&model_path)
+            .arg("--data")
+            .arg(&data_path)
+            .args(["--limit", "6", "--device", "cpu", "--detector"])
+            .arg(&det_dir)
+            .arg("--out")
+            .arg(&scores),
     );
     let mut rd = csv::Reader::from_path(&scores).unwrap();
     let hdr = rd.headers().unwrap().clone();
@@ -368,16 +331,7 @@ fn real_model_answers_match_brittle_score() {
     }
     .load()
     .unwrap();
-    let spec = brittle::model::ModelSpec {
-        path: model_path,
-        format: None,
-        arch: None,
-        num_classes: None,
-        mean: None,
-        std: None,
-        input_layout: Default::default(),
-        device: tch::Device::Cpu,
-    };
+    let spec = common::spec(model_path, None, None, None);
     let model = brittle::model::load_classifier(&spec, [3, 32, 32]).unwrap();
     let det = Detector::load(&det_dir, tch::Device::Cpu).unwrap();
     assert_eq!(model.info().fingerprint, det.spec.model.fingerprint);
@@ -441,8 +395,7 @@ fn real_model_answers_match_brittle_score() {
 #[test]
 fn serve_command_stops_gracefully_on_sigterm() {
     use std::io::BufRead;
-    let Some(shared) = detector_common::shared() else {
-        eprintln!("skipping: ../shared/models is absent");
+    let Some(shared) = common::shared() else {
         return;
     };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
@@ -490,4 +443,28 @@ fn serve_command_stops_gracefully_on_sigterm() {
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Reads `/metrics`, checks `brittle_requests_total` for each `(status, count)`, returns the text.
+fn assert_request_counts(addr: SocketAddr, counts: &[(u16, u64)]) -> String {
+    let metrics = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for (status, n) in counts {
+        let line = format!("brittle_requests_total{{status=\"{status}\"}} {n}");
+        assert!(metrics.contains(&line), "want {line}, got {metrics}");
+    }
+    metrics
+}
+
+/// Runs a `brittle` command without progress bars and asserts it succeeded.
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.env("BRITTLE_NO_PROGRESS", "1").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -121,7 +121,8 @@ pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dy
             fingerprint,
         )
         .map(|m| Box::new(m) as Box<dyn Classifier>),
-        ModelFormat::Native => native::load(spec, normalizer, input_shape, fingerprint),
+        ModelFormat::Native => native::load_native(spec, normalizer, input_shape, fingerprint)
+            .map(|m| Box::new(m) as Box<dyn Classifier>),
         ModelFormat::Onnx => onnx::load(spec, normalizer, input_shape, fingerprint),
     };
     model.with_context(|| format!("loading model {}", spec.path.display()))

@@ -12,8 +12,10 @@ pub mod onnx;
 pub mod torchscript;
 pub mod weights;
 
-use anyhow::Result;
-use tch::{Device, Tensor};
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
 
 pub use device::DeviceChoice;
 pub use load::{load_classifier, ModelSpec};
@@ -33,6 +35,25 @@ pub struct ModelInfo {
     pub input_shape: [i64; 3],
     /// Whether [`Classifier::features_and_logits`] returns features.
     pub has_features: bool,
+}
+
+impl ModelInfo {
+    /// Info for a model file before its probe fills in the classes and features.
+    pub(crate) fn unprobed(
+        path: &Path,
+        format: &str,
+        fingerprint: String,
+        input_shape: [i64; 3],
+    ) -> Self {
+        ModelInfo {
+            name: name_from_path(path, ""),
+            format: format.to_owned(),
+            fingerprint,
+            num_classes: 0,
+            input_shape,
+            has_features: false,
+        }
+    }
 }
 
 /// An image classifier on a device: logits, penultimate features, and gradients through autograd.
@@ -81,4 +102,30 @@ pub fn logits_and_grad(
 /// Logits without building an autograd graph (scoring, verification of adversarial examples).
 pub fn logits_no_grad(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
     tch::no_grad(|| model.logits(x))
+}
+
+/// The two-sample probe batch every format runs once at load: two different deterministic
+/// inputs in `[0, 1)` of shape `[2, C, H, W]`, so that batching bugs and per-sample
+/// mix-ups show up as differing rows.
+pub(crate) fn probe_input([c, h, w]: [i64; 3], device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_arange(2 * c * h * w, (Kind::Float, device))?
+        .f_mul_scalar(0.618_033_988_75)?
+        .frac()
+        .f_reshape([2, c, h, w])?)
+}
+
+/// Checks the logits of the [`probe_input`] batch are `[2, K]` and returns `K`.
+pub(crate) fn probe_classes(logits: &Tensor) -> Result<i64> {
+    let size = logits.size();
+    ensure!(
+        size.len() == 2 && size[0] == 2,
+        "the probe batch of 2 gave output of shape {size:?}; expected logits [2, K]"
+    );
+    Ok(size[1])
+}
+
+/// Model name for provenance: the file stem, or `fallback` when the path has none.
+pub(crate) fn name_from_path(path: &Path, fallback: &str) -> String {
+    path.file_stem()
+        .map_or_else(|| fallback.to_owned(), |s| s.to_string_lossy().into_owned())
 }

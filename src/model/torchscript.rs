@@ -45,30 +45,15 @@ impl TorchScriptClassifier {
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript module {}", path.display()))?;
         module.set_eval();
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let mut me = TorchScriptClassifier {
             module,
             normalizer,
             device,
             features: FeatureSource::None,
             last_linear: None,
-            info: ModelInfo {
-                name,
-                format: "torchscript".into(),
-                fingerprint,
-                num_classes: 0,
-                input_shape,
-                has_features: false,
-            },
+            info: ModelInfo::unprobed(path, "torchscript", fingerprint, input_shape),
         };
-        let probe = Tensor::full(
-            [2, input_shape[0], input_shape[1], input_shape[2]],
-            0.5,
-            (Kind::Float, device),
-        );
+        let probe = super::probe_input(input_shape, device)?;
         let out = tch::no_grad(|| me.forward_ivalue(&probe)).with_context(|| {
             format!(
                 "{}: probing with an input of shape [2, {input_shape:?}]",
@@ -77,14 +62,8 @@ impl TorchScriptClassifier {
         })?;
         let (logits, tuple_features) =
             split_output(out).with_context(|| format!("{}: forward output", path.display()))?;
-        if logits.dim() != 2 || logits.size()[0] != 2 {
-            anyhow::bail!(
-                "{}: forward returned shape {:?}; expected logits [N, K]",
-                path.display(),
-                logits.size()
-            );
-        }
-        me.info.num_classes = logits.size()[1];
+        me.info.num_classes = super::probe_classes(&logits)
+            .with_context(|| format!("{}: forward output", path.display()))?;
         let features = match tuple_features {
             Some(f) => {
                 me.features = FeatureSource::ForwardTuple;

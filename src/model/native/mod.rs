@@ -309,22 +309,7 @@ impl Classifier for NativeClassifier {
     }
 }
 
-/// Builds a native architecture and loads its weights.
-pub fn load(
-    spec: &ModelSpec,
-    normalizer: Option<Normalizer>,
-    input_shape: [i64; 3],
-    fingerprint: String,
-) -> Result<Box<dyn Classifier>> {
-    Ok(Box::new(load_native(
-        spec,
-        normalizer,
-        input_shape,
-        fingerprint,
-    )?))
-}
-
-/// [`load`], keeping the concrete type (for TorchScript export).
+/// Builds a native architecture and loads its weights (concrete type, for TorchScript export).
 pub fn load_native(
     spec: &ModelSpec,
     normalizer: Option<Normalizer>,
@@ -349,23 +334,15 @@ pub fn load_native(
             )
         })?;
     model.vs.freeze();
-    model.info.name = spec
-        .path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| arch.to_owned());
+    model.info.name = super::name_from_path(&spec.path, arch);
     model.info.format = format!("native:{arch}");
     model.info.fingerprint = fingerprint;
-    let probe = Tensor::full(
-        [2, input_shape[0], input_shape[1], input_shape[2]],
-        0.5,
-        (Kind::Float, spec.device),
-    );
+    let probe = super::probe_input(input_shape, spec.device)?;
     let logits = tch::no_grad(|| model.logits(&probe))?;
+    let k = super::probe_classes(&logits).with_context(|| format!("{arch}: probe"))?;
     ensure!(
-        logits.size() == [2, num_classes],
-        "{arch}: probe gave logits of shape {:?}, expected [2, {num_classes}]",
-        logits.size()
+        k == num_classes,
+        "{arch}: probe gave {k} logits per sample, expected {num_classes}"
     );
     Ok(model)
 }

@@ -40,7 +40,7 @@ mod ops;
 mod proto;
 
 use anyhow::{bail, ensure, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use self::graph::Graph;
 use super::load::InputLayout;
@@ -96,24 +96,13 @@ pub fn load(
         .with_context(|| format!("{}: reading the ONNX graph", path.display()))?;
     let feed = feed_for(&graph, input_shape, spec.input_layout)
         .with_context(|| format!("{}: graph input", path.display()))?;
-    let name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let mut me = OnnxClassifier {
         graph,
         normalizer,
         feed,
         batch: BatchMode::PerSample,
         device: spec.device,
-        info: ModelInfo {
-            name,
-            format: String::new(),
-            fingerprint,
-            num_classes: 0,
-            input_shape,
-            has_features: false,
-        },
+        info: ModelInfo::unprobed(path, "", fingerprint, input_shape),
     };
     tch::no_grad(|| me.probe(input_shape))
         .with_context(|| format!("{}: probing the graph", path.display()))?;
@@ -184,12 +173,7 @@ const PROBE_TOL: f64 = 1e-4;
 impl OnnxClassifier {
     /// Decides the batch mode, the number of classes and the features on a two-sample probe.
     fn probe(&mut self, [c, h, w]: [i64; 3]) -> Result<()> {
-        let numel = 2 * c * h * w;
-        // Two different deterministic inputs in [0, 1).
-        let x = Tensor::f_arange(numel, (Kind::Float, self.device))?
-            .f_mul_scalar(0.618_033_988_75)?
-            .frac()
-            .f_reshape([2, c, h, w])?;
+        let x = super::probe_input([c, h, w], self.device)?;
         let rewrites = match &self.graph.input_dims {
             Some(d) if d.first() == Some(&Some(1)) => self.graph.set_batch_rewrite(false),
             _ => 0,
@@ -198,11 +182,7 @@ impl OnnxClassifier {
         let (reference, ref_features) = self
             .forward(&x, true)
             .with_context(|| format!("running the graph on a probe of shape [1, {c}, {h}, {w}]"))?;
-        ensure!(
-            reference.dim() == 2,
-            "the graph output has shape {:?}; expected logits [N, K]",
-            reference.size()
-        );
+        let num_classes = super::probe_classes(&reference)?;
         let agrees = |me: &Self| {
             me.forward(&x, false)
                 .ok()
@@ -226,10 +206,10 @@ impl OnnxClassifier {
         if self.batch == BatchMode::PerSample {
             self.graph.set_batch_rewrite(false);
         }
-        self.info.num_classes = reference.size()[1];
+        self.info.num_classes = num_classes;
         self.info.has_features = match (&self.graph.head, ref_features) {
             (Some(head), Some(f))
-                if f.dim() == 2 && head.weight.size() == [reference.size()[1], f.size()[1]] =>
+                if f.dim() == 2 && head.weight.size() == [num_classes, f.size()[1]] =>
             {
                 let rebuilt = f
                     .f_matmul(&head.weight.f_transpose(0, 1)?)?

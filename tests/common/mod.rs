@@ -1,20 +1,87 @@
-//! Shared by the detector and server tests: a linear classifier whose logits are rescaled per
-//! class (deliberately margin-inconsistent), with exact input margins, and the real-model paths.
+//! Shared by the integration tests: the real data of `../shared`, model specs and fixture paths,
+//! tensor comparisons, and a linear classifier whose logits are rescaled per class (deliberately
+//! margin-inconsistent) with exact input margins.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use brittle::attack::table::MarginRow;
-use brittle::data::Dataset;
+use brittle::data::{DataSpec, Dataset};
+use brittle::model::load::{InputLayout, ModelSpec};
 use brittle::model::{Classifier, ModelInfo};
 use brittle::norm::Norm;
 use brittle::score::{feature_margin, free_scores};
 use tch::{Device, Kind, Tensor};
 
-/// `../shared` beside the repository, when present.
+/// `../shared` beside the repository, when present; prints a skip line when absent.
 pub fn shared() -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
-    p.join("models/resnet_2b.pt").exists().then_some(p)
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    if p.join("models/manifest.json").exists() {
+        Some(p)
+    } else {
+        println!("skipping: {} is absent", p.display());
+        None
+    }
+}
+
+/// `shared/models/manifest.json`.
+pub fn manifest(shared: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(shared.join("models/manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The 705 real CIFAR-10 test images of `shared/data/cifar10/real-pool.bin`.
+pub fn real_pool(shared: &Path) -> Dataset {
+    DataSpec {
+        path: shared.join("data/cifar10/real-pool.bin"),
+        ..Default::default()
+    }
+    .load()
+    .unwrap()
+}
+
+/// A file of `tests/fixtures/native`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/native")
+        .join(name)
+}
+
+/// A CPU model spec with 10 classes (ignored by TorchScript and ONNX, which read it off the model).
+pub fn spec(
+    path: PathBuf,
+    arch: Option<&str>,
+    mean: Option<Vec<f64>>,
+    std: Option<Vec<f64>>,
+) -> ModelSpec {
+    ModelSpec {
+        path,
+        format: None,
+        arch: arch.map(str::to_owned),
+        num_classes: Some(10),
+        mean,
+        std,
+        input_layout: InputLayout::Nchw,
+        device: Device::Cpu,
+    }
+}
+
+/// max |a - b| / max |b|.
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+/// Fraction of rows whose argmax is the label.
+pub fn accuracy(logits: &Tensor, labels: &[i64]) -> f64 {
+    logits
+        .argmax(1, false)
+        .eq_tensor(&Tensor::from_slice(labels))
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[])
 }
 
 /// `logits = W x + b` on flattened inputs.
