@@ -88,9 +88,10 @@ def frac(s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int, default=None, help="samples per model (default: all; --quick: 100)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    limit = 100 if a.quick else None
+    limit = a.n or (100 if a.quick else None)
     rows = []
     manifest = json.load(open(os.path.join(SHARED, "models", "manifest.json")))
     pool = os.path.join(SHARED, "data", "cifar10", "real-pool.bin")
@@ -100,7 +101,7 @@ def main():
             frac(train_eps)
         except ValueError:
             train_eps = "4/255"
-        eps = ["2/255", "8/255", train_eps]
+        eps = list(dict.fromkeys(["2/255", "8/255", train_eps]))
         res = evaluate(m["name"], ["--model", os.path.join(SHARED, "models", m["torchscript"])],
                        ["--data", pool], eps, limit, a.seed)
         rows.append((m["name"], "CIFAR-10 pool", m["training"].split(",")[0], train_eps, res))
@@ -116,19 +117,19 @@ def main():
     std_model = os.path.join(CACHE, "mnist-standard-cnn.safetensors")
     if not os.path.exists(std_model):
         run([BIN, "train", "--data", os.path.join(mn, "train-images-idx3-ubyte"), "--arch", "small-cnn",
-             "--mode", "standard", "--epochs", "2", "--seed", str(a.seed), "--out", std_model])
+             "--mode", "standard", "--epochs", "1", "--seed", str(a.seed), "--device", "cpu", "--out", std_model])
     rows.append(("small-cnn, standard training (control)", "MNIST test", "standard", "0.3",
                  evaluate("mnist-standard-cnn", ["--model", std_model, "--arch", "small-cnn"], test,
                           ["0.1", "8/255", "0.3"], mnist_limit, a.seed)))
 
     lines = ["# Results: margin consistency and free detection on real models", "",
              "Produced by `python3 scripts/results.py` (attack: `brittle margins --attack best`, L∞; "
-             f"{'100 samples per model (--quick)' if limit else 'all pool images; MNIST: first 1000 test images'}). "
+             f"{f'first {limit} samples per model' if limit else 'all pool images; MNIST: first 1000 test images'}). "
              "Detection positives are non-robust samples (d_in ≤ ε), score = −logit margin.", "",
              "| model | data | training | n | clean acc | Kendall τ | ε | AUROC | AUPR | FPR@95TPR |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, data, training, train_eps, m in rows:
-        for e in ["8/255", train_eps]:
+        for e in dict.fromkeys(["8/255", train_eps]):
             r = row_at(m, frac(e))
             lines.append(f"| {name} | {data} | {training} | {m['n']} | {fmt(m['accuracy'])} | {fmt(m['kendall_tau'])} "
                          f"| {e} | {fmt(r['auroc'])} | {fmt(r['aupr'])} | {fmt(r['fpr_at_95_tpr'])} |")
