@@ -104,7 +104,7 @@ def main():
         eps = list(dict.fromkeys(["2/255", "8/255", train_eps]))
         res = evaluate(m["name"], ["--model", os.path.join(SHARED, "models", m["torchscript"])],
                        ["--data", pool], eps, limit, a.seed)
-        rows.append((m["name"], "CIFAR-10 pool", m["training"].split(",")[0], train_eps, res))
+        rows.append((m["name"], "CIFAR-10 pool", m["training"].split(";")[0].split("(")[0].split(",")[0].strip(), train_eps, res))
     mn = mnist_dir()
     test = ["--data", os.path.join(mn, "t10k-images-idx3-ubyte")]
     mnist_limit = limit or 1000
