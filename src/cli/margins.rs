@@ -26,7 +26,7 @@ pub struct MarginsArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classes considered by `fab-t` and by `best`'s FAB pass.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 9)]
     pub topk: i64,
     /// Samples attacked together.
     #[arg(long, default_value_t = 128)]
