@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--ddn-steps", type=int, default=1000)
     ap.add_argument("--brittle-args", default="--attack best", help="extra arguments of brittle margins")
     ap.add_argument("--skip", default="", help="comma-separated substrings of references to skip")
+    ap.add_argument("--save", help="write every attack's per-sample margins to this CSV")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -155,6 +156,12 @@ def main():
     for k, v in within.items():
         print(f"  {k:34s} {v:7.2%}   {1e3 * times[k] / args.n:8.1f} ms/sample")
     print(f"  max brittle/best ratio: {np.max(b / best):.3f}; brittle failures: {int(np.sum(~np.isfinite(b)))}")
+    if args.save:
+        with open(args.save, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index"] + list(results))
+            for i in range(args.n):
+                w.writerow([i] + [repr(float(results[k][i])) for k in results])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 use clap::Parser;
 
 fn main() {
+    brittle::model::device::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("BRITTLE_LOG"))
         .with_writer(std::io::stderr)

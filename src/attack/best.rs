@@ -1,17 +1,20 @@
 //! Which passes an `--attack` runs, and `best`: the cheap pipeline that should beat the
 //! published attacks at a fraction of their cost.
 //!
-//! `best` = FAB restricted to the top few classes (strong on nearly piecewise-linear ReLU
-//! networks: a few linearised projections land close to the boundary), then FMN started from
-//! FAB's point with a short schedule (it walks along the boundary towards the clean input), then
-//! a bisection on the segment from the clean input to the adversarial point (forwards only).
-//! Every pass only keeps a point when it is closer than the best so far.
+//! `best` = FAB over the top classes (strong on nearly piecewise-linear ReLU networks: a few
+//! linearised projections land close to the boundary, and looking at every class finds the
+//! boundaries FMN's max-other-class loss misses), then FMN started from FAB's point (it walks
+//! along the boundary towards the clean input), then a cold FMN pass from the clean input (FMN
+//! warm-started from FAB stays in FAB's basin), then a bisection on the segment from the clean
+//! input to the best point (forwards only). Every pass only keeps a point closer than the best
+//! so far.
 //!
-//! Measured on resnet_2b (L∞, 100 pool images, 2 threads): within 1% of the best known margin on
-//! 95% of samples at 54 ms/sample, as tight as FMN-1000 + FAB-100 together at a quarter of their
-//! time. Without the cold FMN pass and with FAB on the top 3 classes: 27 ms/sample but ~70%.
-//! Still to try: a smaller FMN step after the warm start, FAB's Jacobian by one backward per
-//! class on a shared forward.
+//! Measured on resnet_2b (L∞, 100 pool images, 2 threads, idle machine, `bench/attacks.py`):
+//! within 1% of the best margin found by any attack in the run on 97% of samples, against 94%
+//! for adv-lib's FMN-1000 + FAB-100 pair, in about a fifth of the pair's time (~37 ms/sample).
+//! Tried and dropped: a longer warm FMN, FMN before FAB, early stopping of the cold FMN (it
+//! improves slowly but steadily: 74% instead of 84% of samples within 1%), a warm-started FAB
+//! polish and other γ schedules (no gain).
 
 use anyhow::{bail, Result};
 
@@ -24,10 +27,11 @@ use crate::norm::Norm;
 
 /// Bisection steps on the final segment.
 pub const REFINE_STEPS: usize = 16;
-/// Steps of the second FMN pass, started from the clean input: FMN warm-started from FAB's point
-/// can stay in FAB's basin, and on resnet_2b (100 pool images) the cold pass lifts the share of
-/// samples within 1% of the best known margin from 75% to 97% for ~19 ms/sample.
-pub const COLD_FMN_STEPS: usize = 200;
+/// Steps of the cold FMN pass (`--steps` overrides it); the warm FMN pass gets a third of them.
+pub const COLD_FMN_STEPS: usize = 120;
+/// FAB's iterations and patience: on resnet_2b most samples stop improving within 25 steps.
+const FAB_STEPS: usize = 30;
+const FAB_PATIENCE: usize = 8;
 
 /// The passes of an attack, run in order on each chunk, then an optional segment bisection.
 pub struct Plan {
@@ -36,7 +40,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `steps` overrides the attack's default budget (for `best`: the FMN pass's).
+    /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's).
     pub fn new(
         kind: AttackKind,
         norm: Norm,
@@ -71,26 +75,30 @@ impl Plan {
                 vec![Box::new(Ddn::new(steps))]
             }
             AttackKind::Pgd => vec![Box::new(Pgd::new(norm, steps))],
-            AttackKind::Best => return Ok(best(norm, if steps == 0 { 100 } else { steps }, topk)),
+            AttackKind::Best => {
+                let cold = if steps == 0 { COLD_FMN_STEPS } else { steps };
+                return Ok(best(norm, cold, topk));
+            }
         };
         Ok(Plan { passes, refine: 0 })
     }
 }
 
-fn best(norm: Norm, fmn_steps: usize, topk: i64) -> Plan {
+fn best(norm: Norm, cold_steps: usize, topk: i64) -> Plan {
     let mut passes: Vec<Box<dyn AttackStep>> = Vec::new();
     if norm != Norm::L1 {
-        let mut fab = Fab::new(norm, 30, topk, false);
-        fab.patience = 8;
+        let mut fab = Fab::new(norm, FAB_STEPS, topk, false);
+        fab.patience = FAB_PATIENCE;
         passes.push(Box::new(fab));
     }
-    let mut fmn = Fmn::new(norm, fmn_steps);
-    fmn.warm_start = true;
-    fmn.patience = fmn_steps / 4;
-    passes.push(Box::new(fmn));
-    let mut cold = Fmn::new(norm, COLD_FMN_STEPS);
+    let warm_steps = (cold_steps / 3).max(1);
+    let mut warm = Fmn::new(norm, warm_steps);
+    warm.warm_start = true;
+    warm.patience = (warm_steps / 4).max(1);
+    passes.push(Box::new(warm));
+    let mut cold = Fmn::new(norm, cold_steps);
     // Its own ε stays above the best so far for a while: early stop on the best would end it at once.
-    cold.patience = COLD_FMN_STEPS;
+    cold.patience = cold_steps;
     passes.push(Box::new(cold));
     Plan {
         passes,

@@ -6,7 +6,8 @@
 //! convex combination of the two (biased towards the clean input by at most `alpha_max`),
 //! overshooting by `eta`. When the current point is adversarial it is first pulled back towards
 //! the clean input by `beta`. The gradient pass that linearises at a point also tells whether
-//! that point is adversarial, so an iteration costs one forward/backward per class of interest.
+//! that point is adversarial, so an iteration costs one forward and one backward per class of
+//! interest (the Jacobian rows share the forward).
 //!
 //! Classes of interest are fixed per sample from the clean logits: all other classes
 //! (AutoAttack's untargeted FAB), the top-k other classes (cheaper), or, for the targeted
@@ -122,16 +123,17 @@ impl AttackStep for Fab {
         let per_run = classes.size()[1];
         let label = repeat_rows(b.label, runs);
         let x0 = repeat_rows(b.x0, runs);
-        // Gradient of z_c - z_y for every (run, class) pair, in one replicated batch.
-        let xr = repeat_rows(x, per_run);
-        let cls = classes.reshape([-1, 1]);
-        let lab = repeat_rows(&label, per_run).unsqueeze(1);
-        let (logits, grad) =
-            ctx.grad(&xr, |z| z.gather(1, &cls, false) - z.gather(1, &lab, false))?;
-        let f =
-            (logits.gather(1, &cls, false) - logits.gather(1, &lab, false)).view([rows, per_run]);
-        let run_logits = logits.view([rows, per_run, -1]).select(1, 0);
-        let is_adv = misclassified(&run_logits, &label);
+        // Gradient of z_c - z_y for every (run, class) pair: one forward, one backward per class.
+        let lab = label.unsqueeze(1);
+        let (logits, grads) = ctx.grads(x, |z| {
+            let zy = z.gather(1, &lab, false);
+            (0..per_run)
+                .map(|j| z.gather(1, &classes.narrow(1, j, 1), false) - &zy)
+                .collect()
+        })?;
+        let f = logits.gather(1, classes, false) - logits.gather(1, &lab, false);
+        let grad = Tensor::stack(&grads, 1).flatten(0, 1);
+        let is_adv = misclassified(&logits, &label);
         // Closest linearised boundary per run.
         let gnorm = norm64(self.norm.dual(), &grad)
             .view([rows, per_run])

@@ -84,7 +84,9 @@ impl AttackStep for Fmn {
         let gamma = cosine(b.step, self.steps, self.gamma_init, self.gamma_final);
         let alpha = cosine(b.step, self.steps, self.alpha_init, self.alpha_final);
         let gnorm = norm64(self.norm.dual(), &grad).clamp_min(1e-12);
-        let to_boundary = &norm + loss.abs() / gnorm;
+        // Overshoot the linearised boundary by γ: on a (locally) linear model an ε exactly at
+        // the boundary lands on it, a tie that never counts as adversarial.
+        let to_boundary = (&norm + loss.abs() / gnorm) * (&gamma + 1.0);
         let worst = norm64(self.norm, &b.x0.maximum(&(1.0 - b.x0)));
         let new_eps = (eps * (gamma.neg() + 1.0))
             .minimum(&best)

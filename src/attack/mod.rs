@@ -22,7 +22,7 @@ pub mod table;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{logits_and_grad, logits_no_grad, Classifier};
+use crate::model::{logits_and_grad, logits_and_grads, logits_no_grad, Classifier};
 use crate::norm::Norm;
 
 /// The attacks `brittle margins --attack` accepts.
@@ -115,6 +115,20 @@ impl<'a> Ctx<'a> {
         Ok(out)
     }
 
+    /// Logits and the gradients of several objectives at `x`: one forward, one backward each.
+    pub fn grads(
+        &mut self,
+        x: &Tensor,
+        objectives: impl Fn(&Tensor) -> Vec<Tensor>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let r = self.replicas(x)?;
+        let out = logits_and_grads(self.model, x, objectives)?;
+        let k = out.1.len() as u64;
+        self.forwards.iter_mut().for_each(|c| *c += r);
+        self.backwards.iter_mut().for_each(|c| *c += r * k);
+        Ok(out)
+    }
+
     /// Logits at `x` without a graph.
     pub fn forward(&mut self, x: &Tensor) -> Result<Tensor> {
         let r = self.replicas(x)?;
@@ -183,7 +197,11 @@ pub fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
 
 /// Per-sample norm as float64 `[B]`.
 pub fn norm64(norm: Norm, delta: &Tensor) -> Tensor {
-    norm.batch_norm(&delta.to_kind(Kind::Double))
+    match norm {
+        // A maximum is exact in any precision: skip the float64 copy of the whole batch.
+        Norm::Linf => norm.batch_norm(delta).to_kind(Kind::Double),
+        _ => norm.batch_norm(&delta.to_kind(Kind::Double)),
+    }
 }
 
 /// Cosine annealing from `start` (step 0) to `end` (step `steps`), per sample.

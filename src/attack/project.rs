@@ -54,13 +54,14 @@ fn project_l1(delta: &Tensor, eps: &Tensor) -> Tensor {
 /// `v = s sign(w)` (Linf), `s = sign(c)`, for the smallest `λ >= 0` reaching `|c|`; `<w, d(λ)>`
 /// is piecewise linear and increasing in λ, so λ is found exactly by sorting the breakpoints.
 /// When the box makes `|c|` unreachable the step saturates every useful coordinate (as FAB does).
-/// `p`, `w`: `[B, ...]`; `c`: `[B]`. Computed in float64.
+/// `p`, `w`: `[B, ...]`; `c`: `[B]`. Computed in the precision of `p` (float32 in the attacks,
+/// like AutoAttack's FAB: float64 doubled the cost of this sort-bound step).
 pub fn hyperplane_in_box(norm: Norm, p: &Tensor, w: &Tensor, c: &Tensor) -> Result<Tensor> {
     let shape = p.size();
     let kind = p.kind();
-    let p = p.flatten(1, -1).to_kind(Kind::Double);
-    let w = w.flatten(1, -1).to_kind(Kind::Double);
-    let c = c.to_kind(Kind::Double).unsqueeze(1);
+    let p = p.flatten(1, -1);
+    let w = w.flatten(1, -1).to_kind(kind);
+    let c = c.to_kind(kind).unsqueeze(1);
     let s = c.sign();
     let s = s.where_self(&s.ne(0.0), &s.ones_like());
     let u = &w * &s; // move so that <u, d> grows
@@ -83,8 +84,8 @@ pub fn hyperplane_in_box(norm: Norm, p: &Tensor, w: &Tensor, c: &Tensor) -> Resu
     let slope_s = slope.gather(1, &order, false);
     let sat_s = sat.gather(1, &order, false);
     // At λ = bps_k: coordinates before k are saturated, k.. are not.
-    let sat_before = sat_s.cumsum(1, Kind::Double) - &sat_s;
-    let slope_from = slope_s.flip([1]).cumsum(1, Kind::Double).flip([1]);
+    let sat_before = sat_s.cumsum(1, kind) - &sat_s;
+    let slope_from = slope_s.flip([1]).cumsum(1, kind).flip([1]);
     let h = &bps * &slope_from + &sat_before;
     let k = h.lt_tensor(&target).to_kind(Kind::Int64).sum_dim_intlist(
         [1].as_slice(),
@@ -92,16 +93,16 @@ pub fn hyperplane_in_box(norm: Norm, p: &Tensor, w: &Tensor, c: &Tensor) -> Resu
         Kind::Int64,
     );
     let d = bps.size()[1];
-    let total_sat = sat_s.sum_dim_intlist([1].as_slice(), true, Kind::Double);
+    let total_sat = sat_s.sum_dim_intlist([1].as_slice(), true, kind);
     let kk = k.clamp_max(d - 1);
     // Inside segment k: saturated = first k coordinates.
     let sat_k = sat_before.gather(1, &kk, false);
     let slope_k = slope_from.gather(1, &kk, false);
-    let lambda = ((&target - sat_k) / slope_k.clamp_min(1e-300)).clamp_min(0.0);
+    let lambda = ((&target - sat_k) / slope_k.clamp_min(1e-30)).clamp_min(0.0);
     let unreachable = total_sat.le_tensor(&target).logical_or(&k.ge(d));
     let lambda = lambda.masked_fill(&unreachable, big);
     let step = (&lambda * &v).maximum(&(-&p)).minimum(&(1.0 - &p));
-    Ok(step.view(shape.as_slice()).to_kind(kind))
+    Ok(step.view(shape.as_slice()))
 }
 
 #[cfg(test)]

@@ -22,7 +22,8 @@ pub struct MarginsArgs {
     /// Attack; `best` keeps per sample the smallest verified distance of a cheap pipeline.
     #[arg(long, value_enum, default_value_t = AttackKind::Best)]
     pub attack: AttackKind,
-    /// Iterations per sample (default: the attack's published budget; for `best`, its FMN pass's).
+    /// Iterations per sample (default: the attack's published budget; for `best`, its cold FMN
+    /// pass's, 120, with a third of it for the warm FMN pass).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classes considered by `fab-t` and by `best`'s FAB pass.

@@ -59,3 +59,18 @@ pub fn set_threads(threads: usize) {
         tch::set_num_threads(threads as i32);
     }
 }
+
+/// Keeps freed tensor memory in the process heap instead of handing it back to the kernel.
+///
+/// libtorch frees and reallocates activation buffers of the same sizes at every attack step; with
+/// glibc's defaults each large one is a fresh `mmap` that the kernel must fault in and zero again
+/// (about 14% of an FMN run on resnet_2b, 2 threads). Called once at start-up by the binary.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before any other thread
+    // exists, and a rejected value leaves glibc's default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

@@ -89,14 +89,34 @@ pub fn logits_and_grad(
     x: &Tensor,
     objective: impl Fn(&Tensor) -> Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let x = x.detach().set_requires_grad(true);
-    let logits = model.logits(&x)?;
-    let obj = objective(&logits).sum(tch::Kind::Float);
-    let mut grads = Tensor::f_run_backward(&[obj], &[&x], false, false)?;
+    let (logits, mut grads) = logits_and_grads(model, x, |z| vec![objective(z)])?;
     let grad = grads
         .pop()
         .ok_or_else(|| anyhow::anyhow!("autograd returned no gradient"))?;
-    Ok((logits.detach(), grad))
+    Ok((logits, grad))
+}
+
+/// Logits and the input gradient of each of several objectives (each summed over rows), from
+/// one forward pass and one backward pass per objective: a Jacobian costs `F + k·B` instead of
+/// the `k·(F + B)` of a batch replicated `k` times.
+pub fn logits_and_grads(
+    model: &dyn Classifier,
+    x: &Tensor,
+    objectives: impl Fn(&Tensor) -> Vec<Tensor>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let x = x.detach().set_requires_grad(true);
+    let logits = model.logits(&x)?;
+    let objs = objectives(&logits);
+    let mut grads = Vec::with_capacity(objs.len());
+    for (i, obj) in objs.iter().enumerate() {
+        let keep = i + 1 < objs.len();
+        let mut g = Tensor::f_run_backward(&[obj.sum(tch::Kind::Float)], &[&x], keep, false)?;
+        grads.push(
+            g.pop()
+                .ok_or_else(|| anyhow::anyhow!("autograd returned no gradient"))?,
+        );
+    }
+    Ok((logits.detach(), grads))
 }
 
 /// Logits without building an autograd graph (scoring, verification of adversarial examples).

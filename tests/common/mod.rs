@@ -122,32 +122,49 @@ impl<C: Classifier> Classifier for Rescaled<C> {
     }
 }
 
+/// Uniform values in `[lo, hi)` of shape `[rows, ..shape]` from per-row ChaCha streams: test
+/// processes run tests on several threads, and libtorch's global RNG (`manual_seed` + `rand`)
+/// would interleave their draws.
+pub fn seeded_uniform(seed: u64, rows: i64, shape: &[i64], lo: f64, hi: f64) -> Tensor {
+    let seeds: Vec<u64> = (0..rows as u64).map(|r| seed * 1_000_003 + r).collect();
+    (brittle::attack::uniform_noise(&seeds, shape, Device::Cpu) + 1.0) * ((hi - lo) / 2.0) + lo
+}
+
+/// A linear classifier `[k, d]` with zero-mean, unit-variance (uniform) weights and bias `b`.
+pub fn seeded_linear(seed: u64, k: i64, shape: [i64; 3], b: Tensor, name: &str) -> Linear {
+    let d = shape.iter().product::<i64>();
+    let r = 3f64.sqrt();
+    Linear {
+        w: seeded_uniform(seed, k, &[d], -r, r),
+        b,
+        info: ModelInfo {
+            name: name.into(),
+            format: "test".into(),
+            fingerprint: name.into(),
+            num_classes: k,
+            input_shape: shape,
+            has_features: false,
+        },
+    }
+}
+
 pub const SHAPE: [i64; 3] = [1, 4, 4];
 pub const CLASSES: i64 = 4;
 
 /// The rescaled linear model (seeded) and its effective last layer `diag(scale) W`.
 pub fn inconsistent_model(seed: i64) -> (Rescaled<Linear>, Tensor) {
-    tch::manual_seed(seed);
-    let d = SHAPE.iter().product::<i64>();
-    let w = Tensor::randn([CLASSES, d], (Kind::Float, Device::Cpu));
-    let b = -w.sum_dim_intlist([1].as_slice(), false, Kind::Float) * 0.5;
+    let name = format!("rescaled-linear-{seed}");
+    let mut lin = seeded_linear(
+        seed as u64,
+        CLASSES,
+        SHAPE,
+        Tensor::zeros([CLASSES], (Kind::Float, Device::Cpu)),
+        &name,
+    );
+    lin.b = -lin.w.sum_dim_intlist([1].as_slice(), false, Kind::Float) * 0.5;
     let scale = Tensor::from_slice(&[0.1f32, 0.3, 3.0, 10.0]);
-    let w_eff = &w * scale.unsqueeze(1);
-    let info = ModelInfo {
-        name: format!("rescaled-linear-{seed}"),
-        format: "test".into(),
-        fingerprint: format!("rescaled-linear-{seed}"),
-        num_classes: CLASSES,
-        input_shape: SHAPE,
-        has_features: false,
-    };
-    (
-        Rescaled {
-            inner: Linear { w, b, info },
-            scale,
-        },
-        w_eff,
-    )
+    let w_eff = &lin.w * scale.unsqueeze(1);
+    (Rescaled { inner: lin, scale }, w_eff)
 }
 
 /// `n` uniform images labelled with the model's prediction, and their exact Linf distances
@@ -158,11 +175,7 @@ pub fn synthetic_set(
     n: i64,
     seed: i64,
 ) -> (Dataset, Vec<MarginRow>) {
-    tch::manual_seed(seed);
-    let x = Tensor::rand(
-        [n, SHAPE[0], SHAPE[1], SHAPE[2]],
-        (Kind::Float, Device::Cpu),
-    );
+    let x = seeded_uniform(seed as u64 + 1 << 20, n, &SHAPE, 0.0, 1.0);
     let logits = tch::no_grad(|| model.logits(&x)).unwrap();
     let fs = free_scores(&logits).unwrap();
     let d = feature_margin(&logits, w_eff, Norm::Linf).unwrap();
