@@ -2,7 +2,7 @@
 //! request latency (JSON and NPY bodies) and throughput under concurrent clients, in one run.
 //!
 //! cargo run --release --example serve_bench -- --model M.pt [--detector DIR] [--clients 8]
-//!     [--requests 2000] [--seconds 20] [--max-wait-us 1000]
+//!     [--requests 2000] [--seconds 20] [--max-wait-us 1000] [--threads N]
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() -> Result<()> {
+    brittle::model::device::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let model_path: String = arg(&args, "--model", String::new());
     anyhow::ensure!(!model_path.is_empty(), "--model is required");
@@ -33,6 +34,14 @@ fn main() -> Result<()> {
     let requests: usize = arg(&args, "--requests", 2000);
     let seconds: f64 = arg(&args, "--seconds", 20.0);
     let max_wait_us: u64 = arg(&args, "--max-wait-us", 1000);
+    // As `brittle serve` does by default: half the cores for the model, the rest for HTTP.
+    let threads: i32 = arg(&args, "--threads", 0);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
+    tch::set_num_threads(if threads > 0 {
+        threads
+    } else {
+        (cores / 2).max(1)
+    });
     let shape = [3i64, 32, 32];
     let spec = ModelSpec {
         path: model_path.into(),
@@ -67,6 +76,26 @@ fn main() -> Result<()> {
     }
     let bare_p50 = pct(&mut bare, 0.5);
     drop(det);
+    // The same work in process (forward, scores, detector): what HTTP and the queue add is
+    // the difference.
+    {
+        let scorer = brittle::serve::worker::Scorer {
+            model: load_classifier(&spec, shape)?,
+            detector: load_det()?,
+        };
+        let mut v = Vec::new();
+        for i in 0..300 {
+            let t = Instant::now();
+            drop(scorer.score(&x)?);
+            if i >= 50 {
+                v.push(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "in-process scorer (forward + scores), batch 1: p50 {:.3} ms",
+            pct(&mut v, 0.5) * 1e3
+        );
+    }
 
     let cfg = ServeConfig {
         max_wait: Duration::from_micros(max_wait_us),
@@ -96,6 +125,21 @@ fn main() -> Result<()> {
         Ok(t.elapsed().as_secs_f64())
     };
     let agent = ureq::AgentBuilder::new().build();
+    {
+        let hz = url.replace("/v1/score", "/healthz");
+        let mut v = Vec::new();
+        for i in 0..400 {
+            let t = Instant::now();
+            let _ = agent.get(&hz).call()?.into_string()?;
+            if i >= 50 {
+                v.push(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "GET /healthz round trip (the HTTP floor): p50 {:.3} ms",
+            pct(&mut v, 0.5) * 1e3
+        );
+    }
     for (name, ct, body) in [
         ("json", "application/json", &json),
         ("npy", "application/x-npy", &npy),

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
-use crate::util::{to_vec_f64, to_vec_i64};
+use crate::util::to_vec_f64;
 
 /// The scores of one sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,36 +32,74 @@ pub struct FreeScores {
 }
 
 /// Scores of a batch of logits `[N, K]` (K ≥ 2).
+///
+/// The logits come to the host once and every score is computed there in float64: a dozen
+/// libtorch calls on a `[1, K]` tensor cost more than the forward pass of a small model, which
+/// is what a one-image request to `brittle serve` pays.
 pub fn free_scores(logits: &Tensor) -> Result<Vec<FreeScores>> {
-    let logits = logits.detach().to_kind(Kind::Double);
-    let k = logits.size()[1];
+    let (z, k) = host_logits(logits)?;
+    Ok(z.chunks(k).map(row_scores).collect())
+}
+
+/// Logits `[N, K]` as row-major float64 on the host, and `K` (checked ≥ 2).
+pub fn host_logits(logits: &Tensor) -> Result<(Vec<f64>, usize)> {
+    let size = logits.size();
+    anyhow::ensure!(
+        size.len() == 2,
+        "expected logits [N, K], got shape {size:?}"
+    );
+    let k = size[1];
     anyhow::ensure!(
         k >= 2,
         "a margin needs at least 2 classes, the model has {k}"
     );
-    let (top, idx) = logits.topk(2, 1, true, true);
-    let probs = logits.softmax(1, Kind::Double);
-    let (ptop, _) = probs.topk(2, 1, true, true);
-    let logp = logits.log_softmax(1, Kind::Double);
-    let entropy = -(&probs * &logp).sum_dim_intlist([1].as_slice(), false, Kind::Double);
-    let energy = -logits.logsumexp([1].as_slice(), false);
-    let lm = to_vec_f64(&(top.select(1, 0) - top.select(1, 1)))?;
-    let pm = to_vec_f64(&(ptop.select(1, 0) - ptop.select(1, 1)))?;
-    let mp = to_vec_f64(&ptop.select(1, 0))?;
-    let ent = to_vec_f64(&entropy)?;
-    let en = to_vec_f64(&energy)?;
-    let pred = to_vec_i64(&idx.select(1, 0))?;
-    Ok((0..pred.len())
-        .map(|i| FreeScores {
-            pred: pred[i],
-            logit_margin: lm[i],
-            prob_margin: pm[i],
-            max_prob: mp[i],
-            entropy: ent[i],
-            energy: en[i],
-            feature_margin: None,
+    Ok((to_vec_f64(&logits.detach())?, k as usize))
+}
+
+/// `log Σ exp z`, shifted by the maximum so that it never overflows.
+fn logsumexp(z: &[f64]) -> f64 {
+    let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+}
+
+/// Softmax probabilities of one row of logits.
+pub fn softmax(z: &[f64]) -> Vec<f64> {
+    let lse = logsumexp(z);
+    z.iter().map(|v| (v - lse).exp()).collect()
+}
+
+/// The scores of one row of logits (at least 2 of them).
+pub fn row_scores(z: &[f64]) -> FreeScores {
+    // Top two, the first index winning ties (as numpy's argmax).
+    let (mut i1, mut i2) = (0, 1);
+    if z[1] > z[0] {
+        (i1, i2) = (1, 0);
+    }
+    for (j, &v) in z.iter().enumerate().skip(2) {
+        if v > z[i1] {
+            (i1, i2) = (j, i1);
+        } else if v > z[i2] {
+            i2 = j;
+        }
+    }
+    let lse = logsumexp(z);
+    let entropy = -z
+        .iter()
+        .map(|&v| {
+            let logp = v - lse;
+            logp.exp() * logp
         })
-        .collect())
+        .sum::<f64>();
+    let (p1, p2) = ((z[i1] - lse).exp(), (z[i2] - lse).exp());
+    FreeScores {
+        pred: i1 as i64,
+        logit_margin: z[i1] - z[i2],
+        prob_margin: p1 - p2,
+        max_prob: p1,
+        entropy,
+        energy: -lse,
+        feature_margin: None,
+    }
 }
 
 /// Exact distance, in the norm dual to `norm` on weight differences, from the features to the

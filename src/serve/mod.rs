@@ -30,7 +30,7 @@ use crate::detector::Detector;
 use crate::model::Classifier;
 use input::InputSpec;
 use metrics::ServeMetrics;
-use worker::{BatchPolicy, Job, Scorer};
+use worker::{BatchPolicy, Job, Scorer, SharedScorer};
 
 /// An HTTP error with a JSON body `{"error": message}`.
 #[derive(Debug)]
@@ -88,6 +88,7 @@ impl ServeConfig {
 /// What the handlers share.
 struct AppState {
     jobs: SyncSender<Job>,
+    scorer: SharedScorer,
     /// Requests between body received and answer sent (the worker waits for them to batch).
     inflight: Arc<AtomicUsize>,
     input: InputSpec,
@@ -117,8 +118,9 @@ pub fn router(
     };
     let metrics = ServeMetrics::default();
     let inflight = Arc::new(AtomicUsize::new(0));
+    let scorer = Arc::new(std::sync::Mutex::new(Scorer { model, detector }));
     let (jobs, handle) = worker::spawn(
-        Scorer { model, detector },
+        scorer.clone(),
         cfg.input_shape,
         BatchPolicy {
             max_batch: cfg.max_batch.max(1),
@@ -130,6 +132,7 @@ pub fn router(
     )?;
     let state = Arc::new(AppState {
         jobs,
+        scorer,
         inflight,
         input: InputSpec {
             shape: cfg.input_shape,
@@ -171,6 +174,22 @@ async fn score(
     resp
 }
 
+/// Scores a lone request on this HTTP thread when no other request is in flight and the model
+/// is idle: there is nothing to batch it with, and the queue would cost two thread wake-ups
+/// (~0.05 ms on the 2-core development machine). `None`: use the queue.
+fn score_alone(
+    st: &AppState,
+    images: &input::Images,
+) -> Option<Result<Vec<worker::ImageResult>, String>> {
+    if st.inflight.load(Ordering::SeqCst) != 1 {
+        return None;
+    }
+    let scorer = st.scorer.try_lock().ok()?;
+    // Run in place: `block_in_place` cost ~0.03 ms here. The other runtime threads keep
+    // accepting requests meanwhile (they queue, as more than one is then in flight).
+    Some(scorer.score_pixels(&images.pixels, images.n, st.input.shape, &st.metrics))
+}
+
 async fn score_body(
     st: &AppState,
     headers: &HeaderMap,
@@ -181,6 +200,10 @@ async fn score_body(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     let images = st.input.decode(ct, &body)?;
+    if let Some(done) = score_alone(st, &images) {
+        let results = done.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        return Ok(json!({ "detector": st.detector, "results": results }));
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = Job {
         pixels: images.pixels,

@@ -1,21 +1,21 @@
-//! The model worker: one thread owns the classifier (tch modules are `Send`, not `Sync`) and
-//! drains a queue of requests, running whatever has arrived as one batch (dynamic
-//! micro-batching).
+//! The model worker: one thread drains a queue of requests, running whatever has arrived as one
+//! batch (dynamic micro-batching). The classifier sits behind a mutex (tch modules are `Send`,
+//! not `Sync`) so that a lone request can also be scored on its own HTTP thread, without the two
+//! thread wake-ups of the queue.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde::Serialize;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::metrics::ServeMetrics;
 use crate::detector::Detector;
 use crate::model::{logits_no_grad, Classifier};
-use crate::score::free_scores;
-use crate::util::to_vec_f64;
+use crate::score::{host_logits, row_scores, softmax};
 
 /// The answer for one image.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,12 +43,11 @@ impl Scorer {
             Some(d) => d.forward(self.model.as_ref(), &x)?,
             None => (logits_no_grad(self.model.as_ref(), &x)?, None),
         };
-        let fs = free_scores(&logits)?;
-        let k = logits.size()[1] as usize;
-        let probs = to_vec_f64(&logits.to_kind(Kind::Double).softmax(1, Kind::Double))?;
-        fs.iter()
+        let (z, k) = host_logits(&logits)?;
+        z.chunks(k)
             .enumerate()
-            .map(|(i, s)| {
+            .map(|(i, row)| {
+                let s = row_scores(row);
                 let pseudo = pm.as_ref().map(|v| v[i]);
                 let brittle = match &self.detector {
                     Some(d) => Some(d.decide(s.logit_margin, pseudo)?.brittle),
@@ -56,7 +55,7 @@ impl Scorer {
                 };
                 Ok(ImageResult {
                     pred: s.pred,
-                    probs: probs[i * k..(i + 1) * k].to_vec(),
+                    probs: softmax(row),
                     logit_margin: s.logit_margin,
                     pseudo_margin: pseudo,
                     brittle,
@@ -64,6 +63,40 @@ impl Scorer {
             })
             .collect()
     }
+}
+
+impl Scorer {
+    /// Scores `n` images given as flattened NCHW pixels of `shape`, recording the batch in
+    /// `metrics`; a panic inside libtorch becomes an error, so the service goes on.
+    pub fn score_pixels(
+        &self,
+        pixels: &[f32],
+        n: usize,
+        [c, h, w]: [i64; 3],
+        metrics: &ServeMetrics,
+    ) -> Result<Vec<ImageResult>, String> {
+        let x = Tensor::from_slice(pixels).view([n as i64, c, h, w]);
+        metrics.batch_size.observe(n as f64);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score(&x)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the model panicked")));
+        match outcome {
+            Ok(results) => {
+                metrics.images.inc_by(n as u64);
+                let flagged = results.iter().filter(|r| r.brittle == Some(true)).count();
+                metrics.flagged.inc_by(flagged as u64);
+                Ok(results)
+            }
+            Err(e) => Err(format!("scoring failed: {e:#}")),
+        }
+    }
+}
+
+/// The scorer shared by the worker thread and the HTTP threads.
+pub type SharedScorer = Arc<Mutex<Scorer>>;
+
+/// Locks the scorer; a poisoned lock is still usable (scoring panics are caught inside).
+pub fn lock(scorer: &SharedScorer) -> MutexGuard<'_, Scorer> {
+    scorer.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Images of one request, flattened NCHW, and where to send their answers.
@@ -88,7 +121,7 @@ pub struct BatchPolicy {
 
 /// Starts the worker thread; it ends when every sender is dropped.
 pub fn spawn(
-    scorer: Scorer,
+    scorer: SharedScorer,
     input_shape: [i64; 3],
     policy: BatchPolicy,
     queue: usize,
@@ -143,8 +176,8 @@ fn next_batch(
 }
 
 fn run(
-    scorer: Scorer,
-    [c, h, w]: [i64; 3],
+    scorer: SharedScorer,
+    shape: [i64; 3],
     policy: BatchPolicy,
     rx: Receiver<Job>,
     metrics: ServeMetrics,
@@ -167,24 +200,15 @@ fn run(
         } else {
             &pixels
         };
-        let x = Tensor::from_slice(flat).view([n as i64, c, h, w]);
-        metrics.batch_size.observe(n as f64);
-        // A panic inside libtorch must not take the service down: answer 500 and go on.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scorer.score(&x)))
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("the model panicked")));
-        match outcome {
+        match lock(&scorer).score_pixels(flat, n, shape, &metrics) {
             Ok(results) => {
-                metrics.images.inc_by(n as u64);
-                let flagged = results.iter().filter(|r| r.brittle == Some(true)).count();
-                metrics.flagged.inc_by(flagged as u64);
                 let mut it = results.into_iter();
                 for j in jobs {
                     let mine: Vec<ImageResult> = it.by_ref().take(j.n).collect();
                     let _ = j.reply.send(Ok(mine));
                 }
             }
-            Err(e) => {
-                let msg = format!("scoring failed: {e:#}");
+            Err(msg) => {
                 for j in jobs {
                     let _ = j.reply.send(Err(msg.clone()));
                 }

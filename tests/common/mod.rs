@@ -175,7 +175,8 @@ pub fn synthetic_set(
     n: i64,
     seed: i64,
 ) -> (Dataset, Vec<MarginRow>) {
-    let x = seeded_uniform(seed as u64 + 1 << 20, n, &SHAPE, 0.0, 1.0);
+    // A stream apart from the weights' (which use `seed` itself).
+    let x = seeded_uniform((seed as u64 + 1) << 20, n, &SHAPE, 0.0, 1.0);
     let logits = tch::no_grad(|| model.logits(&x)).unwrap();
     let fs = free_scores(&logits).unwrap();
     let d = feature_margin(&logits, w_eff, Norm::Linf).unwrap();
