@@ -43,16 +43,7 @@ fn main() -> Result<()> {
         (cores / 2).max(1)
     });
     let shape = [3i64, 32, 32];
-    let spec = ModelSpec {
-        path: model_path.into(),
-        format: None,
-        arch: None,
-        num_classes: None,
-        mean: None,
-        std: None,
-        input_layout: Default::default(),
-        device: tch::Device::Cpu,
-    };
+    let spec = ModelSpec::new(model_path, tch::Device::Cpu);
     let load_det = || -> Result<Option<Detector>> {
         (!detector.is_empty())
             .then(|| Detector::load(detector.as_ref(), tch::Device::Cpu))

@@ -25,16 +25,10 @@ fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
     }
     .load()
     .unwrap();
-    let spec = ModelSpec {
-        path: shared.join("models/resnet_2b.pt"),
-        format: None,
-        arch: None,
-        num_classes: Some(10),
-        mean: None,
-        std: None,
-        input_layout: Default::default(),
-        device: DeviceChoice::Cpu.resolve().unwrap(),
-    };
+    let spec = ModelSpec::new(
+        shared.join("models/resnet_2b.pt"),
+        DeviceChoice::Cpu.resolve().unwrap(),
+    );
     let model = load_classifier(&spec, data.input_shape()).unwrap();
     let (x, _) = data.batch(0, data.len());
     let label = logits_no_grad(model.as_ref(), &x).unwrap().argmax(1, false);

@@ -14,14 +14,8 @@ fn fixture(name: &str) -> PathBuf {
 
 fn spec(name: &str, layout: InputLayout) -> ModelSpec {
     ModelSpec {
-        path: fixture(&format!("{name}.onnx")),
-        format: None,
-        arch: None,
-        num_classes: None,
-        mean: None,
-        std: None,
         input_layout: layout,
-        device: Device::Cpu,
+        ..ModelSpec::new(fixture(&format!("{name}.onnx")), Device::Cpu)
     }
 }
 

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use brittle::data::{DataSpec, Dataset};
-use brittle::model::load::InputLayout;
 use brittle::model::native::load_native;
 use brittle::model::{load_classifier, logits_no_grad, Classifier, ModelSpec};
 use brittle::norm::Norm;
@@ -29,14 +28,9 @@ fn subset() -> Dataset {
 
 fn spec(path: PathBuf, arch: Option<&str>) -> ModelSpec {
     ModelSpec {
-        path,
-        format: None,
         arch: arch.map(str::to_string),
         num_classes: Some(10),
-        mean: None,
-        std: None,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
+        ..ModelSpec::new(path, Device::Cpu)
     }
 }
 

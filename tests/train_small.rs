@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use brittle::data::{DataSpec, Dataset};
-use brittle::model::load::InputLayout;
 use brittle::model::{load_classifier, Classifier, ModelSpec};
 use brittle::norm::Norm;
 use brittle::train::pgd::PgdConfig;
@@ -242,14 +241,9 @@ fn missing_weights_tensor_is_a_clear_error() {
     )
     .unwrap();
     let spec = ModelSpec {
-        path: p.clone(),
-        format: None,
         arch: Some("small-cnn".into()),
         num_classes: Some(10),
-        mean: None,
-        std: None,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
+        ..ModelSpec::new(p.clone(), Device::Cpu)
     };
     let err = load_classifier(&spec, [1, 28, 28])
         .err()

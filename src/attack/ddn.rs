@@ -7,7 +7,9 @@
 use anyhow::Result;
 use tch::{Kind, Reduction, Tensor};
 
-use super::{cosine, misclassified, norm64, per_sample, AttackStep, BatchView, Candidate, Ctx};
+use super::{
+    cosine, misclassified, norm64, per_sample, AttackStep, BatchView, Budget, Candidate, Ctx,
+};
 use crate::norm::Norm;
 
 pub struct Ddn {
@@ -32,14 +34,12 @@ impl Ddn {
 }
 
 impl AttackStep for Ddn {
-    fn name(&self) -> &'static str {
-        "ddn"
-    }
-    fn max_steps(&self) -> usize {
-        self.steps
-    }
-    fn patience(&self) -> usize {
-        self.steps
+    fn budget(&self) -> Budget {
+        Budget {
+            name: "ddn",
+            steps: self.steps,
+            patience: self.steps,
+        }
     }
 
     /// State: `[delta, norm]`.

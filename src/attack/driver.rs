@@ -105,6 +105,7 @@ impl Chunk {
         batch_size: usize,
     ) -> Result<()> {
         let device = model.device();
+        let budget = attack.budget();
         let best0 = to_vec_f64(&self.best)?;
         // Samples at distance 0 are already adversarial: nothing to attack.
         let mut queue = (0..self.len()).filter(|&i| best0[i] > 0.0);
@@ -194,11 +195,11 @@ impl Chunk {
                 } else if found[i] {
                     a.stall[i] += 1;
                 }
-                done.push(a.steps[i] >= attack.max_steps() || a.stall[i] >= attack.patience());
+                done.push(a.steps[i] >= budget.steps || a.stall[i] >= budget.patience);
             }
             if done.iter().any(|&d| d) {
                 let (fin, stay): (Vec<usize>, Vec<usize>) = (0..done.len()).partition(|&i| done[i]);
-                self.write_back(a, &fin, &ctx, attack.name(), &best0)?;
+                self.write_back(a, &fin, &ctx, budget.name, &best0)?;
                 if stay.is_empty() {
                     act = None;
                     ctx.forwards.clear();

@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 use super::project::hyperplane_in_box;
 use super::{
-    misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Candidate, Ctx,
+    misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Budget, Candidate, Ctx,
 };
 use crate::norm::Norm;
 
@@ -76,14 +76,12 @@ fn repeat_rows(t: &Tensor, r: i64) -> Tensor {
 }
 
 impl AttackStep for Fab {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn max_steps(&self) -> usize {
-        self.steps
-    }
-    fn patience(&self) -> usize {
-        self.patience
+    fn budget(&self) -> Budget {
+        Budget {
+            name: self.name,
+            steps: self.steps,
+            patience: self.patience,
+        }
     }
 
     /// State: `[x (B·R rows), classes (B·R, C) int64]`.

@@ -10,7 +10,8 @@ use tch::{Kind, Tensor};
 
 use super::project::project_ball;
 use super::{
-    cosine, margin_loss, misclassified, norm64, per_sample, AttackStep, BatchView, Candidate, Ctx,
+    cosine, margin_loss, misclassified, norm64, per_sample, AttackStep, BatchView, Budget,
+    Candidate, Ctx,
 };
 use crate::norm::Norm;
 
@@ -45,14 +46,12 @@ impl Fmn {
 }
 
 impl AttackStep for Fmn {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn max_steps(&self) -> usize {
-        self.steps
-    }
-    fn patience(&self) -> usize {
-        self.patience
+    fn budget(&self) -> Budget {
+        Budget {
+            name: self.name,
+            steps: self.steps,
+            patience: self.patience,
+        }
     }
 
     /// State: `[delta, epsilon, adv_found]`.

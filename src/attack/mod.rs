@@ -160,14 +160,20 @@ pub struct Candidate {
     pub is_adv: Tensor,
 }
 
+/// What the driver needs to know of an attack besides its iteration.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Name written in the `attack` column.
+    pub name: &'static str,
+    /// Maximum iterations per sample.
+    pub steps: usize,
+    /// Iterations without a 0.1% improvement (after a first success) before a sample leaves.
+    pub patience: usize,
+}
+
 /// One iteration of an attack on a batch; the [`driver`] runs it.
 pub trait AttackStep {
-    /// Name written in the `attack` column.
-    fn name(&self) -> &'static str;
-    /// Maximum iterations per sample.
-    fn max_steps(&self) -> usize;
-    /// Iterations without a 0.1% improvement (after a first success) before a sample leaves.
-    fn patience(&self) -> usize;
+    fn budget(&self) -> Budget;
     /// The state rows of newly admitted samples (each tensor's dim 0 indexes samples).
     fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>>;
     /// One iteration on all active samples; returns the point it evaluated.

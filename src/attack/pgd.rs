@@ -10,7 +10,7 @@ use tch::{Kind, Tensor};
 
 use super::project::project_ball;
 use super::{
-    margin_loss, misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView,
+    margin_loss, misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Budget,
     Candidate, Ctx,
 };
 use crate::norm::Norm;
@@ -59,14 +59,12 @@ impl Pgd {
 }
 
 impl AttackStep for Pgd {
-    fn name(&self) -> &'static str {
-        "pgd"
-    }
-    fn max_steps(&self) -> usize {
-        self.steps
-    }
-    fn patience(&self) -> usize {
-        self.steps
+    fn budget(&self) -> Budget {
+        Budget {
+            name: "pgd",
+            steps: self.steps,
+            patience: self.steps,
+        }
     }
 
     /// State: `[delta, eps, lo, hi, inner step, round seed]`.

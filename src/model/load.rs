@@ -58,6 +58,21 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// A model file on `device` with every option at its default (format from the extension,
+    /// no architecture, class count from the model, no normalisation, NCHW).
+    pub fn new(path: impl Into<PathBuf>, device: Device) -> Self {
+        ModelSpec {
+            path: path.into(),
+            format: None,
+            arch: None,
+            num_classes: None,
+            mean: None,
+            std: None,
+            input_layout: InputLayout::Nchw,
+            device,
+        }
+    }
+
     /// The format, from `--format`, else `--arch`, else the file extension.
     pub fn resolved_format(&self) -> Result<ModelFormat> {
         if let Some(f) = self.format {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use brittle::attack::table::MarginRow;
 use brittle::data::{DataSpec, Dataset};
-use brittle::model::load::{InputLayout, ModelSpec};
+use brittle::model::load::ModelSpec;
 use brittle::model::{Classifier, ModelInfo};
 use brittle::norm::Norm;
 use brittle::score::{feature_margin, free_scores};
@@ -55,14 +55,11 @@ pub fn spec(
     std: Option<Vec<f64>>,
 ) -> ModelSpec {
     ModelSpec {
-        path,
-        format: None,
         arch: arch.map(str::to_owned),
         num_classes: Some(10),
         mean,
         std,
-        input_layout: InputLayout::Nchw,
-        device: Device::Cpu,
+        ..ModelSpec::new(path, Device::Cpu)
     }
 }
 
