@@ -7,7 +7,8 @@
 //!
 //! Attacks: [`fmn`] (Pintor et al. 2021), [`fab`] (Croce & Hein 2020, untargeted and targeted
 //! over the top-k classes), [`ddn`] (Rony et al. 2019, L2), [`pgd`] (PGD inside a bisection
-//! over ε, a slow reference) and [`best`] (a cheap pipeline of the above).
+//! over ε, a slow reference), [`shrink`] (a polish of a found point) and [`best`] (a cheap
+//! pipeline of the above).
 
 pub mod best;
 pub mod ddn;
@@ -17,6 +18,7 @@ pub mod fmn;
 pub mod job;
 pub mod pgd;
 pub mod project;
+pub mod shrink;
 pub mod table;
 
 use anyhow::Result;
