@@ -194,13 +194,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         if let Some(t) = &test {
             test_clean = Some(accuracy(&trainer.model, t, None, 500, a.seed)?.clean);
         }
+        // Standard training has no attack: its "adversarial" accuracy is the clean one.
+        let adv = if a.mode == Mode::Standard {
+            String::new()
+        } else {
+            format!(", train adv {:.2}%", 100.0 * s.adv_accuracy)
+        };
         println!(
-            "epoch {}/{}: loss {:.4}, train clean {:.2}%, train adv {:.2}%{} ({:.0} s)",
+            "epoch {}/{}: loss {:.4}, train clean {:.2}%{adv}{} ({:.0} s)",
             s.epoch,
             a.epochs,
             s.loss,
             100.0 * s.clean_accuracy,
-            100.0 * s.adv_accuracy,
             test_clean.map_or(String::new(), |c| format!(", test clean {:.2}%", 100.0 * c)),
             t0.elapsed().as_secs_f64()
         );
