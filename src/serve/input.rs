@@ -2,7 +2,7 @@
 //! 4xx [`ApiError`] naming what is wrong.
 
 use axum::http::StatusCode;
-use serde_json::Value;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::ApiError;
 
@@ -127,30 +127,33 @@ impl InputSpec {
         Ok(images)
     }
 
-    /// `{"images": [...]}` with `[C][H][W]` or `[N][C][H][W]` nested arrays of numbers.
+    /// `{"images": [...]}` with `[C][H][W]` or `[N][C][H][W]` nested arrays of numbers, read in
+    /// one pass straight into the pixel vector, without a `serde_json::Value` tree. Most of the
+    /// time (~0.25 ms for one CIFAR image) is serde_json's exact float parsing: send NPY when
+    /// latency matters.
     fn json(&self, body: &[u8]) -> Result<Images, ApiError> {
-        let v: Value =
-            serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let arr = v
-            .get("images")
-            .ok_or_else(|| bad("the JSON body must be an object with an \"images\" field"))?;
-        // The shape follows the first element at each depth; `flatten` checks the rest.
-        let mut shape = Vec::new();
-        let mut cur = arr;
-        while let Value::Array(a) = cur {
-            shape.push(a.len());
-            if shape.len() > 4 {
-                break;
-            }
-            match a.first() {
-                Some(first) => cur = first,
-                None => break,
-            }
+        let mut nested = Nested::default();
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let found = Body(&mut nested)
+            .deserialize(&mut de)
+            .and_then(|found| de.end().map(|()| found))
+            .map_err(|e| bad(format!("invalid JSON body: {e}")))?;
+        if !found {
+            return Err(bad(
+                "the JSON body must be an object with an \"images\" field",
+            ));
         }
+        let depth = nested.leaf.unwrap_or(nested.dims.len());
+        let shape: Vec<usize> = nested.dims[..depth.min(nested.dims.len())]
+            .iter()
+            .map(|d| d.unwrap_or(0))
+            .collect();
         let n = self.count(&shape)?;
-        let mut pixels = Vec::with_capacity(n * self.per_image());
-        flatten(arr, &shape, &mut Vec::new(), &mut pixels)?;
-        Ok(Images { pixels, n })
+        debug_assert_eq!(nested.values.len(), n * self.per_image());
+        Ok(Images {
+            pixels: nested.values,
+            n,
+        })
     }
 
     /// NPY array, C order, float32/float64 in `[0, 1]` or uint8 (divided by 255).
@@ -236,35 +239,138 @@ impl InputSpec {
     }
 }
 
-/// Appends the numbers of `v` (which must have exactly `shape`) to `out`; `at` is the position
-/// for error messages.
-fn flatten(
-    v: &Value,
-    shape: &[usize],
-    at: &mut Vec<usize>,
-    out: &mut Vec<f32>,
-) -> Result<(), ApiError> {
-    let depth = at.len();
-    if depth == shape.len() {
-        let x = v
-            .as_f64()
-            .ok_or_else(|| bad(format!("images{at:?} is {v}, not a number")))?;
-        out.push(x as f32);
-        return Ok(());
+/// Deepest nesting accepted for `images` (`[N][C][H][W]`).
+const MAX_DEPTH: usize = 4;
+
+/// Nested JSON arrays of numbers, flattened while they are parsed. The length at each depth is
+/// fixed by the first array that ends there and every later array at that depth must match;
+/// numbers must all sit at the same depth.
+#[derive(Default)]
+struct Nested {
+    dims: Vec<Option<usize>>,
+    /// Depth of the numbers, once one is seen.
+    leaf: Option<usize>,
+    values: Vec<f32>,
+    /// Position of the element being read, for error messages.
+    at: Vec<usize>,
+}
+
+/// The top-level object: finds `images` (at most once), skips other fields.
+struct Body<'a>(&'a mut Nested);
+
+impl<'de> DeserializeSeed<'de> for Body<'_> {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_map(self)
     }
-    match v {
-        Value::Array(a) if a.len() == shape[depth] => {
-            for (i, item) in a.iter().enumerate() {
-                at.push(i);
-                flatten(item, shape, at, out)?;
-                at.pop();
+}
+
+impl<'de> Visitor<'de> for Body<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with an \"images\" field")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut found = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key != "images" {
+                map.next_value::<IgnoredAny>()?;
+            } else if found {
+                return Err(de::Error::duplicate_field("images"));
+            } else {
+                map.next_value_seed(Level {
+                    depth: 0,
+                    nested: &mut *self.0,
+                })?;
+                found = true;
             }
-            Ok(())
         }
-        _ => Err(bad(format!(
-            "images{at:?} is not an array of {} elements like the first one (ragged array)",
-            shape[depth]
-        ))),
+        Ok(found)
+    }
+}
+
+/// One value of `images` at `depth`: a number or an array.
+struct Level<'a> {
+    depth: usize,
+    nested: &'a mut Nested,
+}
+
+impl<'de> DeserializeSeed<'de> for Level<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Level<'_> {
+    fn number<E: de::Error>(self, v: f64) -> Result<(), E> {
+        let n = self.nested;
+        match n.leaf {
+            None => n.leaf = Some(self.depth),
+            Some(l) if l != self.depth => {
+                return Err(E::custom(format!(
+                    "images{:?} is a number where the other entries are arrays (ragged array)",
+                    n.at
+                )))
+            }
+            Some(_) => {}
+        }
+        n.values.push(v as f32);
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for Level<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a number or an array of numbers")
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.number(v)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.number(v as f64)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.number(v as f64)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (depth, n) = (self.depth, self.nested);
+        if depth >= MAX_DEPTH || n.leaf.is_some_and(|l| depth >= l) {
+            return Err(de::Error::custom(format!(
+                "images{:?} is an array where numbers are expected (ragged array, or more than {MAX_DEPTH} levels)",
+                n.at
+            )));
+        }
+        let mut len = 0;
+        n.at.push(0);
+        while seq
+            .next_element_seed(Level {
+                depth: depth + 1,
+                nested: &mut *n,
+            })?
+            .is_some()
+        {
+            len += 1;
+            if let Some(i) = n.at.last_mut() {
+                *i = len;
+            }
+        }
+        n.at.pop();
+        if n.dims.len() <= depth {
+            n.dims.resize(depth + 1, None);
+        }
+        match n.dims[depth] {
+            None => n.dims[depth] = Some(len),
+            Some(want) if want != len => {
+                return Err(de::Error::custom(format!(
+                    "images{:?} has {len} elements where the first array at that depth has {want} (ragged array)",
+                    n.at
+                )))
+            }
+            Some(_) => {}
+        }
+        Ok(())
     }
 }
 
@@ -306,6 +412,28 @@ mod tests {
         assert_eq!(j(b"{"), 400);
         assert_eq!(j(br#"{"imgs": []}"#), 400);
         assert_eq!(j(br#"{"images": [[[0, 0], [0]]]}"#), 400); // ragged
+        for ragged in [
+            &br#"{"images": [[[0, 0], 0]]}"#[..],
+            br#"{"images": [[0, [0, 0]]]}"#,
+            br#"{"images": [[[0, 0], [0, 0]], [[0, 0]]]}"#,
+            br#"{"images": [[[[[0]]]]]}"#,
+        ] {
+            let err = SPEC.decode(Some("application/json"), ragged).unwrap_err();
+            assert_eq!(err.status, 400);
+            assert!(err.message.contains("ragged"), "{}", err.message);
+        }
+        assert_eq!(j(br#"{"images": [[[0, 0], [0, 0]]], "images": []}"#), 400);
+        assert_eq!(j(br#"{"images": [[[0, 0], [0, 0]]]} trailing"#), 400);
+        // Other fields are ignored.
+        assert_eq!(
+            SPEC.decode(
+                Some("application/json"),
+                br#"{"id": {"a": [1, "x"]}, "images": [[[0, 0], [0, 1]]]}"#
+            )
+            .unwrap()
+            .pixels,
+            vec![0.0, 0.0, 0.0, 1.0]
+        );
         assert_eq!(j(br#"{"images": [[[0, 0, 0], [0, 0, 0]]]}"#), 400); // wrong shape
         assert_eq!(j(br#"{"images": [[["a", 0], [0, 0]]]}"#), 400);
         assert_eq!(j(br#"{"images": [[[2, 0], [0, 0]]]}"#), 400); // out of range
