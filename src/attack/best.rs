@@ -36,8 +36,8 @@ pub fn cold_fmn_steps(norm: Norm) -> usize {
     }
 }
 /// L2 only: DDN from the clean input after the cold FMN. It finds boundaries FMN misses: on
-/// resnet_2b (100 pool images) 95% of samples within 1% of the best known instead of 92%, for
-/// 4 ms/sample more than FMN alone at the same total budget.
+/// resnet_2b (100 pool images) cold FMN 60 + DDN 60 put 95% of samples within 1% of the best
+/// known, against 92% for cold FMN 90 alone, for 4 ms/sample more.
 pub const DDN_STEPS: usize = 60;
 /// Steps of the final polish ([`Shrink`]).
 pub const SHRINK_STEPS: usize = 40;
