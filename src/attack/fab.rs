@@ -2,7 +2,7 @@
 //!
 //! Each iteration linearises the decision boundaries between the attacked class and the
 //! classes of interest at the current point, picks the closest linearised boundary, projects
-//! both the current point and the clean input onto it (inside the [0,1] box), and moves to a
+//! both the current point and the clean input onto it (inside the `[0, 1]` box), and moves to a
 //! convex combination of the two (biased towards the clean input by at most `alpha_max`),
 //! overshooting by `eta`. When the current point is adversarial it is first pulled back towards
 //! the clean input by `beta`. The gradient pass that linearises at a point also tells whether

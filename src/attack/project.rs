@@ -1,4 +1,4 @@
-//! Projections: onto norm balls (FMN, DDN, PGD) and onto a hyperplane inside the [0,1] box (FAB).
+//! Projections: onto norm balls (FMN, DDN, PGD) and onto a hyperplane inside the `[0, 1]` box (FAB).
 
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};

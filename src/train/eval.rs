@@ -1,4 +1,4 @@
-//! Clean and robust accuracy of a classifier under [`pgd`](super::pgd::pgd) with cross-entropy.
+//! Clean and robust accuracy of a classifier under [`pgd`] with cross-entropy.
 
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};

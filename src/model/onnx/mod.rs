@@ -14,8 +14,8 @@
 //! The declared input shape is checked against the data at load.
 //!
 //! # Graph
-//! The whole graph is validated at load ([`ops::SUPPORTED`] operators, default domain, opsets
-//! [`graph::OPSETS`]): any unsupported operator, attribute or extra output is an error naming
+//! The whole graph is validated at load (the operators of `ops::SUPPORTED`, default domain, opsets
+//! `graph::OPSETS`): any unsupported operator, attribute or extra output is an error naming
 //! the node, the operator and the opset, before any work starts. Weights are put on the device
 //! once; nodes whose inputs are all constant (e.g. shape arithmetic on constants) are folded at
 //! load; shape subgraphs of the input (`Shape -> Gather -> Unsqueeze -> Concat -> Reshape`) run
