@@ -64,7 +64,9 @@ pub fn set_threads(threads: usize) {
 ///
 /// libtorch frees and reallocates activation buffers of the same sizes at every attack step; with
 /// glibc's defaults each large one is a fresh `mmap` that the kernel must fault in and zero again
-/// (about 14% of an FMN run on resnet_2b, 2 threads). Called once at start-up by the binary.
+/// (about 14% of an FMN run on resnet_2b, 2 threads). The price: the process keeps its peak heap
+/// until it exits (a long-running `brittle serve` stays at the size of its largest batch). Called
+/// once at start-up by the binary.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; it is called before any other thread
