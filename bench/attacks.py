@@ -99,7 +99,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "..", "shared", "models", "resnet_2b.pt"))
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "cifar10", "real-pool.bin"))
-    ap.add_argument("--brittle", default=os.path.join(ROOT, "target", "release", "brittle"))
+    ap.add_argument("--brittle", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                                      "release", "brittle"))
     ap.add_argument("--norm", choices=["linf", "l2"], default="linf")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)

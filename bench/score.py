@@ -81,7 +81,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=os.path.join(ROOT, "../shared/models/sri_resnet_a.pt"))
     ap.add_argument("--data", default=os.path.join(ROOT, "../shared/data/cifar10/real-pool.bin"))
-    ap.add_argument("--exe", default=os.path.join(ROOT, "target/release/brittle"))
+    ap.add_argument("--exe", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")),
+                                                  "release", "brittle"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=5)

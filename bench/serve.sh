@@ -15,7 +15,7 @@ det=()
 cargo build --release --locked --example serve_bench
 for wait in ${MAX_WAIT_US:-1000 0}; do
   echo "== max wait ${wait} us"
-  ./target/release/examples/serve_bench --model "$model" "${det[@]}" \
+  "${CARGO_TARGET_DIR:-target}/release/examples/serve_bench" --model "$model" "${det[@]}" \
     --clients "${CLIENTS:-8}" --requests "${REQUESTS:-2000}" --seconds "${DURATION:-20}" --max-wait-us "$wait" \
     --threads "${THREADS:-0}" --one-image "${ONE_IMAGE:-400}" ${ARCH:+--arch "$ARCH"}
 done

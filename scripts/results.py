@@ -22,7 +22,7 @@ import sys
 import tarfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "brittle")
+BIN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "brittle")
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 CACHE = os.path.expanduser("~/.cache/brittle/results")
 OUT = os.path.join(ROOT, "docs", "results")
