@@ -254,3 +254,63 @@ fn missing_weights_tensor_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// BatchNorm architectures train with batch statistics and update their running averages; the
+/// checkpoint carries those, so a resumed run still equals an uninterrupted one.
+#[test]
+fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
+    tch::set_num_threads(1);
+    let n = 24;
+    let seeds: Vec<u64> = (0..n as u64).collect();
+    let images = (brittle::attack::uniform_noise(&seeds, &[3, 32, 32], Device::Cpu) + 1.0) * 0.5;
+    let labels: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
+    let data = Dataset::new(images, labels, 10, (0..n).collect(), "synthetic".into()).unwrap();
+    let mut cfg = config(Mode::Pgd, 2);
+    cfg.arch = "resnet18@4".into();
+    cfg.batch_size = 8;
+    let running_mean = |t: &Trainer| {
+        weights(t)
+            .into_iter()
+            .find(|(name, _)| name == "bn1.running_mean")
+            .expect("resnet18 has bn1.running_mean")
+            .1
+    };
+
+    let mut whole = Trainer::new(cfg.clone(), [3, 32, 32], 10, Device::Cpu).unwrap();
+    assert_eq!(
+        running_mean(&whole)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[]),
+        0.0
+    );
+    whole.train_epoch(&data).unwrap();
+    assert!(
+        running_mean(&whole)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[])
+            > 0.0,
+        "training must update BatchNorm's running mean"
+    );
+    whole.train_epoch(&data).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Trainer::new(cfg.clone(), [3, 32, 32], 10, Device::Cpu).unwrap();
+    first.train_epoch(&data).unwrap();
+    checkpoint::save(&first, dir.path()).unwrap();
+    drop(first);
+    let mut resumed = Trainer::new(cfg, [3, 32, 32], 10, Device::Cpu).unwrap();
+    assert!(checkpoint::resume(&mut resumed, dir.path()).unwrap());
+    resumed.train_epoch(&data).unwrap();
+    for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed)) {
+        let diff = (a - &b).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{name} differs by {diff}");
+    }
+    // Batch statistics (training) and running statistics (evaluation) give different logits
+    // (last: a training-mode forward moves the running averages).
+    let x = data.images.narrow(0, 0, 8);
+    let train = tch::no_grad(|| whole.model.logits_t(&x, true)).unwrap();
+    let eval = tch::no_grad(|| whole.model.logits(&x)).unwrap();
+    assert!((train - eval).abs().max().double_value(&[]) > 1e-4);
+}

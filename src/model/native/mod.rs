@@ -3,7 +3,8 @@
 //!
 //! Each family is built with `tch::nn` under variable names equal to the PyTorch `state_dict`
 //! names, so weights load by name ([`super::weights::load_into`]). Models run in eval mode
-//! (BatchNorm uses its running statistics) and expose their penultimate features and last
+//! (BatchNorm uses its running statistics) except in `brittle train`, where BatchNorm uses batch
+//! statistics and updates its running averages, and expose their penultimate features and last
 //! linear layer.
 
 pub mod cnn_a;
@@ -161,14 +162,15 @@ pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D
     nn::conv2d(p, cin, cout, k, cfg)
 }
 
-/// BatchNorm in eval mode.
+/// A BatchNorm layer (PyTorch's defaults: momentum 0.1, ε 1e-5).
 pub fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
     nn::batch_norm2d(p, c, Default::default())
 }
 
-/// `BatchNorm` with running statistics (eval mode).
-pub fn bn_eval(bn: &nn::BatchNorm, x: &Tensor) -> Tensor {
-    nn::ModuleT::forward_t(bn, x, false)
+/// `BatchNorm` in training mode (batch statistics; the running averages are updated) or in
+/// evaluation mode (running statistics).
+pub fn bn_t(bn: &nn::BatchNorm, x: &Tensor, train: bool) -> Tensor {
+    nn::ModuleT::forward_t(bn, x, train)
 }
 
 /// PyTorch's `F.avg_pool2d(x, k)` (tch's `avg_pool2d_default` sums, hence the explicit call).

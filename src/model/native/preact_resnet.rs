@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_eval, conv, downsampled, resnet18_blocks, ArchConfig, Network};
+use super::{avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, ArchConfig, Network};
 
 /// `bn-relu-conv-bn-relu-conv + shortcut`, the shortcut a 1x1 conv when the shape changes.
 struct PreActBlock {
@@ -33,15 +33,15 @@ impl PreActBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let act = bn_eval(&self.bn1, x).relu();
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let act = bn_t(&self.bn1, x, train).relu();
         let short = match &self.shortcut {
             Some(c) if self.shortcut_after_act => c.forward(&act),
             Some(c) => c.forward(x),
             None => x.shallow_clone(),
         };
         let out = self.conv1.forward(&act);
-        let out = self.conv2.forward(&bn_eval(&self.bn2, &out).relu());
+        let out = self.conv2.forward(&bn_t(&self.bn2, &out, train).relu());
         out + short
     }
 }
@@ -70,12 +70,16 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig, bn_before_fc: bool) -> Result<Box<d
 
 impl Network for PreActResNet18 {
     fn features(&self, x: &Tensor) -> Tensor {
+        self.features_t(x, false)
+    }
+
+    fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut out = self.conv1.forward(x);
         for b in &self.blocks {
-            out = b.forward(&out);
+            out = b.forward(&out, train);
         }
         if let Some(bn) = &self.bn {
-            out = bn_eval(bn, &out).relu();
+            out = bn_t(bn, &out, train).relu();
         }
         avg_pool(&out, 4).flatten(1, -1)
     }

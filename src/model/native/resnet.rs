@@ -6,7 +6,7 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_eval, conv, downsampled, resnet18_blocks, ArchConfig, Network};
+use super::{avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, ArchConfig, Network};
 
 /// `conv-bn-relu-conv-bn + shortcut`, then ReLU; the shortcut is `conv1x1-bn` when the shape changes.
 struct BasicBlock {
@@ -32,11 +32,11 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let out = bn_eval(&self.bn1, &self.conv1.forward(x)).relu();
-        let out = bn_eval(&self.bn2, &self.conv2.forward(&out));
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let out = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
+        let out = bn_t(&self.bn2, &self.conv2.forward(&out), train);
         let short = match &self.shortcut {
-            Some((c, b)) => bn_eval(b, &c.forward(x)),
+            Some((c, b)) => bn_t(b, &c.forward(x), train),
             None => x.shallow_clone(),
         };
         (out + short).relu()
@@ -64,9 +64,13 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
 
 impl Network for ResNet18 {
     fn features(&self, x: &Tensor) -> Tensor {
-        let mut out = bn_eval(&self.bn1, &self.conv1.forward(x)).relu();
+        self.features_t(x, false)
+    }
+
+    fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut out = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
         for b in &self.blocks {
-            out = b.forward(&out);
+            out = b.forward(&out, train);
         }
         avg_pool(&out, 4).flatten(1, -1)
     }

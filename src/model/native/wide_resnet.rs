@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_eval, conv, downsampled, no_width, ArchConfig, Network};
+use super::{avg_pool, bn, bn_t, conv, downsampled, no_width, ArchConfig, Network};
 
 /// `wrn-<depth>-<widen>` as numbers.
 pub fn parse_name(name: &str) -> Option<(i64, i64)> {
@@ -36,9 +36,9 @@ impl BasicBlock {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let act = bn_eval(&self.bn1, x).relu();
-        let out = bn_eval(&self.bn2, &self.conv1.forward(&act)).relu();
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let act = bn_t(&self.bn1, x, train).relu();
+        let out = bn_t(&self.bn2, &self.conv1.forward(&act), train).relu();
         let out = self.conv2.forward(&out);
         match &self.conv_shortcut {
             Some(c) => c.forward(&act) + out,
@@ -87,11 +87,15 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig, depth: i64, widen: i64) -> Result<B
 
 impl Network for WideResNet {
     fn features(&self, x: &Tensor) -> Tensor {
+        self.features_t(x, false)
+    }
+
+    fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut out = self.conv1.forward(x);
         for b in &self.blocks {
-            out = b.forward(&out);
+            out = b.forward(&out, train);
         }
-        let out = bn_eval(&self.bn1, &out).relu();
+        let out = bn_t(&self.bn1, &out, train).relu();
         avg_pool(&out, 8).flatten(1, -1)
     }
 
