@@ -203,6 +203,16 @@ pub fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
     v.view(shape.as_slice())
 }
 
+/// The unit ascent step of `norm` along `grad` (per sample): the gradient's sign in L∞, the
+/// gradient scaled to unit norm otherwise. PGD, the `shrink` polish and training's PGD step
+/// along it.
+pub fn ascent_direction(norm: Norm, grad: &Tensor) -> Tensor {
+    match norm {
+        Norm::Linf => grad.sign(),
+        _ => grad / per_sample(&norm.batch_norm(grad).clamp_min(1e-12), grad),
+    }
+}
+
 /// Per-sample norm as float64 `[B]`.
 pub fn norm64(norm: Norm, delta: &Tensor) -> Tensor {
     match norm {

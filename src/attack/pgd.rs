@@ -10,8 +10,8 @@ use tch::{Kind, Tensor};
 
 use super::project::project_ball;
 use super::{
-    margin_loss, misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Budget,
-    Candidate, Ctx,
+    ascent_direction, margin_loss, misclassified, norm64, per_sample, uniform_noise, AttackStep,
+    BatchView, Budget, Candidate, Ctx,
 };
 use crate::norm::Norm;
 
@@ -93,11 +93,11 @@ impl AttackStep for Pgd {
         let (logits, grad) = ctx.grad(&x, |z| margin_loss(z, b.label))?;
         let is_adv = misclassified(&logits, b.label);
         let alpha = per_sample(&(eps * (2.5 / self.inner as f64)), &grad).to_kind(grad.kind());
-        let dir = match self.norm {
-            Norm::Linf => grad.sign(),
-            _ => &grad / per_sample(&self.norm.batch_norm(&grad).clamp_min(1e-12), &grad),
-        };
-        let stepped = project_ball(self.norm, &(delta + alpha * dir), eps);
+        let stepped = project_ball(
+            self.norm,
+            &(delta + alpha * ascent_direction(self.norm, &grad)),
+            eps,
+        );
         let stepped = (b.x0 + stepped).clamp(0.0, 1.0) - b.x0;
         // End of a round: success (bracket from above) or budget spent (from below).
         let k1 = k + 1.0;

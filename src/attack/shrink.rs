@@ -11,8 +11,8 @@ use tch::Tensor;
 
 use super::project::project_ball;
 use super::{
-    cosine, margin_loss, misclassified, norm64, per_sample, AttackStep, BatchView, Budget,
-    Candidate, Ctx,
+    ascent_direction, cosine, margin_loss, misclassified, norm64, per_sample, AttackStep,
+    BatchView, Budget, Candidate, Ctx,
 };
 use crate::norm::Norm;
 
@@ -72,13 +72,9 @@ impl AttackStep for Shrink {
         let rho = cosine(b.step, self.steps, self.rho_init, self.rho_final);
         let radius = (norm64(self.norm, delta) * (rho.neg() + 1.0)).where_self(&is_adv, radius);
         let alpha = cosine(b.step, self.steps, self.alpha_init, self.alpha_final);
-        let dir = match self.norm {
-            Norm::Linf => grad.sign(),
-            _ => &grad / per_sample(&self.norm.batch_norm(&grad).clamp_min(1e-12), &grad),
-        };
         let size = per_sample(&(&alpha * &radius), &grad).to_kind(grad.kind());
-        let moved =
-            (delta + dir * size).where_self(&per_sample(&is_adv.logical_not(), delta), delta);
+        let moved = (delta + ascent_direction(self.norm, &grad) * size)
+            .where_self(&per_sample(&is_adv.logical_not(), delta), delta);
         state[0] = (b.x0 + project_ball(self.norm, &moved, &radius)).clamp(0.0, 1.0) - b.x0;
         state[1] = radius;
         Ok(Candidate { x, is_adv })

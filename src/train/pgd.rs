@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Reduction, Tensor};
 
+use crate::attack::{ascent_direction, per_sample};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
 
@@ -74,19 +75,12 @@ fn project(x: &Tensor, adv: &Tensor, cfg: &PgdConfig) -> Tensor {
     let delta = match cfg.norm {
         Norm::Linf => delta.clamp(-cfg.eps, cfg.eps),
         _ => {
-            let n = per_sample(&Norm::L2.batch_norm(&delta), x.dim());
+            let n = per_sample(&Norm::L2.batch_norm(&delta), x);
             let factor = (n.clamp_min(1e-12).reciprocal() * cfg.eps).clamp_max(1.0);
             delta * factor
         }
     };
     (x + delta).clamp(0.0, 1.0)
-}
-
-/// `[N]` → `[N, 1, 1, 1]` for broadcasting against a batch of `dim` dimensions.
-fn per_sample(v: &Tensor, dim: usize) -> Tensor {
-    let mut shape = vec![-1i64];
-    shape.resize(dim, 1);
-    v.view(shape.as_slice())
 }
 
 /// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
@@ -96,11 +90,11 @@ fn random_start(x: &Tensor, cfg: &PgdConfig) -> Tensor {
         Norm::Linf => (x.rand_like() * 2.0 - 1.0) * cfg.eps,
         _ => {
             let g = x.randn_like();
-            let n = per_sample(&Norm::L2.batch_norm(&g).clamp_min(1e-12), x.dim());
+            let n = per_sample(&Norm::L2.batch_norm(&g).clamp_min(1e-12), x);
             let r = per_sample(
                 &x.new_empty([x.size()[0]], (Kind::Float, x.device()))
                     .uniform_(0.0, 1.0),
-                x.dim(),
+                x,
             );
             g / n * r * cfg.eps
         }
@@ -125,13 +119,7 @@ pub fn pgd(
     };
     for _ in 0..cfg.steps {
         let (_, grad) = logits_and_grad(model, &adv, &objective)?;
-        let step = match cfg.norm {
-            Norm::Linf => grad.sign(),
-            _ => {
-                let n = per_sample(&Norm::L2.batch_norm(&grad).clamp_min(1e-12), x.dim());
-                grad / n
-            }
-        };
+        let step = ascent_direction(cfg.norm, &grad);
         adv = tch::no_grad(|| project(&x, &(adv + step * cfg.step_size), cfg));
     }
     Ok(adv.detach())
