@@ -38,12 +38,11 @@ fn main() -> Result<()> {
     // Timed one-image requests per body type (after one eighth as many for warm-up).
     let one_image: usize = arg(&args, "--one-image", 400);
     // As `brittle serve` does by default: half the cores for the model, the rest for HTTP.
-    let threads: i32 = arg(&args, "--threads", 0);
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as i32;
-    tch::set_num_threads(if threads > 0 {
+    let threads: usize = arg(&args, "--threads", 0);
+    brittle::model::device::set_threads(if threads > 0 {
         threads
     } else {
-        (cores / 2).max(1)
+        brittle::serve::default_model_threads()
     });
     let shape = [3i64, 32, 32];
     // `--arch` for native weights (safetensors / .pt checkpoints), as `brittle serve --arch`.

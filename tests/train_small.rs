@@ -1,6 +1,8 @@
 //! `brittle train` on tiny models: the loss goes down, checkpoints resume bit-for-bit, the CLI
 //! writes loadable weights with provenance.
 
+mod common;
+
 use std::path::PathBuf;
 
 use brittle::data::{DataSpec, Dataset};
@@ -261,8 +263,7 @@ fn missing_weights_tensor_is_a_clear_error() {
 fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
     tch::set_num_threads(1);
     let n = 24;
-    let seeds: Vec<u64> = (0..n as u64).collect();
-    let images = (brittle::attack::uniform_noise(&seeds, &[3, 32, 32], Device::Cpu) + 1.0) * 0.5;
+    let images = common::seeded_uniform(0, n as i64, &[3, 32, 32], 0.0, 1.0);
     let labels: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();
     let data = Dataset::new(images, labels, 10, (0..n).collect(), "synthetic".into()).unwrap();
     let mut cfg = config(Mode::Pgd, 2);

@@ -10,7 +10,9 @@ use clap::Args;
 use super::args::ModelArgs;
 use crate::detector::Detector;
 use crate::model::load_classifier;
-use crate::serve::{bind, router, serve_listener, shutdown_signal, ServeConfig};
+use crate::serve::{
+    bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
+};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -55,16 +57,9 @@ pub fn parse_shape(s: &str) -> Result<[i64; 3]> {
     }
 }
 
-/// Intra-op threads when `--threads` is 0: half the cores, leaving the rest to HTTP. On the
-/// 2-core development machine one model thread answered a one-image request in 0.41 ms (p50,
-/// resnet_2b) against 0.55 ms with two, and served 23% more images/s to 8 clients.
-fn serve_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
-}
-
 pub fn run(mut a: ServeArgs) -> Result<()> {
     if a.model.threads == 0 {
-        a.model.threads = serve_threads();
+        a.model.threads = default_model_threads();
     }
     let spec = a.model.spec(None)?;
     let detector = match &a.detector {

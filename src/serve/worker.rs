@@ -63,9 +63,7 @@ impl Scorer {
             })
             .collect()
     }
-}
 
-impl Scorer {
     /// Scores `n` images given as flattened NCHW pixels of `shape`, recording the batch in
     /// `metrics`; a panic inside libtorch becomes an error, so the service goes on.
     pub fn score_pixels(
