@@ -88,6 +88,34 @@ fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
     v
 }
 
+/// A run checkpointed into `dir` after its first epoch, resumed by a fresh trainer (after
+/// disturbing libtorch's global RNG, which resuming must not depend on) and trained once more.
+fn resumed_after_one_epoch(
+    cfg: &TrainConfig,
+    shape: [i64; 3],
+    data: &Dataset,
+    dir: &std::path::Path,
+) -> Trainer {
+    let mut first = Trainer::new(cfg.clone(), shape, 10, Device::Cpu).unwrap();
+    first.train_epoch(data).unwrap();
+    checkpoint::save(&first, dir).unwrap();
+    drop(first);
+    let _ = Tensor::rand([100], (Kind::Float, Device::Cpu));
+    let mut resumed = Trainer::new(cfg.clone(), shape, 10, Device::Cpu).unwrap();
+    assert!(checkpoint::resume(&mut resumed, dir).unwrap());
+    assert_eq!(resumed.epoch, 1);
+    resumed.train_epoch(data).unwrap();
+    resumed
+}
+
+/// Every variable of the two trainers (weights, BatchNorm running statistics) is bit-identical.
+fn assert_same_variables(a: &Trainer, b: &Trainer) {
+    for ((name, x), (_, y)) in weights(a).iter().zip(weights(b)) {
+        let diff = (x - &y).abs().max().double_value(&[]);
+        assert_eq!(diff, 0.0, "{name} differs by {diff}");
+    }
+}
+
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
     tch::set_num_threads(1);
@@ -98,16 +126,7 @@ fn resumed_run_equals_uninterrupted_run() {
     whole.train_epoch(&data).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut first = Trainer::new(cfg.clone(), [1, 28, 28], 10, Device::Cpu).unwrap();
-    first.train_epoch(&data).unwrap();
-    checkpoint::save(&first, dir.path()).unwrap();
-    drop(first);
-    // Disturb the global RNG: resuming must not depend on it.
-    let _ = Tensor::rand([100], (Kind::Float, Device::Cpu));
-    let mut resumed = Trainer::new(cfg.clone(), [1, 28, 28], 10, Device::Cpu).unwrap();
-    assert!(checkpoint::resume(&mut resumed, dir.path()).unwrap());
-    assert_eq!(resumed.epoch, 1);
-    resumed.train_epoch(&data).unwrap();
+    let resumed = resumed_after_one_epoch(&cfg, [1, 28, 28], &data, dir.path());
 
     assert_eq!(resumed.opt.step, whole.opt.step);
     // The history went through JSON: equal up to float printing.
@@ -115,10 +134,7 @@ fn resumed_run_equals_uninterrupted_run() {
         assert_eq!(a.epoch, b.epoch);
         assert!((a.loss - b.loss).abs() < 1e-12 && (a.adv_accuracy - b.adv_accuracy).abs() < 1e-12);
     }
-    for ((n, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed)) {
-        let diff = (a - &b).abs().max().double_value(&[]);
-        assert_eq!(diff, 0.0, "{n} differs by {diff}");
-    }
+    assert_same_variables(&whole, &resumed);
     // And a different run is not resumed from it.
     let mut other = Trainer::new(config(Mode::Standard, 2), [1, 28, 28], 10, Device::Cpu).unwrap();
     let err = checkpoint::resume(&mut other, dir.path()).unwrap_err();
@@ -297,17 +313,8 @@ fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
     whole.train_epoch(&data).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut first = Trainer::new(cfg.clone(), [3, 32, 32], 10, Device::Cpu).unwrap();
-    first.train_epoch(&data).unwrap();
-    checkpoint::save(&first, dir.path()).unwrap();
-    drop(first);
-    let mut resumed = Trainer::new(cfg, [3, 32, 32], 10, Device::Cpu).unwrap();
-    assert!(checkpoint::resume(&mut resumed, dir.path()).unwrap());
-    resumed.train_epoch(&data).unwrap();
-    for ((name, a), (_, b)) in weights(&whole).iter().zip(weights(&resumed)) {
-        let diff = (a - &b).abs().max().double_value(&[]);
-        assert_eq!(diff, 0.0, "{name} differs by {diff}");
-    }
+    let resumed = resumed_after_one_epoch(&cfg, [3, 32, 32], &data, dir.path());
+    assert_same_variables(&whole, &resumed);
     // Batch statistics (training) and running statistics (evaluation) give different logits
     // (last: a training-mode forward moves the running averages).
     let x = data.images.narrow(0, 0, 8);
