@@ -53,8 +53,16 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// A 1-D float tensor as `Vec<f64>`.
+/// A float tensor's values, flattened, as `Vec<f64>`. A contiguous float32 CPU tensor (logits,
+/// as a rule) is copied out in one call; the general path's conversions cost ~10 µs, a twentieth
+/// of a small model's one-image forward pass when serving.
 pub fn to_vec_f64(t: &tch::Tensor) -> Result<Vec<f64>> {
+    if t.device() == tch::Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous() {
+        let n = t.numel();
+        let mut v = vec![0f32; n];
+        t.f_copy_data(&mut v, n)?;
+        return Ok(v.into_iter().map(f64::from).collect());
+    }
     Ok(Vec::<f64>::try_from(
         t.to_kind(tch::Kind::Double)
             .to_device(tch::Device::Cpu)

@@ -192,11 +192,6 @@ fn concurrent_clients_get_their_own_answers() {
     let fs = free_scores(&logits).unwrap();
     let pm = pm.unwrap();
 
-    let cfg = ServeConfig {
-        max_wait: Duration::from_millis(2),
-        max_batch: 16,
-        ..ServeConfig::new(SHAPE)
-    };
     // Plain data for the client threads (tensors are not Sync): per image the expected
     // (pred, logit margin, pseudo-margin, brittle), per request its first image and body.
     let expected: Vec<(i64, f64, f64, bool)> = (0..fs.len())
@@ -219,46 +214,55 @@ fn concurrent_clients_get_their_own_answers() {
                 .collect()
         })
         .collect();
-    let server = synthetic_server(cfg, dir.path());
-    let addr = server.addr;
-    std::thread::scope(|s| {
-        for (t, reqs) in requests.iter().enumerate() {
-            let expected = &expected;
-            s.spawn(move || {
-                for (start, n, body) in reqs {
-                    let (status, v) = post(addr, "application/json", body);
-                    assert_eq!(status, 200, "{v}");
-                    let res = v["results"].as_array().unwrap();
-                    assert_eq!(res.len(), *n);
-                    for (k, got) in res.iter().enumerate() {
-                        let i = start + k;
-                        let (pred, lm, pm, brittle) = expected[i];
-                        assert_eq!(got["pred"].as_i64().unwrap(), pred, "client {t} image {i}");
-                        let g = got["logit_margin"].as_f64().unwrap();
-                        assert!(
-                            (g - lm).abs() <= 1e-5 * (1.0 + lm.abs()),
-                            "client {t} image {i}: {g} vs {lm}"
-                        );
-                        let g = got["pseudo_margin"].as_f64().unwrap();
-                        assert!(
-                            (g - pm).abs() <= 1e-5 * (1.0 + pm.abs()),
-                            "client {t} image {i}: {g} vs {pm}"
-                        );
-                        assert_eq!(got["brittle"].as_bool().unwrap(), brittle);
-                        let probs: Vec<f64> = got["probs"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|p| p.as_f64().unwrap())
-                            .collect();
-                        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    // Threads that sleep at once, and threads that poll for work first (the default).
+    for spin in [Duration::ZERO, ServeConfig::new(SHAPE).spin] {
+        let cfg = ServeConfig {
+            max_wait: Duration::from_millis(2),
+            max_batch: 16,
+            spin,
+            ..ServeConfig::new(SHAPE)
+        };
+        let server = synthetic_server(cfg, dir.path());
+        let addr = server.addr;
+        std::thread::scope(|s| {
+            for (t, reqs) in requests.iter().enumerate() {
+                let expected = &expected;
+                s.spawn(move || {
+                    for (start, n, body) in reqs {
+                        let (status, v) = post(addr, "application/json", body);
+                        assert_eq!(status, 200, "{v}");
+                        let res = v["results"].as_array().unwrap();
+                        assert_eq!(res.len(), *n);
+                        for (k, got) in res.iter().enumerate() {
+                            let i = start + k;
+                            let (pred, lm, pm, brittle) = expected[i];
+                            assert_eq!(got["pred"].as_i64().unwrap(), pred, "client {t} image {i}");
+                            let g = got["logit_margin"].as_f64().unwrap();
+                            assert!(
+                                (g - lm).abs() <= 1e-5 * (1.0 + lm.abs()),
+                                "client {t} image {i}: {g} vs {lm}"
+                            );
+                            let g = got["pseudo_margin"].as_f64().unwrap();
+                            assert!(
+                                (g - pm).abs() <= 1e-5 * (1.0 + pm.abs()),
+                                "client {t} image {i}: {g} vs {pm}"
+                            );
+                            assert_eq!(got["brittle"].as_bool().unwrap(), brittle);
+                            let probs: Vec<f64> = got["probs"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .map(|p| p.as_f64().unwrap())
+                                .collect();
+                            assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+                        }
                     }
-                }
-            });
-        }
-    });
-    assert_request_counts(addr, &[(200, 64)]);
-    server.shutdown().unwrap();
+                });
+            }
+        });
+        assert_request_counts(addr, &[(200, 64)]);
+        server.shutdown().unwrap();
+    }
 }
 
 /// The real model answers like the library's `brittle score` on the same images, for JSON,

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Requests queued for the model before new ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
+    /// Microseconds the idle model thread polls for the next request (and a lone request for
+    /// its answer) before sleeping: lower latency for a little CPU; 0 never polls.
+    #[arg(long, default_value_t = crate::serve::DEFAULT_SPIN_US)]
+    pub spin_us: u64,
 }
 
 /// Parses `3,32,32`.
@@ -91,6 +95,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         max_images: a.max_images,
         max_body_bytes: a.max_body_mib << 20,
         queue: a.queue,
+        spin: Duration::from_micros(a.spin_us),
         ..ServeConfig::new(shape)
     };
     let name = model.info().name.clone();

@@ -53,7 +53,7 @@ pub fn host_logits(logits: &Tensor) -> Result<(Vec<f64>, usize)> {
         k >= 2,
         "a margin needs at least 2 classes, the model has {k}"
     );
-    Ok((to_vec_f64(&logits.detach())?, k as usize))
+    Ok((to_vec_f64(logits)?, k as usize))
 }
 
 /// `log Σ exp z`, shifted by the maximum so that it never overflows.

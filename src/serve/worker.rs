@@ -1,11 +1,11 @@
-//! The model worker: one thread drains a queue of requests, running whatever has arrived as one
-//! batch (dynamic micro-batching). The classifier sits behind a mutex (tch modules are `Send`,
-//! not `Sync`) so that a lone request can also be scored on its own HTTP thread, without the two
-//! thread wake-ups of the queue.
+//! The model worker: one thread owns the classifier and drains a queue of requests, running
+//! whatever has arrived as one batch (dynamic micro-batching). Keeping every forward pass on
+//! this one thread keeps the model's weights in its core's cache and the HTTP stack's in the
+//! others'; polling the queue for a moment spares the thread wake-up between close requests.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -89,14 +89,6 @@ impl Scorer {
     }
 }
 
-/// The scorer shared by the worker thread and the HTTP threads.
-pub type SharedScorer = Arc<Mutex<Scorer>>;
-
-/// Locks the scorer; a poisoned lock is still usable (scoring panics are caught inside).
-pub fn lock(scorer: &SharedScorer) -> MutexGuard<'_, Scorer> {
-    scorer.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Images of one request, flattened NCHW, and where to send their answers.
 pub struct Job {
     pub pixels: Vec<f32>,
@@ -115,11 +107,13 @@ pub struct BatchPolicy {
     /// Requests received and not yet answered: when no other request is in flight the worker
     /// runs at once, so a lone client never pays the wait.
     pub inflight: Arc<AtomicUsize>,
+    /// How long the idle worker polls the queue before it sleeps.
+    pub spin: Duration,
 }
 
 /// Starts the worker thread; it ends when every sender is dropped.
 pub fn spawn(
-    scorer: SharedScorer,
+    scorer: Scorer,
     input_shape: [i64; 3],
     policy: BatchPolicy,
     queue: usize,
@@ -132,9 +126,22 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-/// Collects the next batch: blocks for one job, then takes what is queued and, while more
-/// requests are in flight than the batch holds, waits up to `max_wait` for them, until
-/// `max_batch` images. A job that would overflow the batch is kept
+/// The next job: polled for `spin`, then waited for asleep. `None` once the queue is closed.
+fn next_job(rx: &Receiver<Job>, spin: Duration) -> Option<Job> {
+    let start = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(j) => return Some(j),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) if start.elapsed() < spin => std::thread::yield_now(),
+            Err(TryRecvError::Empty) => return rx.recv().ok(),
+        }
+    }
+}
+
+/// Collects the next batch: waits for one job ([`next_job`]), then takes what is queued and,
+/// while more requests are in flight than the batch holds, waits up to `max_wait` for them,
+/// until `max_batch` images. A job that would overflow the batch is kept
 /// in `pending` for the next one. `None` when the queue is closed and empty.
 fn next_batch(
     rx: &Receiver<Job>,
@@ -143,7 +150,7 @@ fn next_batch(
 ) -> Option<Vec<Job>> {
     let first = match pending.take() {
         Some(j) => j,
-        None => rx.recv().ok()?,
+        None => next_job(rx, policy.spin)?,
     };
     let deadline = Instant::now() + policy.max_wait;
     let mut n = first.n;
@@ -174,7 +181,7 @@ fn next_batch(
 }
 
 fn run(
-    scorer: SharedScorer,
+    scorer: Scorer,
     shape: [i64; 3],
     policy: BatchPolicy,
     rx: Receiver<Job>,
@@ -198,7 +205,7 @@ fn run(
         } else {
             &pixels
         };
-        match lock(&scorer).score_pixels(flat, n, shape, &metrics) {
+        match scorer.score_pixels(flat, n, shape, &metrics) {
             Ok(results) => {
                 let mut it = results.into_iter();
                 for j in jobs {
