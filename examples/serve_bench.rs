@@ -3,7 +3,7 @@
 //!
 //! cargo run --release --example serve_bench -- --model M.pt [--detector DIR] [--clients 8]
 //!     [--requests 2000] [--seconds 20] [--max-wait-us 1000] [--threads N] [--arch ARCH]
-//!     [--one-image 400]
+//!     [--one-image 400] [--spin-us 1000]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -137,8 +137,10 @@ fn main() -> Result<()> {
     };
     let model = load_classifier(&spec, shape)?;
 
+    let spin_us: u64 = arg(&args, "--spin-us", brittle::serve::DEFAULT_SPIN_US);
     let cfg = ServeConfig {
         max_wait: Duration::from_micros(max_wait_us),
+        spin: Duration::from_micros(spin_us),
         ..ServeConfig::new(shape)
     };
     let server = spawn(model, load_det()?, cfg, "127.0.0.1:0".parse()?)?;
