@@ -120,9 +120,15 @@ pub fn spawn(
     metrics: ServeMetrics,
 ) -> Result<(SyncSender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(queue.max(1));
+    // libtorch's intra-op thread count (OpenMP's) is per thread: a new thread starts with one per
+    // core, not with what `--threads` set on the main thread.
+    let threads = tch::get_num_threads();
     let handle = std::thread::Builder::new()
         .name("brittle-model".into())
-        .spawn(move || run(scorer, input_shape, policy, rx, metrics))?;
+        .spawn(move || {
+            tch::set_num_threads(threads);
+            run(scorer, input_shape, policy, rx, metrics)
+        })?;
     Ok((tx, handle))
 }
 
