@@ -120,8 +120,9 @@ pub fn spawn(
     metrics: ServeMetrics,
 ) -> Result<(SyncSender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(queue.max(1));
-    // libtorch's intra-op thread count (OpenMP's) is per thread: a new thread starts with one per
-    // core, not with what `--threads` set on the main thread.
+    // OpenMP keeps its thread count per thread. Without this, the serve benchmark's model thread
+    // started an OpenMP team of one thread per core (gdb: a second `brittle-model` thread in
+    // gomp_thread_start), ignoring `--threads 1`.
     let threads = tch::get_num_threads();
     let handle = std::thread::Builder::new()
         .name("brittle-model".into())
