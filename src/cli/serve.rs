@@ -42,8 +42,8 @@ pub struct ServeArgs {
     /// Requests queued for the model before new ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub queue: usize,
-    /// Microseconds the idle model thread polls for the next request before sleeping: lower
-    /// latency for a little CPU; 0 never polls.
+    /// Microseconds the idle model thread polls for the next request (and a lone request for
+    /// its answer) before sleeping: lower latency for a little CPU; 0 never polls.
     #[arg(long, default_value_t = crate::serve::DEFAULT_SPIN_US)]
     pub spin_us: u64,
 }

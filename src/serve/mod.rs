@@ -25,6 +25,7 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
+use tokio::sync::oneshot::error::TryRecvError;
 
 use crate::detector::Detector;
 use crate::model::Classifier;
@@ -69,9 +70,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Requests waiting for the worker before new ones get 503.
     pub queue: usize,
-    /// How long the idle model worker polls for the next request before sleeping (0: sleep at
-    /// once). A sleeping worker costs the next request a thread wake-up: tens of microseconds,
-    /// a fifth of a small model's forward pass.
+    /// How long the idle model worker polls for the next request, and a lone request's HTTP
+    /// thread for its answer, before sleeping (0: sleep at once). Each sleep costs a thread
+    /// wake-up: tens of microseconds, a tenth of a small model's forward pass.
     pub spin: Duration,
 }
 
@@ -91,9 +92,9 @@ impl ServeConfig {
 }
 
 /// Default [`ServeConfig::spin`] in microseconds. On the 2-core development machine (resnet_2b,
-/// one client) polling took the one-image p50 from 0.36 ms with a sleeping worker, and from
-/// 0.33 ms when the model ran on the HTTP thread, to 0.27 ms. The polls yield the core to any
-/// other runnable thread; an otherwise idle server polls for 1 ms after each request.
+/// one client) the model thread's poll took the one-image p50 from 0.36 ms to 0.27 ms, and the
+/// lone request's poll to 0.25 ms (0.33 ms when the model ran on the HTTP thread). The polls
+/// yield the core to any other runnable thread; an idle server polls for 1 ms after a request.
 pub const DEFAULT_SPIN_US: u64 = 1000;
 
 /// Intra-op threads for the model when none are asked for: half the cores, leaving the rest to
@@ -113,6 +114,8 @@ struct AppState {
     metrics: ServeMetrics,
     /// Detector fields echoed in every answer.
     detector: serde_json::Value,
+    /// [`ServeConfig::spin`].
+    spin: Duration,
 }
 
 /// Builds the router and starts the model worker. The worker stops once the router (and every
@@ -151,6 +154,7 @@ pub fn router(
     let state = Arc::new(AppState {
         jobs,
         inflight,
+        spin: cfg.spin,
         input: InputSpec {
             shape: cfg.input_shape,
             max_images: cfg.max_images,
@@ -218,12 +222,14 @@ async fn score_body<'a>(
 }
 
 /// Hands the images to the model worker, which batches them with other requests; the outer
-/// error is the queue's (full, or the worker gone), the inner one the scoring's.
+/// error is the queue's (full, or the worker gone), the inner one the scoring's. A request alone
+/// in flight polls for its answer for up to [`ServeConfig::spin`] on this thread: nothing else
+/// needs the thread, and the answer comes without a wake-up.
 async fn score_queued(
     st: &AppState,
     images: input::Images,
 ) -> Result<Result<Vec<worker::ImageResult>, String>, ApiError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
     let job = Job {
         pixels: images.pixels,
         n: images.n,
@@ -236,12 +242,23 @@ async fn score_queued(
         };
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)
     })?;
-    rx.await.map_err(|_| {
+    let stopped = || {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the model worker has stopped",
         )
-    })
+    };
+    if st.inflight.load(Ordering::SeqCst) == 1 {
+        let start = Instant::now();
+        while start.elapsed() < st.spin {
+            match rx.try_recv() {
+                Ok(scored) => return Ok(scored),
+                Err(TryRecvError::Empty) => std::thread::yield_now(),
+                Err(TryRecvError::Closed) => return Err(stopped()),
+            }
+        }
+    }
+    rx.await.map_err(|_| stopped())
 }
 
 /// A server running on its own runtime thread (tests, benchmarks).
