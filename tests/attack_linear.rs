@@ -150,8 +150,10 @@ fn fmn_ddn_and_pgd_are_upper_bounds_close_to_the_closed_form() {
 }
 
 /// `shrink` polishes another attack's point: on a linear model FMN-3 ends ~1% above the boundary
-/// it heads for, and 40 shrink steps must bring every sample at least 0.3% closer (one step can
-/// gain at most ρ = 0.03%; 40 gain ~0.65% here) without ever going below the true margin.
+/// it heads for. 40 shrink steps must bring every sample closer, the median sample by at least
+/// 0.1% (a step gains at most ρ, 0.005% down to 0.001%: 40 steps at most 0.12%, 10 steps 0.045%),
+/// without ever going below the true margin. Where the margin is tiny a step of ρ is below
+/// float32's resolution of the pixels, and the gain is smaller.
 #[test]
 fn shrink_polishes_every_point_towards_the_boundary() {
     use brittle::attack::fmn::Fmn;
@@ -167,10 +169,11 @@ fn shrink_polishes_every_point_towards_the_boundary() {
         let before = Vec::<f64>::try_from(&chunk.best).unwrap();
         chunk.run(&m, norm, &Shrink::new(norm, 40), 8).unwrap();
         let after = Vec::<f64>::try_from(&chunk.best).unwrap();
+        let mut gains: Vec<f64> = (0..n).map(|i| 1.0 - after[i] / before[i]).collect();
         for i in 0..n {
             let (lo, second, _) = want[i];
             assert!(
-                after[i] <= before[i] * (1.0 - 3e-3),
+                gains[i] > 0.0,
                 "{norm} sample {i}: {} -> {} (runner-up boundary {second})",
                 before[i],
                 after[i]
@@ -180,5 +183,7 @@ fn shrink_polishes_every_point_towards_the_boundary() {
                 "{norm} sample {i} below the margin"
             );
         }
+        gains.sort_by(f64::total_cmp);
+        assert!(gains[n / 2] >= 1e-3, "{norm}: gains {gains:?}");
     }
 }
