@@ -64,8 +64,9 @@ def evaluate(name, model_args, data_args, eps_list, limit, seed):
     os.makedirs(d, exist_ok=True)
     margins = os.path.join(d, "margins.csv")
     lim = ["--limit", str(limit)] if limit else []
+    # Resumed when the run was interrupted; started again when an older brittle made it.
     run([BIN, "margins", *model_args, *data_args, *lim, "--norm", "linf", "--attack", "best",
-         "--seed", str(seed), "--out", margins])
+         "--seed", str(seed), "--out", margins, "--restart-stale"])
     eps_args = [a for e in eps_list for a in ("--eps", e)]
     run([BIN, "analyze", margins, "--norm", "linf", *eps_args, "--seed", str(seed), "--out", os.path.join(d, "report")])
     with open(os.path.join(d, "report", "metrics.json")) as f:

@@ -66,6 +66,20 @@ fn without_seconds(p: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Rewrites the attack pipeline recorded in a margins file's sidecar, as an older brittle with
+/// other attack parameters would have written it.
+fn record_other_plan(csv: &Path) {
+    let meta = PathBuf::from(format!("{}.meta.json", csv.display()));
+    let mut side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    assert!(
+        side["plan"].as_str().unwrap().contains("; bisection "),
+        "{side}"
+    );
+    side["plan"] = "Fmn { norm: Linf, steps: 150, alpha_init: 2.0 }; bisection 0".into();
+    std::fs::write(&meta, side.to_string()).unwrap();
+}
+
 fn data_rows(p: &Path) -> usize {
     std::fs::read_to_string(p)
         .map(|t| t.lines().count().saturating_sub(1))
@@ -160,6 +174,17 @@ fn a_killed_run_resumes_to_the_same_file() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("other settings"));
+    // So is a file made by another version of the attack, with the same settings.
+    record_other_plan(&killed);
+    let out = margins(&killed, &args).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another version of the attack"));
+    // Unless asked to start it again.
+    run_ok(margins(
+        &killed,
+        &[&args[..], &["--restart-stale"]].concat(),
+    ));
+    assert_eq!(without_seconds(&full), without_seconds(&killed));
 }
 
 #[test]
@@ -202,6 +227,17 @@ fn shards_merge_into_the_unsharded_file_and_gaps_or_duplicates_are_refused() {
         &dir.path().join("y.csv"),
     );
     assert!(String::from_utf8_lossy(&dup.stderr).contains("appears in both"));
+    // Shards made by different versions of the attack are not merged.
+    let older = dir.path().join("older.csv");
+    std::fs::copy(&shards[2], &older).unwrap();
+    std::fs::copy(
+        format!("{}.meta.json", shards[2].display()),
+        format!("{}.meta.json", older.display()),
+    )
+    .unwrap();
+    record_other_plan(&older);
+    let mixed = merge(&[&shards[0], &shards[1], &older], &dir.path().join("z.csv"));
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("attack versions"));
     // The shard index may come from a Kubernetes indexed job.
     let k8s = dir.path().join("k8s.csv");
     let mut a = args.to_vec();

@@ -59,6 +59,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Every pass with all its parameters, and the bisection: what a margins file records, so
+    /// that a run resumed or merged by a brittle whose attacks differ is refused, not mixed in.
+    pub fn describe(&self) -> String {
+        let passes: Vec<String> = self.passes.iter().map(|p| format!("{p:?}")).collect();
+        format!("{}; bisection {}", passes.join(" -> "), self.refine)
+    }
+
     /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's).
     pub fn new(
         kind: AttackKind,

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::norm::Norm;
 
+#[derive(Debug)]
 pub struct Ddn {
     pub steps: usize,
     pub gamma: f64,

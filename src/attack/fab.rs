@@ -22,6 +22,7 @@ use super::{
 };
 use crate::norm::Norm;
 
+#[derive(Debug)]
 pub struct Fab {
     pub norm: Norm,
     pub steps: usize,

@@ -15,6 +15,7 @@ use super::{
 };
 use crate::norm::Norm;
 
+#[derive(Debug)]
 pub struct Fmn {
     pub norm: Norm,
     pub steps: usize,

@@ -87,6 +87,10 @@ pub struct Sidecar {
     pub provenance: Provenance,
     pub settings: Settings,
     pub model: crate::model::ModelInfo,
+    /// [`Plan::describe`] of the attack that made the file (empty: made before brittle recorded
+    /// it).
+    #[serde(default)]
+    pub plan: String,
     /// True once every sample of the shard is in the file, sorted.
     pub complete: bool,
     #[serde(default)]
@@ -121,13 +125,15 @@ pub struct Summary {
     pub resumed: usize,
 }
 
-/// Runs (or resumes) a margins job writing `out` (and `save_adv`, `.npy`).
+/// Runs (or resumes) a margins job writing `out` (and `save_adv`, `.npy`). An `out` made by
+/// another version of the attack is refused, or started again with `restart_stale`.
 pub fn run(
     model: &dyn Classifier,
     data: &Dataset,
     settings: &Settings,
     out: &Path,
     save_adv: Option<&Path>,
+    restart_stale: bool,
 ) -> Result<Summary> {
     let plan = Plan::new(
         settings.attack,
@@ -152,10 +158,28 @@ pub fn run(
                 settings
             );
         }
-        let (rows, has_header) = read_partial_margins(out)?;
-        header = !has_header;
-        for r in rows {
-            done.insert(r.index, r);
+        let stale = side.plan != plan.describe();
+        if stale && restart_stale {
+            eprintln!(
+                "warning: {} was made by another version of the attack: starting it again",
+                out.display()
+            );
+            std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
+        } else if stale {
+            bail!(
+                "{} was made by another version of the attack ({}); use another --out or delete it\nthere: {}\nnow:   {}",
+                out.display(),
+                sidecar_path(out).display(),
+                if side.plan.is_empty() { "(not recorded)" } else { &side.plan },
+                plan.describe()
+            );
+        }
+        if !stale {
+            let (rows, has_header) = read_partial_margins(out)?;
+            header = !has_header;
+            for r in rows {
+                done.insert(r.index, r);
+            }
         }
     }
     let resumed = done.len();
@@ -163,6 +187,7 @@ pub fn run(
         provenance: Provenance::current(Some(settings.seed)),
         settings: settings.clone(),
         model: model.info().clone(),
+        plan: plan.describe(),
         complete: false,
         merged_from: Vec::new(),
     };
@@ -410,7 +435,7 @@ fn npy_header(shape: &[i64]) -> Vec<u8> {
 /// that every sample of the window appears exactly once.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
     anyhow::ensure!(!inputs.is_empty(), "merge: no input files");
-    let mut settings: Option<(Settings, &Path)> = None;
+    let mut settings: Option<(Settings, String, &Path)> = None;
     let mut first: Option<Sidecar> = None;
     let mut rows: BTreeMap<usize, (MarginRow, &Path)> = BTreeMap::new();
     for p in inputs {
@@ -424,14 +449,15 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
         let mut s = side.settings.clone();
         s.shard = None;
         match &settings {
-            None => settings = Some((s, p)),
-            Some((s0, p0)) if *s0 != s => {
+            None => settings = Some((s, side.plan.clone(), p)),
+            Some((s0, plan0, p0)) if *s0 != s || *plan0 != side.plan => {
                 bail!(
-                    "{} and {} were made with different settings:\n{:?}\n{:?}",
+                    "{} and {} were made with different settings or attack versions:\n{:?}\n{plan0}\n{:?}\n{}",
                     p0.display(),
                     p.display(),
                     s0,
-                    s
+                    s,
+                    side.plan
                 )
             }
             _ => {}
@@ -449,7 +475,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
         }
         first.get_or_insert(side);
     }
-    let (settings, _) = settings.context("merge: no settings")?;
+    let (settings, plan, _) = settings.context("merge: no settings")?;
     let (start, end) = settings.window;
     let missing: Vec<usize> = (start..end).filter(|i| !rows.contains_key(i)).collect();
     if !missing.is_empty() {
@@ -473,6 +499,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             provenance: Provenance::current(Some(settings.seed)),
             settings,
             model: side.model,
+            plan,
             complete: true,
             merged_from: inputs.iter().map(|p| p.display().to_string()).collect(),
         },

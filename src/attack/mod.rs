@@ -173,8 +173,9 @@ pub struct Budget {
     pub patience: usize,
 }
 
-/// One iteration of an attack on a batch; the [`driver`] runs it.
-pub trait AttackStep {
+/// One iteration of an attack on a batch; the [`driver`] runs it. `Debug` prints every parameter:
+/// margins files record it (see [`best::Plan::describe`]).
+pub trait AttackStep: std::fmt::Debug {
     fn budget(&self) -> Budget;
     /// The state rows of newly admitted samples (each tensor's dim 0 indexes samples).
     fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>>;

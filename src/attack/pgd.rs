@@ -15,6 +15,7 @@ use super::{
 };
 use crate::norm::Norm;
 
+#[derive(Debug)]
 pub struct Pgd {
     pub norm: Norm,
     /// Total iterations per sample.

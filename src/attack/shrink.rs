@@ -19,6 +19,7 @@ use super::{
 };
 use crate::norm::Norm;
 
+#[derive(Debug)]
 pub struct Shrink {
     pub norm: Norm,
     pub steps: usize,

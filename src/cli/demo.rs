@@ -86,6 +86,8 @@ pub fn run_demo(a: DemoArgs) -> Result<()> {
         "linf".into(),
         "--attack".into(),
         "best".into(),
+        // A run of an older brittle is started again, not refused.
+        "--restart-stale".into(),
     ]);
     m.extend([
         "--seed".into(),

@@ -43,6 +43,10 @@ pub struct MarginsArgs {
     /// Output CSV (resumed when it exists with the same settings).
     #[arg(long, default_value = "margins.csv")]
     pub out: PathBuf,
+    /// When OUT was made with the same settings by another version of the attack (an older
+    /// brittle), start it again instead of refusing it.
+    #[arg(long)]
+    pub restart_stale: bool,
     /// Also write the adversarial examples `[N, C, H, W]` float32 (NaN where none was found).
     #[arg(long)]
     pub save_adv: Option<PathBuf>,
@@ -112,6 +116,7 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         &settings,
         &a.out,
         a.save_adv.as_deref(),
+        a.restart_stale,
     )?;
     let ok: Vec<f64> = s
         .rows
