@@ -1,6 +1,6 @@
-//! `best` against a 1000-step PGD bisection on 20 pool images of resnet_2b (Linf): `best` must
-//! be at least as tight (within 0.5%) on >= 95% of the samples. Needs ../shared (skipped when
-//! absent) and takes minutes, so it is ignored by default:
+//! `best` (its defaults) against a 1000-step PGD bisection on the first 100 pool images of
+//! resnet_2b (L∞): `best` must be at least as tight on >= 95% of the samples. Needs ../shared
+//! (skipped when absent) and a minute in release, so it is ignored by default:
 //!     cargo test --release --test attack_real -- --ignored
 
 use std::path::Path;
@@ -12,6 +12,8 @@ use brittle::data::DataSpec;
 use brittle::model::{load_classifier, logits_no_grad, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
 
+const N: usize = 100;
+
 fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
     let shared = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
     if !shared.exists() {
@@ -20,7 +22,7 @@ fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
     }
     let data = DataSpec {
         path: shared.join("data/cifar10/real-pool.bin"),
-        limit: Some(20),
+        limit: Some(N),
         ..Default::default()
     }
     .load()
@@ -34,7 +36,8 @@ fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
     let label = logits_no_grad(model.as_ref(), &x).unwrap().argmax(1, false);
     let seeds = data.indices.iter().map(|&i| sample_seed(0, i)).collect();
     let mut chunk = Chunk::new(x, label, seeds, &vec![false; data.len()]);
-    let plan = Plan::new(kind, Norm::Linf, steps, 3, 10).unwrap();
+    // topk 9: `brittle margins`' default.
+    let plan = Plan::new(kind, Norm::Linf, steps, 9, 10).unwrap();
     for p in &plan.passes {
         chunk
             .run(model.as_ref(), Norm::Linf, p.as_ref(), 20)
@@ -65,9 +68,9 @@ fn best_is_tighter_than_a_1000_step_pgd_bisection() {
     let ok = best
         .iter()
         .zip(&pgd)
-        .filter(|(b, p)| **b <= **p * 1.005)
+        .filter(|(b, p)| **b <= **p)
         .count();
-    println!("best <= pgd on {ok}/20: {best:?} vs {pgd:?}");
+    println!("best <= pgd on {ok}/{N}: {best:?} vs {pgd:?}");
     assert!(best.iter().all(|b| b.is_finite()));
-    assert!(ok >= 19, "best tighter on only {ok}/20");
+    assert!(ok * 100 >= 95 * N, "best at least as tight on only {ok}/{N}");
 }

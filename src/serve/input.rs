@@ -449,36 +449,31 @@ mod tests {
         assert_eq!(status(SPEC.decode(Some("image/png"), b"not a png")), 400);
     }
 
-    #[test]
-    fn npy_uint8_and_float() {
+    /// Four values as an NPY file of SPEC's shape `[1, 1, 2, 2]`, with NPY dtype `dtype`.
+    fn npy<T: npyz::Serialize>(dtype: &str, values: [T; 4]) -> Vec<u8> {
         use npyz::WriterBuilder;
         let mut buf = Vec::new();
-        {
-            let mut w = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&[1, 1, 2, 2])
-                .writer(&mut buf)
-                .begin_nd()
-                .unwrap();
-            w.extend([0u8, 51, 102, 255]).unwrap();
-            w.finish().unwrap();
-        }
-        let im = SPEC.decode(Some("application/x-npy"), &buf).unwrap();
+        let mut w = npyz::WriteOptions::<T>::new()
+            .dtype(npyz::DType::parse(&format!("'{dtype}'")).unwrap())
+            .shape(&[1, 1, 2, 2])
+            .writer(&mut buf)
+            .begin_nd()
+            .unwrap();
+        w.extend(values).unwrap();
+        w.finish().unwrap();
+        buf
+    }
+
+    #[test]
+    fn npy_uint8_and_float() {
+        let im = SPEC
+            .decode(Some("application/x-npy"), &npy("|u1", [0u8, 51, 102, 255]))
+            .unwrap();
         assert_eq!(im.pixels, vec![0.0, 0.2, 0.4, 1.0]);
         // float32, little- and big-endian, and a body cut short.
         let values = [0.0f32, 0.25, 0.5, 1.0];
         for dtype in ["<f4", ">f4"] {
-            let mut buf = Vec::new();
-            {
-                let mut w = npyz::WriteOptions::<f32>::new()
-                    .dtype(npyz::DType::parse(&format!("'{dtype}'")).unwrap())
-                    .shape(&[1, 1, 2, 2])
-                    .writer(&mut buf)
-                    .begin_nd()
-                    .unwrap();
-                w.extend(values).unwrap();
-                w.finish().unwrap();
-            }
+            let buf = npy(dtype, values);
             let im = SPEC.decode(Some("application/x-npy"), &buf).unwrap();
             assert_eq!(im.pixels, values, "{dtype}");
             let cut = &buf[..buf.len() - 4];
@@ -492,20 +487,7 @@ mod tests {
 
     #[test]
     fn pixels_outside_the_unit_interval_or_nan_are_rejected() {
-        use npyz::WriterBuilder;
-        let npy = |values: [f32; 4]| {
-            let mut buf = Vec::new();
-            let mut w = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&[1, 1, 2, 2])
-                .writer(&mut buf)
-                .begin_nd()
-                .unwrap();
-            w.extend(values).unwrap();
-            w.finish().unwrap();
-            buf
-        };
-        let decode = |v| SPEC.decode(Some("application/x-npy"), &npy(v));
+        let decode = |v| SPEC.decode(Some("application/x-npy"), &npy("<f4", v));
         assert_eq!(status(decode([0.0, 0.5, 1.0, 1.0])), 200);
         for bad in [f32::NAN, -1e-7, 1.000_001, f32::INFINITY, f32::NEG_INFINITY] {
             let err = decode([0.5, 0.5, 0.5, bad]).unwrap_err();
