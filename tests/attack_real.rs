@@ -65,12 +65,11 @@ fn best_is_tighter_than_a_1000_step_pgd_bisection() {
         return;
     };
     let pgd = margins(AttackKind::Pgd, Some(1000)).unwrap();
-    let ok = best
-        .iter()
-        .zip(&pgd)
-        .filter(|(b, p)| **b <= **p)
-        .count();
+    let ok = best.iter().zip(&pgd).filter(|(b, p)| **b <= **p).count();
     println!("best <= pgd on {ok}/{N}: {best:?} vs {pgd:?}");
     assert!(best.iter().all(|b| b.is_finite()));
-    assert!(ok * 100 >= 95 * N, "best at least as tight on only {ok}/{N}");
+    assert!(
+        ok * 100 >= 95 * N,
+        "best at least as tight on only {ok}/{N}"
+    );
 }
