@@ -49,7 +49,10 @@ pub fn shrink_steps(norm: Norm) -> usize {
     }
 }
 /// FAB's iterations and patience: on resnet_2b most samples stop improving within 25 steps.
-const FAB_STEPS: usize = 30;
+/// 25 instead of 30 cost nothing measurable (L∞, within 1% of the best known: 97%, 96% and 92%
+/// of 100 samples of resnet_2b, cnn-a and sri_resnet_a, against 97%, 96% and 91%) for 10% less
+/// time; 20 let sri_resnet_a fall to 90%, the FMN+FAB pair's level.
+const FAB_STEPS: usize = 25;
 const FAB_PATIENCE: usize = 8;
 
 /// The passes of an attack, run in order on each chunk, then an optional segment bisection.
