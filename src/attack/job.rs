@@ -142,6 +142,7 @@ pub fn run(
         settings.topk,
         model.info().num_classes,
     )?;
+    let plan_text = plan.describe();
     anyhow::ensure!(settings.batch_size > 0, "--batch-size must be positive");
     let chunks = shard_chunks(data.len(), settings.chunk, settings.shard);
     let mut done: BTreeMap<usize, MarginRow> = BTreeMap::new();
@@ -158,28 +159,26 @@ pub fn run(
                 settings
             );
         }
-        let stale = side.plan != plan.describe();
-        if stale && restart_stale {
-            eprintln!(
-                "warning: {} was made by another version of the attack: starting it again",
-                out.display()
-            );
-            std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
-        } else if stale {
-            bail!(
-                "{} was made by another version of the attack ({}); use another --out or delete it\nthere: {}\nnow:   {}",
-                out.display(),
-                sidecar_path(out).display(),
-                if side.plan.is_empty() { "(not recorded)" } else { &side.plan },
-                plan.describe()
-            );
-        }
-        if !stale {
+        if side.plan == plan_text {
             let (rows, has_header) = read_partial_margins(out)?;
             header = !has_header;
             for r in rows {
                 done.insert(r.index, r);
             }
+        } else if restart_stale {
+            eprintln!(
+                "warning: {} was made by another version of the attack: starting it again",
+                out.display()
+            );
+            std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
+        } else {
+            bail!(
+                "{} was made by another version of the attack ({}); use another --out or delete it\nthere: {}\nnow:   {}",
+                out.display(),
+                sidecar_path(out).display(),
+                if side.plan.is_empty() { "(not recorded)" } else { &side.plan },
+                plan_text
+            );
         }
     }
     let resumed = done.len();
@@ -187,7 +186,7 @@ pub fn run(
         provenance: Provenance::current(Some(settings.seed)),
         settings: settings.clone(),
         model: model.info().clone(),
-        plan: plan.describe(),
+        plan: plan_text,
         complete: false,
         merged_from: Vec::new(),
     };

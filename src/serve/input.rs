@@ -120,8 +120,11 @@ impl InputSpec {
         // A fold without early exit vectorises: 0.3 µs instead of 4.5 µs for one CIFAR image.
         // NaN fails both comparisons.
         let in_range = |v: &f32| *v >= 0.0 && *v <= 1.0;
-        let all_in_range = images.pixels.iter().fold(true, |ok, v| ok & in_range(v));
-        match images.pixels.iter().find(|v| !all_in_range && !in_range(v)) {
+        if images.pixels.iter().fold(true, |ok, v| ok & in_range(v)) {
+            return Ok(images);
+        }
+        // Rejected: find the first offending value for the message.
+        match images.pixels.iter().find(|v| !in_range(v)) {
             Some(v) => Err(bad(format!("pixel value {v} is outside [0, 1]"))),
             None => Ok(images),
         }

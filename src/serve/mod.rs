@@ -249,13 +249,13 @@ async fn score_queued(
         )
     };
     if st.inflight.load(Ordering::SeqCst) == 1 {
-        let start = Instant::now();
-        while start.elapsed() < st.spin {
-            match rx.try_recv() {
-                Ok(scored) => return Ok(scored),
-                Err(TryRecvError::Empty) => std::thread::yield_now(),
-                Err(TryRecvError::Closed) => return Err(stopped()),
-            }
+        let polled = worker::poll(st.spin, || match rx.try_recv() {
+            Ok(scored) => Some(Ok(scored)),
+            Err(TryRecvError::Closed) => Some(Err(stopped())),
+            Err(TryRecvError::Empty) => None,
+        });
+        if let Some(answer) = polled {
+            return answer;
         }
     }
     rx.await.map_err(|_| stopped())

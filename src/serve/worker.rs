@@ -133,17 +133,30 @@ pub fn spawn(
     Ok((tx, handle))
 }
 
-/// The next job: polled for `spin`, then waited for asleep. `None` once the queue is closed.
-fn next_job(rx: &Receiver<Job>, spin: Duration) -> Option<Job> {
+/// Tries `attempt` until it gives `Some` or `spin` has passed, yielding the core to any other
+/// runnable thread between tries (a pure spin starved the batching under load). `None`: time's
+/// up, sleep instead.
+pub(super) fn poll<T>(spin: Duration, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
-        match rx.try_recv() {
-            Ok(j) => return Some(j),
-            Err(TryRecvError::Disconnected) => return None,
-            Err(TryRecvError::Empty) if start.elapsed() < spin => std::thread::yield_now(),
-            Err(TryRecvError::Empty) => return rx.recv().ok(),
+        if let Some(v) = attempt() {
+            return Some(v);
         }
+        if start.elapsed() >= spin {
+            return None;
+        }
+        std::thread::yield_now();
     }
+}
+
+/// The next job: polled for `spin`, then waited for asleep. `None` once the queue is closed.
+fn next_job(rx: &Receiver<Job>, spin: Duration) -> Option<Job> {
+    let polled = poll(spin, || match rx.try_recv() {
+        Ok(j) => Some(Some(j)),
+        Err(TryRecvError::Disconnected) => Some(None),
+        Err(TryRecvError::Empty) => None,
+    });
+    polled.unwrap_or_else(|| rx.recv().ok())
 }
 
 /// Collects the next batch: waits for one job ([`next_job`]), then takes what is queued and,
