@@ -78,3 +78,16 @@ pub fn to_vec_i64(t: &tch::Tensor) -> Result<Vec<i64>> {
             .flatten(0, -1),
     )?)
 }
+
+/// Runs `f` with libtorch's global RNG seeded with `seed`, holding a process-wide lock.
+///
+/// libtorch has one RNG per process, and tch exposes no generator objects: two threads that
+/// seed it and then draw (two fits in one test binary, a fit beside a server) interleave their
+/// draws. Every draw from it in this crate goes through here, so a seeded result depends on the
+/// seed alone; per-sample noise uses ChaCha streams instead ([`crate::attack::uniform_noise`]).
+pub fn with_torch_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    f()
+}

@@ -93,7 +93,7 @@ fn embedded_model_matches_pytorch() {
         random_start: false,
     };
     let y = Tensor::from_slice(labels);
-    let adv = pgd(model.as_ref(), &x, &cfg, cross_entropy(&y)).unwrap();
+    let adv = pgd(model.as_ref(), &x, &[], &cfg, cross_entropy(&y)).unwrap();
     assert!(max_diff(&adv, &r["pgd_l2_adv"]) < 1e-4);
     let adv_logits = logits_no_grad(model.as_ref(), &adv).unwrap();
     assert!(max_diff(&adv_logits, &r["pgd_l2_logits"]) < 1e-3);
@@ -113,7 +113,8 @@ fn linf_pgd_stays_in_the_ball_and_lowers_accuracy() {
         step_size: 0.05,
         random_start: true,
     };
-    let adv = pgd(model.as_ref(), &x, &cfg, cross_entropy(&y)).unwrap();
+    let seeds: Vec<u64> = (0..100).collect();
+    let adv = pgd(model.as_ref(), &x, &seeds, &cfg, cross_entropy(&y)).unwrap();
     assert!(Norm::Linf.batch_norm(&(&adv - &x)).max().double_value(&[]) <= 0.3 + 1e-6);
     assert!(adv.min().double_value(&[]) >= 0.0 && adv.max().double_value(&[]) <= 1.0);
     let sub = data.select(&(0..100).collect::<Vec<_>>()).unwrap();
@@ -124,6 +125,53 @@ fn linf_pgd_stays_in_the_ball_and_lowers_accuracy() {
     let big = PgdConfig { eps: 0.5, ..cfg };
     let broken = accuracy(model.as_ref(), &sub, Some(&big), 100, 0).unwrap();
     assert!(broken.robust.unwrap() < robust, "{broken:?} vs {acc:?}");
+}
+
+#[test]
+fn random_starts_depend_on_the_seed_alone() {
+    let model = embedded();
+    let data = subset();
+    let (x, labels) = data.batch(0, 8);
+    let y = Tensor::from_slice(labels);
+    for (norm, eps) in [(Norm::Linf, 0.3), (Norm::L2, 2.0)] {
+        let start = PgdConfig {
+            norm,
+            eps,
+            steps: 0,
+            step_size: 0.0,
+            random_start: true,
+        };
+        let seeds: Vec<u64> = (10..18).collect();
+        let all = pgd(model.as_ref(), &x, &seeds, &start, cross_entropy(&y)).unwrap();
+        // The same seed gives a row the same start in a smaller batch, another seed another.
+        let head = pgd(
+            model.as_ref(),
+            &x.narrow(0, 0, 3),
+            &seeds[..3],
+            &start,
+            cross_entropy(&y.narrow(0, 0, 3)),
+        )
+        .unwrap();
+        assert_eq!(head, all.narrow(0, 0, 3), "{norm:?}");
+        let other = pgd(model.as_ref(), &x, &[99; 8], &start, cross_entropy(&y)).unwrap();
+        let moved = norm.batch_norm(&(&other - &all)).max().double_value(&[]);
+        assert!(moved > eps / 10.0, "{norm:?}: {moved}");
+        // Inside the ball (the L2 radius is uniform, so not all on its surface) and in [0, 1].
+        let r = norm.batch_norm(&(&all - &x));
+        assert!(r.max().double_value(&[]) <= eps + 1e-5, "{norm:?}");
+        assert!(r.min().double_value(&[]) > 0.0, "{norm:?}");
+        assert!(all.min().double_value(&[]) >= 0.0 && all.max().double_value(&[]) <= 1.0);
+    }
+    // A start needs one seed a row: a clear error, not a shape panic.
+    let cfg = PgdConfig {
+        norm: Norm::Linf,
+        eps: 0.3,
+        steps: 1,
+        step_size: 0.1,
+        random_start: true,
+    };
+    let err = pgd(model.as_ref(), &x, &[1, 2], &cfg, cross_entropy(&y)).unwrap_err();
+    assert!(err.to_string().contains("seed"), "{err}");
 }
 
 #[test]

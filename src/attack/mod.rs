@@ -240,12 +240,33 @@ pub fn sample_seed(global: u64, index: usize) -> u64 {
 
 /// Uniform noise in `[-1, 1]` of shape `[C, H, W]` per seed, from a per-sample ChaCha stream.
 pub fn uniform_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
+    noise(
+        seeds,
+        shape,
+        device,
+        rand::distributions::Uniform::new_inclusive(-1.0f32, 1.0),
+    )
+}
+
+/// Standard normal noise of shape `[C, H, W]` per seed, from a per-sample ChaCha stream.
+pub fn gaussian_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
+    noise(seeds, shape, device, rand_distr::StandardNormal)
+}
+
+/// `[N, ..shape]` draws of `dist`, row `i` from a ChaCha stream seeded with `seeds[i]`: the
+/// noise of a sample does not depend on its batch, and no thread shares an RNG.
+fn noise(
+    seeds: &[u64],
+    shape: &[i64],
+    device: Device,
+    dist: impl rand::distributions::Distribution<f32> + Copy,
+) -> Tensor {
     use rand::{Rng, SeedableRng};
     let per: i64 = shape.iter().product();
     let mut v = Vec::with_capacity(seeds.len() * per as usize);
     for &s in seeds {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
-        v.extend((0..per).map(|_| rng.gen_range(-1.0f32..=1.0)));
+        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
+        v.extend(rng.sample_iter(dist).take(per as usize));
     }
     let mut full = vec![seeds.len() as i64];
     full.extend_from_slice(shape);

@@ -14,7 +14,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::metrics::rank::kendall_tau_b;
-use crate::util::to_vec_f64;
+use crate::util::{to_vec_f64, with_torch_seed};
 
 /// What the net reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,7 +97,8 @@ impl std::fmt::Debug for PseudoNet {
 }
 
 impl PseudoNet {
-    /// A freshly initialised net (seed with `tch::manual_seed` first for reproducibility).
+    /// A freshly initialised net, drawn from libtorch's global RNG (wrap in
+    /// [`with_torch_seed`] for a reproducible start).
     pub fn new(shape: NetShape, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -239,7 +240,6 @@ pub fn train(
         .std_dim([0].as_slice(), false, false)
         .clamp_min(1e-6);
 
-    tch::manual_seed(seed as i64);
     let device = Device::Cpu;
     let shape = NetShape {
         input,
@@ -247,7 +247,7 @@ pub fn train(
         hidden: cfg.hidden,
         depth: cfg.depth,
     };
-    let mut net = PseudoNet::new(shape.clone(), device);
+    let mut net = with_torch_seed(seed, || PseudoNet::new(shape.clone(), device));
     net.set_stats(&in_mean, &in_std, t_mean, t_std);
     let mut best = PseudoNet::new(shape, device);
     best.vs.copy(&net.vs)?;
@@ -323,21 +323,20 @@ mod tests {
 
     #[test]
     fn weights_round_trip_through_safetensors() {
-        tch::manual_seed(3);
         let shape = NetShape {
             input: PseudoInput::Logits,
             in_dim: 4,
             hidden: 8,
             depth: 2,
         };
-        let mut net = PseudoNet::new(shape.clone(), Device::Cpu);
+        let mut net = with_torch_seed(3, || PseudoNet::new(shape.clone(), Device::Cpu));
         net.set_stats(
             &Tensor::from_slice(&[1.0f32, 2., 3., 4.]),
             &Tensor::from_slice(&[2.0f32; 4]),
             0.5,
             3.0,
         );
-        let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
+        let x = with_torch_seed(4, || Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
         let before = net.predict(&x).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.safetensors");

@@ -4,6 +4,7 @@ use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
 use super::pgd::{cross_entropy, pgd, PgdConfig};
+use crate::attack::sample_seed;
 use crate::data::Dataset;
 use crate::model::{logits_no_grad, Classifier};
 use crate::util::progress_bar;
@@ -18,7 +19,8 @@ pub struct Accuracy {
 }
 
 /// Clean accuracy, and robust accuracy when `attack` is given (a sample counts as robust when
-/// it is classified correctly clean and after the attack). Seeds libtorch's RNG with `seed`.
+/// it is classified correctly clean and after the attack). The attack's random start of sample
+/// `i` derives from `(seed, i)`.
 pub fn accuracy(
     model: &dyn Classifier,
     data: &Dataset,
@@ -28,7 +30,6 @@ pub fn accuracy(
 ) -> Result<Accuracy> {
     ensure!(batch_size > 0, "--batch-size must be positive");
     ensure!(!data.is_empty(), "{}: no samples to evaluate", data.source);
-    tch::manual_seed(seed as i64);
     let device = model.device();
     let pb = progress_bar(
         data.len() as u64,
@@ -43,7 +44,8 @@ pub fn accuracy(
         let clean = logits_no_grad(model, &x)?.argmax(-1, false).eq_tensor(&y);
         clean_ok += clean.sum(Kind::Int64).int64_value(&[]);
         if let Some(cfg) = attack {
-            let adv = pgd(model, &x, cfg, cross_entropy(&y))?;
+            let seeds: Vec<u64> = (start..end).map(|i| sample_seed(seed, i)).collect();
+            let adv = pgd(model, &x, &seeds, cfg, cross_entropy(&y))?;
             let adv_ok = logits_no_grad(model, &adv)?.argmax(-1, false).eq_tensor(&y);
             robust_ok += adv_ok.logical_and(&clean).sum(Kind::Int64).int64_value(&[]);
         }

@@ -14,11 +14,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::attack::sample_seed;
 use crate::data::Dataset;
 use crate::model::native::NativeClassifier;
 use crate::model::weights;
 use crate::model::Classifier;
-use crate::util::progress_bar;
+use crate::util::{progress_bar, with_torch_seed};
 use adam::Adam;
 use pgd::{cross_entropy, kl_from, pgd, PgdConfig};
 
@@ -144,8 +145,9 @@ impl Trainer {
         device: Device,
     ) -> Result<Self> {
         config.validate()?;
-        tch::manual_seed(config.seed as i64);
-        let model = NativeClassifier::new(&config.arch, input_shape, num_classes, None, device)?;
+        let model = with_torch_seed(config.seed, || {
+            NativeClassifier::new(&config.arch, input_shape, num_classes, None, device)
+        })?;
         let mut params = model.var_store().variables();
         // BatchNorm running statistics are buffers, not parameters.
         params.retain(|_, t| t.requires_grad());
@@ -174,7 +176,6 @@ impl Trainer {
             .seed
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             .wrapping_add(self.epoch as u64 + 1);
-        tch::manual_seed((epoch_seed >> 1) as i64);
         let mut order: Vec<i64> = (0..data.len() as i64).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(epoch_seed));
         let n = data.len();
@@ -190,6 +191,10 @@ impl Trainer {
             let labels: Vec<i64> = chunk.iter().map(|&i| data.labels[i as usize]).collect();
             let y = Tensor::from_slice(&labels).to_device(device);
             let attack = c.attack_at(t, steps_per_epoch);
+            let seeds: Vec<u64> = chunk
+                .iter()
+                .map(|&i| sample_seed(epoch_seed, i as usize))
+                .collect();
             let (loss, clean_logits, adv_logits) = match c.mode {
                 Mode::Standard => {
                     let logits = self.model.logits_t(&x, true)?;
@@ -197,7 +202,7 @@ impl Trainer {
                     (loss, logits.shallow_clone(), logits)
                 }
                 Mode::Pgd => {
-                    let adv = pgd(&self.model, &x, &attack, cross_entropy(&y))?;
+                    let adv = pgd(&self.model, &x, &seeds, &attack, cross_entropy(&y))?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let loss = adv_logits.cross_entropy_for_logits(&y);
                     let clean = tch::no_grad(|| self.model.logits(&x))?;
@@ -206,7 +211,7 @@ impl Trainer {
                 Mode::Trades => {
                     let log_p =
                         tch::no_grad(|| self.model.logits(&x))?.log_softmax(-1, Kind::Float);
-                    let adv = pgd(&self.model, &x, &attack, kl_from(&log_p))?;
+                    let adv = pgd(&self.model, &x, &seeds, &attack, kl_from(&log_p))?;
                     let clean = self.model.logits_t(&x, true)?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let kl = adv_logits.log_softmax(-1, Kind::Float).kl_div(

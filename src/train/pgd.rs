@@ -2,10 +2,10 @@
 //! pixel box `[0, 1]`: the attack adversarial training trains against and `brittle eval-pgd`
 //! measures robust accuracy with.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attack::{ascent_direction, per_sample};
+use crate::attack::{ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
 
@@ -84,19 +84,17 @@ fn project(x: &Tensor, adv: &Tensor, cfg: &PgdConfig) -> Tensor {
 }
 
 /// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
-/// along a Gaussian direction for L2), clamped to `[0, 1]`. Uses libtorch's global RNG.
-fn random_start(x: &Tensor, cfg: &PgdConfig) -> Tensor {
+/// along a Gaussian direction for L2), clamped to `[0, 1]`; row `i` draws from `seeds[i]`.
+fn random_start(x: &Tensor, seeds: &[u64], cfg: &PgdConfig) -> Tensor {
+    let (shape, device) = (&x.size()[1..], x.device());
     let delta = match cfg.norm {
-        Norm::Linf => (x.rand_like() * 2.0 - 1.0) * cfg.eps,
+        Norm::Linf => uniform_noise(seeds, shape, device) * cfg.eps,
         _ => {
-            let g = x.randn_like();
+            let g = gaussian_noise(seeds, shape, device);
             let n = per_sample(&Norm::L2.batch_norm(&g).clamp_min(1e-12), x);
-            let r = per_sample(
-                &x.new_empty([x.size()[0]], (Kind::Float, x.device()))
-                    .uniform_(0.0, 1.0),
-                x,
-            );
-            g / n * r * cfg.eps
+            let radius_seeds: Vec<u64> = seeds.iter().map(|&s| sample_seed(s, 1)).collect();
+            let r = (uniform_noise(&radius_seeds, &[], device) + 1.0) / 2.0;
+            g / n * per_sample(&r, x) * cfg.eps
         }
     };
     (x + delta).clamp(0.0, 1.0)
@@ -104,16 +102,24 @@ fn random_start(x: &Tensor, cfg: &PgdConfig) -> Tensor {
 
 /// Maximises `objective(logits)` (per sample, `[N]`) over the ball around `x`; returns the
 /// adversarial batch, detached. Linf steps follow the gradient's sign, L2 steps its direction.
+/// Row `i`'s random start draws from `seeds[i]` (see [`crate::attack::sample_seed`]).
 pub fn pgd(
     model: &dyn Classifier,
     x: &Tensor,
+    seeds: &[u64],
     cfg: &PgdConfig,
     objective: impl Fn(&Tensor) -> Tensor,
 ) -> Result<Tensor> {
     cfg.validate()?;
     let x = x.detach();
     let mut adv = if cfg.random_start && cfg.eps > 0.0 {
-        random_start(&x, cfg)
+        ensure!(
+            seeds.len() as i64 == x.size()[0],
+            "PGD's random start needs one seed a row: {} seeds for {} rows",
+            seeds.len(),
+            x.size()[0]
+        );
+        random_start(&x, seeds, cfg)
     } else {
         x.shallow_clone()
     };

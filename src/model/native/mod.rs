@@ -189,7 +189,7 @@ pub struct NativeClassifier {
 
 impl NativeClassifier {
     /// Builds `arch` (see [`build_network`]) with freshly initialised, trainable weights from
-    /// libtorch's global RNG (call `tch::manual_seed` first for a reproducible start).
+    /// libtorch's global RNG (wrap in [`crate::util::with_torch_seed`] for a reproducible start).
     pub fn new(
         arch: &str,
         input_shape: [i64; 3],
