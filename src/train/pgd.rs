@@ -5,6 +5,7 @@
 use anyhow::{bail, ensure, Result};
 use tch::{Kind, Reduction, Tensor};
 
+use crate::attack::project::project_ball;
 use crate::attack::{ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
@@ -69,18 +70,11 @@ pub fn kl_from(log_p: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
     }
 }
 
-/// Projects `adv` onto the ε-ball around `x` and the box `[0, 1]`.
+/// Projects `adv` onto the ε-ball around `x` (the attacks' [`project_ball`]) and the box
+/// `[0, 1]`.
 fn project(x: &Tensor, adv: &Tensor, cfg: &PgdConfig) -> Tensor {
-    let delta = adv - x;
-    let delta = match cfg.norm {
-        Norm::Linf => delta.clamp(-cfg.eps, cfg.eps),
-        _ => {
-            let n = per_sample(&Norm::L2.batch_norm(&delta), x);
-            let factor = (n.clamp_min(1e-12).reciprocal() * cfg.eps).clamp_max(1.0);
-            delta * factor
-        }
-    };
-    (x + delta).clamp(0.0, 1.0)
+    let eps = Tensor::full([x.size()[0]], cfg.eps, (Kind::Float, x.device()));
+    (x + project_ball(cfg.norm, &(adv - x), &eps)).clamp(0.0, 1.0)
 }
 
 /// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
