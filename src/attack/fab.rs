@@ -18,7 +18,8 @@ use tch::{Kind, Tensor};
 
 use super::project::hyperplane_in_box;
 use super::{
-    misclassified, norm64, per_sample, uniform_noise, AttackStep, BatchView, Budget, Candidate, Ctx,
+    misclassified, norm64, per_sample, uniform_noise, unit, AttackStep, BatchView, Budget,
+    Candidate, Ctx,
 };
 use crate::norm::Norm;
 
@@ -104,10 +105,7 @@ impl AttackStep for Fab {
             let noise = uniform_noise(&seeds, shape, ctx.device());
             let scale = match self.norm {
                 Norm::Linf => noise,
-                _ => {
-                    let n = self.norm.batch_norm(&noise).clamp_min(1e-12);
-                    &noise / per_sample(&n, &noise)
-                }
+                _ => unit(self.norm, &noise),
             };
             x = (x + scale * self.random_start).clamp(0.0, 1.0);
         }

@@ -210,8 +210,14 @@ pub fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
 pub fn ascent_direction(norm: Norm, grad: &Tensor) -> Tensor {
     match norm {
         Norm::Linf => grad.sign(),
-        _ => grad / per_sample(&norm.batch_norm(grad).clamp_min(1e-12), grad),
+        _ => unit(norm, grad),
     }
+}
+
+/// Each row of `t` scaled to unit `norm` (rows of zero norm stay zero): gradient steps and the
+/// directions of random starts.
+pub fn unit(norm: Norm, t: &Tensor) -> Tensor {
+    t / per_sample(&norm.batch_norm(t).clamp_min(1e-12), t)
 }
 
 /// Per-sample norm as float64 `[B]`.

@@ -6,7 +6,9 @@ use anyhow::{bail, ensure, Result};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::attack::project::project_ball;
-use crate::attack::{ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise};
+use crate::attack::{
+    ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise, unit,
+};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
 
@@ -70,13 +72,6 @@ pub fn kl_from(log_p: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
     }
 }
 
-/// Projects `adv` onto the ε-ball around `x` (the attacks' [`project_ball`]) and the box
-/// `[0, 1]`.
-fn project(x: &Tensor, adv: &Tensor, cfg: &PgdConfig) -> Tensor {
-    let eps = Tensor::full([x.size()[0]], cfg.eps, (Kind::Float, x.device()));
-    (x + project_ball(cfg.norm, &(adv - x), &eps)).clamp(0.0, 1.0)
-}
-
 /// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
 /// along a Gaussian direction for L2), clamped to `[0, 1]`; row `i` draws from `seeds[i]`.
 fn random_start(x: &Tensor, seeds: &[u64], cfg: &PgdConfig) -> Tensor {
@@ -84,11 +79,10 @@ fn random_start(x: &Tensor, seeds: &[u64], cfg: &PgdConfig) -> Tensor {
     let delta = match cfg.norm {
         Norm::Linf => uniform_noise(seeds, shape, device) * cfg.eps,
         _ => {
-            let g = gaussian_noise(seeds, shape, device);
-            let n = per_sample(&Norm::L2.batch_norm(&g).clamp_min(1e-12), x);
+            let direction = unit(Norm::L2, &gaussian_noise(seeds, shape, device));
             let radius_seeds: Vec<u64> = seeds.iter().map(|&s| sample_seed(s, 1)).collect();
             let r = (uniform_noise(&radius_seeds, &[], device) + 1.0) / 2.0;
-            g / n * per_sample(&r, x) * cfg.eps
+            direction * per_sample(&r, x) * cfg.eps
         }
     };
     (x + delta).clamp(0.0, 1.0)
@@ -117,10 +111,15 @@ pub fn pgd(
     } else {
         x.shallow_clone()
     };
+    // Each step is projected onto the ε-ball around `x` (the attacks' [`project_ball`]) and
+    // the box `[0, 1]`.
+    let eps = Tensor::full([x.size()[0]], cfg.eps, (Kind::Float, x.device()));
     for _ in 0..cfg.steps {
         let (_, grad) = logits_and_grad(model, &adv, &objective)?;
-        let step = ascent_direction(cfg.norm, &grad);
-        adv = tch::no_grad(|| project(&x, &(adv + step * cfg.step_size), cfg));
+        let step = ascent_direction(cfg.norm, &grad) * cfg.step_size;
+        adv = tch::no_grad(|| {
+            (&x + project_ball(cfg.norm, &(adv + step - &x), &eps)).clamp(0.0, 1.0)
+        });
     }
     Ok(adv.detach())
 }
