@@ -199,3 +199,28 @@ fn eval_pgd_refuses_an_eps_on_the_pixel_scale() {
         "{e}"
     );
 }
+
+#[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
+fn fingerprinting_the_real_pool_costs_little_next_to_one_attack() {
+    let pool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10/real-pool.bin");
+    let data = brittle::data::DataSpec {
+        path: pool,
+        ..Default::default()
+    }
+    .load()
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let h = brittle::attack::job::data_sha256(&data).unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "data_sha256 of {} images ({} MB decoded): {:.1} ms",
+        data.len(),
+        data.len() * 3 * 32 * 32 * 4 / 1_000_000,
+        1e3 * secs
+    );
+    assert_eq!(h.len(), 64);
+    assert_eq!(h, brittle::attack::job::data_sha256(&data).unwrap());
+    // A margins run on these images takes minutes; the fingerprint must not be noticeable.
+    assert!(secs < 2.0, "{secs} s");
+}

@@ -136,7 +136,7 @@ impl Sidecar {
     }
 }
 
-/// sha256 of the content of the attacked window: decoded pixels (f32, little-endian), labels
+/// sha256 of the content of the attacked window: decoded pixels (f32 bytes), labels
 /// and dataset indices. The rows of a margins file are only valid for these images, so a
 /// resume or a merge compares it rather than the path; hashing the decoded window (not the
 /// file bytes) also accepts the same images recompressed or moved, and needs no file access.
@@ -152,9 +152,14 @@ pub fn data_sha256(data: &Dataset) -> Result<String> {
     let step = 256;
     for start in (0..n).step_by(step) {
         let (x, _) = data.batch(start, (start + step).min(n));
-        let v = Vec::<f32>::try_from(x.to_kind(Kind::Float).flatten(0, -1))
-            .with_context(|| format!("{}: reading the images to fingerprint them", data.source))?;
-        let bytes: Vec<u8> = v.iter().flat_map(|p| p.to_le_bytes()).collect();
+        // The f32 bytes as libtorch holds them (little-endian on every platform it supports).
+        let bytes = Vec::<u8>::try_from(
+            x.to_kind(Kind::Float)
+                .contiguous()
+                .view_dtype(Kind::Uint8)
+                .flatten(0, -1),
+        )
+        .with_context(|| format!("{}: reading the images to fingerprint them", data.source))?;
         h.update(&bytes);
     }
     for (&l, &i) in data.labels.iter().zip(&data.indices) {

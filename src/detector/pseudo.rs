@@ -418,5 +418,14 @@ mod tests {
             depth: 2,
         };
         assert!(PseudoNet::load(wrong, &p, Device::Cpu).is_err());
+        // A detector.json with a zero-width layer is an error, not a panic inside libtorch.
+        let zero = NetShape {
+            input: PseudoInput::Logits,
+            in_dim: 4,
+            hidden: 0,
+            depth: 2,
+        };
+        let err = PseudoNet::load(zero, &p, Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("hidden = 0"), "{err}");
     }
 }
