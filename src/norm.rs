@@ -54,7 +54,10 @@ impl Norm {
     /// The largest distance between two images of shape `[C, H, W]` in the pixel box `[0, 1]`
     /// (opposite corners): 1 in L∞, `sqrt(C·H·W)` in L2, `C·H·W` in L1.
     pub fn max_distance(self, input_shape: [i64; 3]) -> f64 {
-        let d = input_shape.iter().map(|&s| s.max(0) as f64).product::<f64>();
+        let d = input_shape
+            .iter()
+            .map(|&s| s.max(0) as f64)
+            .product::<f64>();
         match self {
             Norm::Linf => 1.0,
             Norm::L2 => d.sqrt(),
@@ -177,7 +180,10 @@ mod tests {
         assert_eq!(Norm::L2.max_distance([1, 28, 28]), 28.0);
         assert!(Norm::L2.check_eps(27.9, mnist).is_ok());
         let err = Norm::L2.check_eps(30.0, mnist).unwrap_err().to_string();
-        assert!(err.contains("(28 for 1×28×28 inputs)") && err.contains("30/255"), "{err}");
+        assert!(
+            err.contains("(28 for 1×28×28 inputs)") && err.contains("30/255"),
+            "{err}"
+        );
         assert!(Norm::L1.check_eps(700.0, mnist).is_ok());
         assert!(Norm::L1.check_eps(784.0, mnist).is_err());
         // Without a shape only L∞ has a bound.

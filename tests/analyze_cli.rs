@@ -224,13 +224,18 @@ fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         e.contains("--eps 8")
-            && e.contains("ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"),
+            && e.contains(
+                "ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"
+            ),
         "{e}"
     );
     // L2 on 3×32×32 inputs: sqrt(3072) ≈ 55.4.
     write_margins_sidecar(&csv, Norm::L2);
     let e = String::from_utf8_lossy(&analyze(&csv, &["--eps", "60"], &out).stderr).into_owned();
-    assert!(e.contains("largest L2 distance") && e.contains("3×32×32"), "{e}");
+    assert!(
+        e.contains("largest L2 distance") && e.contains("3×32×32"),
+        "{e}"
+    );
     assert!(analyze(&csv, &["--eps", "50"], &out).status.success());
 
     let mut text = std::fs::read_to_string(&csv).unwrap();

@@ -296,10 +296,32 @@ fn resume_and_merge_check_the_images_not_only_their_path() {
     run_ok(margins_on(&data, &killed, &args));
     assert_eq!(without_seconds(&full), without_seconds(&killed));
 
+    // A file from a brittle that recorded no fingerprint cannot be checked: refused, unless
+    // started again.
+    let meta = PathBuf::from(format!("{}.meta.json", killed.display()));
+    let mut side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    assert_eq!(side["data_sha256"].as_str().unwrap().len(), 64);
+    side.as_object_mut().unwrap().remove("data_sha256");
+    std::fs::write(&meta, side.to_string()).unwrap();
+    let out = margins_on(&data, &killed, &args).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not record a fingerprint"));
+    run_ok(margins_on(
+        &data,
+        &killed,
+        &[&args[..], &["--restart-stale"]].concat(),
+    ));
+    assert_eq!(without_seconds(&full), without_seconds(&killed));
+
     // Shards attacked on different images are not merged.
     let shard = |i: usize, out: &Path| {
         let s = format!("{i}/2");
-        run_ok(margins_on(&data, out, &[&args[..], &["--shard", &s]].concat()));
+        run_ok(margins_on(
+            &data,
+            out,
+            &[&args[..], &["--shard", &s]].concat(),
+        ));
     };
     let (s0, s1) = (dir.path().join("s0.csv"), dir.path().join("s1.csv"));
     shard(0, &s0);
@@ -344,8 +366,14 @@ fn save_adv_added_on_a_resume_gives_the_complete_file() {
     );
     assert_eq!(b.size(), [16, 3, 32, 32]);
     // The samples done before the resume have their examples too: the same as one run's.
-    let same = a.isnan().logical_and(&b.isnan()).logical_or(&a.eq_tensor(&b));
-    assert!(same.all().int64_value(&[]) == 1, "adversarial examples differ");
+    let same = a
+        .isnan()
+        .logical_and(&b.isnan())
+        .logical_or(&a.eq_tensor(&b));
+    assert!(
+        same.all().int64_value(&[]) == 1,
+        "adversarial examples differ"
+    );
     let found = b.isnan().logical_not().flatten(1, -1).all_dim(1, false);
     let rows = brittle::attack::table::read_margins(&csv).unwrap();
     for r in &rows {

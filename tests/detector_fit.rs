@@ -174,7 +174,14 @@ fn an_eps_beyond_the_box_or_a_class_of_too_few_samples_is_refused() {
         "{err}"
     );
     // At the 10th it fits, and the calibration counts both classes.
-    let det = fit(&model, &data, &rows, &options(d[9], PseudoMode::Off), prov()).unwrap();
+    let det = fit(
+        &model,
+        &data,
+        &rows,
+        &options(d[9], PseudoMode::Off),
+        prov(),
+    )
+    .unwrap();
     assert_eq!(det.spec.calibration.positives, 10);
     assert_eq!(det.spec.calibration.negatives, 50);
 }

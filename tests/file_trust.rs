@@ -8,7 +8,9 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 fn asset(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(name)
 }
 
 fn brittle(args: &[&str]) -> Output {
@@ -31,7 +33,9 @@ fn model_and_data() -> Vec<String> {
         "--arch",
         "small-cnn",
         "--data",
-        asset("mnist-test-1000-images-idx3-ubyte.gz").to_str().unwrap(),
+        asset("mnist-test-1000-images-idx3-ubyte.gz")
+            .to_str()
+            .unwrap(),
         "--limit",
         "60",
         "--device",
@@ -140,7 +144,7 @@ fn fit_refuses_a_norm_against_the_sidecar_an_eps_beyond_the_box_and_a_thin_class
     let e = stderr(&fit(&["--eps", &median.to_string(), "--norm", "linf"]));
     assert!(e.contains("(l2)") && e.contains("(linf)"), "{e}");
     // sqrt(28·28) = 28 is the largest L2 distance between two MNIST images.
-    let e = stderr(&fit(&["--eps", "30"]));
+    let e = stderr(&fit(&["--eps", "30", "--norm", "l2"]));
     assert!(
         e.contains("--eps")
             && e.contains("ε = 30 exceeds the largest L2 distance")
@@ -154,7 +158,12 @@ fn fit_refuses_a_norm_against_the_sidecar_an_eps_beyond_the_box_and_a_thin_class
         .filter(|r| r.success == 1)
         .map(|r| r.input_margin)
         .fold(f64::INFINITY, f64::min);
-    let e = stderr(&fit(&["--eps", &(smallest / 2.0).to_string()]));
+    let e = stderr(&fit(&[
+        "--eps",
+        &(smallest / 2.0).to_string(),
+        "--norm",
+        "l2",
+    ]));
     assert!(
         e.contains("0 non-robust samples") && e.contains(&format!("{} robust", rows.len())),
         "{e}"
@@ -174,8 +183,18 @@ fn fit_pseudo_options_are_checked_before_libtorch_sees_them() {
         let mut args = vec!["fit".to_string(), csv.display().to_string()];
         args.extend(model_and_data());
         args.extend(
-            ["--pseudo", "on", "--eps", &median.to_string(), flag, value, "--out"]
-                .map(String::from),
+            [
+                "--pseudo",
+                "on",
+                "--norm",
+                "l2",
+                "--eps",
+                &median.to_string(),
+                flag,
+                value,
+                "--out",
+            ]
+            .map(String::from),
         );
         args.push(dir.path().join("det").display().to_string());
         let o = brittle(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -195,7 +214,9 @@ fn eval_pgd_refuses_an_eps_on_the_pixel_scale() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
-        e.contains("ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"),
+        e.contains(
+            "ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"
+        ),
         "{e}"
     );
 }

@@ -266,8 +266,7 @@ pub fn run(
                     "warning: {} was made by another version of the attack or of brittle: starting it again",
                     out.display()
                 );
-                std::fs::remove_file(out)
-                    .with_context(|| format!("removing {}", out.display()))?;
+                std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
             }
             Some(why) => bail!(why),
         }
@@ -587,8 +586,16 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
                 inputs[0].display(),
                 p.display(),
                 side.settings.data,
-                if f.data_sha256.is_empty() { "not recorded" } else { &f.data_sha256 },
-                if side.data_sha256.is_empty() { "not recorded" } else { &side.data_sha256 }
+                if f.data_sha256.is_empty() {
+                    "not recorded"
+                } else {
+                    &f.data_sha256
+                },
+                if side.data_sha256.is_empty() {
+                    "not recorded"
+                } else {
+                    &side.data_sha256
+                }
             );
         }
         for r in super::table::read_margins(p)? {
@@ -665,5 +672,4 @@ mod tests {
             Shard { index: 1, count: 3 }
         );
     }
-
 }

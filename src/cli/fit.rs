@@ -6,12 +6,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use crate::attack::job::find_sidecar;
 use crate::attack::table::read_margins;
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
 use crate::detector::{ScoreKind, DETECTOR_FILE};
 use crate::norm::{parse_eps, Norm};
-use crate::attack::job::find_sidecar;
 use crate::provenance::{sidecar_path, Provenance};
 
 #[derive(Debug, Args)]
