@@ -191,7 +191,8 @@ fn pseudo_margin_options_are_checked_naming_the_field() {
     let (model, w_eff) = inconsistent_model(1);
     let (data, rows) = synthetic_set(&model, &w_eff, 60, 2);
     let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
-    let cases: [(&str, fn(&mut TrainConfig)); 6] = [
+    type Break = fn(&mut TrainConfig);
+    let cases: [(&str, Break); 6] = [
         ("hidden = 0", |c| c.hidden = 0),
         ("hidden = -3", |c| c.hidden = -3),
         ("max_epochs = 0", |c| c.max_epochs = 0),
