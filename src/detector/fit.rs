@@ -274,6 +274,14 @@ pub fn fit(
             (ScoreKind::LogitMargin, "all", lambda, rates, None, None)
         }
     };
+    // The validation split can miss a class that the whole set has enough of.
+    ensure!(
+        calibration.negatives > 0,
+        "the {calibrated_on} set ({} samples) has no robust sample at ε = {}: the detector's \
+         false-positive rate would be undefined; use a larger validation fraction or more samples",
+        calibration.positives,
+        opts.eps
+    );
     Ok(Detector {
         spec: DetectorSpec {
             format_version: FORMAT_VERSION,
