@@ -394,7 +394,8 @@ fn real_model_answers_match_brittle_score() {
     server.shutdown().unwrap();
 }
 
-/// `brittle serve` as a process: answers on loopback and exits 0 on SIGTERM.
+/// `brittle serve` as a process: answers on loopback and exits 0 on SIGTERM, within the
+/// shutdown deadline even with a slow client connected.
 #[cfg(unix)]
 #[test]
 fn serve_command_stops_gracefully_on_sigterm() {
@@ -412,6 +413,10 @@ fn serve_command_stops_gracefully_on_sigterm() {
             LOOPBACK,
             "--device",
             "cpu",
+            "--header-timeout",
+            "60",
+            "--shutdown-timeout",
+            "1",
         ])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -440,13 +445,29 @@ fn serve_command_stops_gracefully_on_sigterm() {
         v["results"][0]["brittle"].is_null(),
         "no detector, no flag: {v}"
     );
+    // A slow client in the middle of its request head: it kept the server alive more than
+    // 30 s after SIGTERM; now it is dropped after the shutdown deadline.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut slow, b"POST /v1/score HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = child.wait().unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("still running 15 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(status.success(), "{status:?}");
+    drop(slow);
 }
 
 /// Reads `/metrics`, checks `brittle_requests_total` for each `(status, count)`, returns the text.
@@ -839,6 +860,8 @@ fn serve_refuses_zero_and_overflowing_limits() {
         ("--max-connections", "0", "at least 1"),
         ("--header-timeout", "0", "positive"),
         ("--body-timeout", "nan", "between 0 and"),
+        ("--max-wait-us", "18446744073709551615", "at most 60s"),
+        ("--header-timeout", "1e8", "at most 86400s"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
             .args([

@@ -139,8 +139,9 @@ fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<ServeConfig> {
         ..ServeConfig::new(shape)
     };
     cfg.validate().context(
-        "invalid serving limits (see --max-batch, --max-images, --max-body-mib, --queue, \
-         --max-connections, --header-timeout, --body-timeout, --input-shape)",
+        "invalid serving limits (see --max-batch, --max-wait-us, --max-images, --max-body-mib, \
+         --queue, --spin-us, --max-connections, --header-timeout, --body-timeout, \
+         --shutdown-timeout, --input-shape)",
     )?;
     Ok(cfg)
 }

@@ -17,12 +17,19 @@ pub struct Images {
 /// array's header is ~120).
 pub const MAX_NPY_HEADER: usize = 4096;
 
-/// Splits an NPY body into its header text and its data. The header must be short and of the
+/// An NPY body split by [`split_npy`].
+struct NpyParts<'a> {
+    /// Magic, version and header text: what npyz parses.
+    head: &'a [u8],
+    shape: Vec<u64>,
+    data: &'a [u8],
+}
+
+/// Splits an NPY body into its header and its data. The header must be short and of the
 /// plain form `{'descr': '<f4', 'fortran_order': False, 'shape': (1, 3, 32, 32), }`: it is
 /// checked here in one linear pass before npyz's Python-literal parser, which backtracks
 /// exponentially in the nesting depth (128 bytes of brackets pinned a core), ever sees it.
-/// Returns the header bytes (magic included), the shape and the data.
-fn split_npy(body: &[u8]) -> Result<(&[u8], Vec<u64>, &[u8]), ApiError> {
+fn split_npy(body: &[u8]) -> Result<NpyParts<'_>, ApiError> {
     if !body.starts_with(b"\x93NUMPY") || body.len() < 10 {
         return Err(bad(
             "invalid NPY: the body does not start with the NPY magic",
@@ -49,7 +56,11 @@ fn split_npy(body: &[u8]) -> Result<(&[u8], Vec<u64>, &[u8]), ApiError> {
     };
     let shape =
         plain_npy_shape(&body[prefix..len]).map_err(|e| bad(format!("invalid NPY header: {e}")))?;
-    Ok((&body[..len], shape, &body[len..]))
+    Ok(NpyParts {
+        head: &body[..len],
+        shape,
+        data: &body[len..],
+    })
 }
 
 /// The shape of a plain NPY header dict, read by a linear scanner that accepts only strings
@@ -359,7 +370,7 @@ impl InputSpec {
 
     /// NPY array, C order, float32/float64 in `[0, 1]` or uint8 (divided by 255).
     fn npy(&self, body: &[u8]) -> Result<Images, ApiError> {
-        let (head, shape, data) = split_npy(body)?;
+        let NpyParts { head, shape, data } = split_npy(body)?;
         // Checked before npyz sees the shape: it multiplies the dimensions unchecked.
         let (n, want) = self.count(&shape)?;
         let npy = open_npy(head, data)?;

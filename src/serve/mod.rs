@@ -155,9 +155,24 @@ impl ServeConfig {
                 bail!("{name} must be positive: with 0 no request could arrive");
             }
         }
+        // Deadlines are instants: a duration near u64::MAX would overflow when added to now.
+        for (name, v, most) in [
+            ("max_wait", self.max_wait, Duration::from_secs(60)),
+            ("spin", self.spin, Duration::from_secs(1)),
+            ("header_timeout", self.header_timeout, MAX_TIMEOUT),
+            ("body_timeout", self.body_timeout, MAX_TIMEOUT),
+            ("shutdown_timeout", self.shutdown_timeout, MAX_TIMEOUT),
+        ] {
+            if v > most {
+                bail!("{name} is {v:?}; at most {most:?} is accepted");
+            }
+        }
         Ok(())
     }
 }
+
+/// Longest timeout accepted (a day): longer ones are a mistake, and far-future deadlines overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// Default [`ServeConfig::spin`] in microseconds. On the 2-core development machine (resnet_2b,
 /// one client) the model thread's poll took the one-image p50 from 0.36 ms to 0.27 ms. The poll

@@ -218,9 +218,8 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name("brittle-model".into())
         .spawn(move || {
-            let _stopped = stopped;
             tch::set_num_threads(threads);
-            let health = _stopped.0.clone();
+            let health = &stopped.0;
             let mut pending = None;
             supervise(&metrics, || {
                 run(
@@ -229,7 +228,7 @@ pub fn spawn(
                     &policy,
                     &rx,
                     &metrics,
-                    &health,
+                    health,
                     &mut pending,
                 )
             });
@@ -292,7 +291,10 @@ fn next_batch(
         Some(j) => j,
         None => next_job(rx, policy.spin)?,
     };
-    let deadline = Instant::now() + policy.max_wait;
+    // A wait too long to add to now (the policy is public) means no wait.
+    let deadline = Instant::now()
+        .checked_add(policy.max_wait)
+        .unwrap_or_else(Instant::now);
     let mut n = first.n;
     let mut jobs = vec![first];
     while n < policy.max_batch {
