@@ -52,12 +52,14 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// How a case's input is turned into files and read.
 type Run = Box<dyn Fn(&Path, &[u8]) -> Result<()> + Send + Sync>;
+/// A transformation of the mutated bytes (e.g. gzip the mutated content).
+type Wrap = fn(&[u8]) -> Vec<u8>;
 
 struct Reader {
     name: &'static str,
     seeds: Vec<Vec<u8>>,
     /// Applied after mutation (e.g. gzip the mutated content); `None` keeps the bytes.
-    wrap: Option<fn(&[u8]) -> Vec<u8>>,
+    wrap: Option<Wrap>,
     /// Whether the input the reader sees is compressed (memory bound relative to inflation).
     compressed: bool,
     run: Run,
@@ -135,7 +137,9 @@ fn mutate(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
                 // A big number over a run of ASCII digits (shapes, dims, JSON, CSV).
                 let digits: Vec<usize> = (0..len).filter(|&i| b[i].is_ascii_digit()).collect();
                 if let Some(&start) = digits.get(rng.gen_range(0..digits.len().max(1))) {
-                    let end = (start..len).find(|&i| !b[i].is_ascii_digit()).unwrap_or(len);
+                    let end = (start..len)
+                        .find(|&i| !b[i].is_ascii_digit())
+                        .unwrap_or(len);
                     let n = BIG_NUMBERS[rng.gen_range(0..BIG_NUMBERS.len())].as_bytes();
                     b.splice(start..end, n.iter().copied());
                 }
@@ -194,7 +198,9 @@ fn read(p: impl AsRef<Path>) -> Vec<u8> {
 
 fn gunzip(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(b).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(b)
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
@@ -426,9 +432,7 @@ fn readers() -> Vec<Reader> {
 
     // Weights: safetensors, torch.save zip (whole and its data.pkl), legacy pickles.
     let weights = |name: &'static str| -> Run {
-        Box::new(move |d, b| {
-            brittle::model::weights::read_tensors(&put(d, name, b)).map(drop)
-        })
+        Box::new(move |d, b| brittle::model::weights::read_tensors(&put(d, name, b)).map(drop))
     };
     let native = "tests/fixtures/native";
     add(
@@ -488,7 +492,10 @@ fn readers() -> Vec<Reader> {
             n.ends_with(".pkl") || n.contains("/code/") || n.ends_with("version")
         })
         .collect();
-    let member_seeds = ts_members.iter().map(|&i| ts_entries[i].1.clone()).collect();
+    let member_seeds = ts_members
+        .iter()
+        .map(|&i| ts_entries[i].1.clone())
+        .collect();
     add(
         "torchscript-member",
         member_seeds,
@@ -544,7 +551,11 @@ fn readers() -> Vec<Reader> {
     let det_csv = "tests/fixtures/detector/resnet_2b_margins.csv";
     let csv: Vec<u8> = {
         let text = String::from_utf8(read(det_csv)).unwrap();
-        text.lines().take(40).collect::<Vec<_>>().join("\n").into_bytes()
+        text.lines()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+            .into_bytes()
     };
     let sidecar = read(format!("{det_csv}.meta.json"));
     let side_fixed = sidecar.clone();
@@ -661,12 +672,19 @@ fn readers() -> Vec<Reader> {
         body_run("application/x-npy"),
     );
     let png_body = {
-        let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 99]));
+        let img =
+            image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 99]));
         let mut v = std::io::Cursor::new(Vec::new());
         img.write_to(&mut v, image::ImageFormat::Png).unwrap();
         v.into_inner()
     };
-    add("body-png", vec![png_body], None, true, body_run("image/png"));
+    add(
+        "body-png",
+        vec![png_body],
+        None,
+        true,
+        body_run("image/png"),
+    );
     out
 }
 
@@ -754,6 +772,7 @@ fn fuzz_every_reader() {
                 let name = format!("{}-{seed}-{case}", reader.name);
                 let _ = std::fs::create_dir_all(&saved);
                 let _ = std::fs::write(saved.join(&name), &input);
+                eprintln!("finding {name}: {what}");
                 tally.findings.push(format!("{name}: {what}"));
             };
             match rx.recv_timeout(limit) {
@@ -761,9 +780,8 @@ fn fuzz_every_reader() {
                 Ok((outcome, peak)) => {
                     let took = t0.elapsed();
                     tally.slowest = tally.slowest.max(took);
-                    tally.max_peak_ratio = tally
-                        .max_peak_ratio
-                        .max(peak as f64 / len.max(1) as f64);
+                    tally.max_peak_ratio =
+                        tally.max_peak_ratio.max(peak as f64 / len.max(1) as f64);
                     match outcome {
                         Outcome::Ok => tally.ok += 1,
                         Outcome::Err => tally.err += 1,
@@ -809,6 +827,7 @@ fn fuzz_every_reader() {
 
 /// A stable per-reader stream offset.
 fn hash(s: &str) -> u64 {
-    s.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

@@ -61,7 +61,7 @@ fn assert_says(msg: &str, parts: &[&str]) {
 /// An NPY v1 file with the given header dictionary and raw data.
 fn npy(dict: &str, data: &[u8]) -> Vec<u8> {
     let mut header = dict.to_owned();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');
