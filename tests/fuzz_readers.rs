@@ -492,9 +492,14 @@ fn readers() -> Vec<Reader> {
             n.ends_with(".pkl") || n.contains("/code/") || n.ends_with("version")
         })
         .collect();
+    // Each seed is one member, prefixed by a byte that says which (mutations may change it).
     let member_seeds = ts_members
         .iter()
-        .map(|&i| ts_entries[i].1.clone())
+        .map(|&i| {
+            let mut v = vec![i as u8];
+            v.extend_from_slice(&ts_entries[i].1);
+            v
+        })
         .collect();
     add(
         "torchscript-member",
@@ -502,13 +507,15 @@ fn readers() -> Vec<Reader> {
         None,
         false,
         Box::new(move |d, b| {
-            // Which member: the seed whose length is closest (mutations keep it roughly).
+            let Some((&which, member)) = b.split_first() else {
+                return Ok(());
+            };
             let which = ts_members
                 .iter()
                 .copied()
-                .min_by_key(|&i| ts_entries[i].1.len().abs_diff(b.len()))
-                .unwrap();
-            let z = rezip(&with_member(&ts_entries, which, b));
+                .find(|&i| i == which as usize)
+                .unwrap_or(ts_members[which as usize % ts_members.len()]);
+            let z = rezip(&with_member(&ts_entries, which, member));
             model(put(d, "m.pt", &z), ModelFormat::Torchscript, [3, 32, 32])
         }),
     );

@@ -184,16 +184,23 @@ fn read_head<R: Read>(reader: &mut R, source: &str) -> Result<NpyHead> {
     Ok(NpyHead { bytes, tuples })
 }
 
-/// One NPY array as a tensor of the same element type and shape. `len` is the number of bytes
-/// the file (or zip entry) declares; the shape must account for exactly that many, checked
-/// before anything is allocated, and the data is read up to that size and no further.
-fn npy_tensor<R: Read>(mut reader: R, len: u64, source: &str) -> Result<Tensor> {
-    let bad = |e: std::io::Error| anyhow!("{source}: not a valid NPY file: {e}");
-    let head = read_head(&mut reader, source)?;
+/// Reads an NPY header from `reader` and checks it against `len`, the size of the whole NPY
+/// (file, zip entry or request body): the header is at most 64 KiB and 8 brackets deep, every
+/// shape product is checked, and the shape must account for exactly the bytes that follow.
+/// Returns the header and the number of data bytes, which the caller reads (and no more) with
+/// [`bounded::read_exact_declared`]. Shared by every NPY reader so that none trusts `npyz`'s
+/// unchecked header arithmetic.
+pub fn read_header<R: Read>(
+    reader: &mut R,
+    len: u64,
+    source: &str,
+) -> Result<(npyz::NpyHeader, u64)> {
+    let head = read_head(reader, source)?;
     for t in &head.tuples {
         bounded::numel(t, source)?;
     }
-    let npy = npyz::NpyFile::new(head.bytes.as_slice()).map_err(bad)?;
+    let npy = npyz::NpyFile::new(head.bytes.as_slice())
+        .map_err(|e| anyhow!("{source}: not a valid NPY file: {e}"))?;
     let dims = npy.shape().to_vec();
     let item = npy
         .dtype()
@@ -204,11 +211,23 @@ fn npy_tensor<R: Read>(mut reader: R, len: u64, source: &str) -> Result<Tensor> 
     if expected != available {
         bail!(
             "{source}: not a valid NPY file: header declares shape {dims:?} of {item}-byte elements = {expected} bytes of data, but {available} bytes follow ({})",
-            if expected > available { "truncated or hostile header" } else { "trailing bytes" }
+            if expected > available {
+                "truncated or hostile header"
+            } else {
+                "trailing bytes"
+            }
         );
     }
+    Ok((npy.header().clone(), expected))
+}
+
+/// One NPY array as a tensor of the same element type and shape. `len` is the number of bytes
+/// the file (or zip entry) declares; see [`read_header`].
+fn npy_tensor<R: Read>(mut reader: R, len: u64, source: &str) -> Result<Tensor> {
+    let bad = |e: std::io::Error| anyhow!("{source}: not a valid NPY file: {e}");
+    let (header, expected) = read_header(&mut reader, len, source)?;
     let data = bounded::read_exact_declared(&mut reader, expected, source)?;
-    let header = npy.header().clone();
+    let dims = header.shape().to_vec();
     let npy = npyz::NpyFile::with_header(header, data.as_slice());
     let shape: Vec<i64> = dims.iter().map(|&s| s as i64).collect();
     let fortran = npy.order() == npyz::Order::Fortran;

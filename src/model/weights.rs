@@ -159,8 +159,7 @@ fn parse_pickle(bytes: &[u8]) -> Result<(Vec<PickleOp<'_>>, &[u8])> {
 /// Unchecked, a million nested tuples overflow the stack, and `DUP` or shared references make
 /// quadratic or exponential work from a few bytes.
 fn evaluate_bounded<'a>(ops: &'a [PickleOp<'a>]) -> Result<Vec<Value<'a>>> {
-    let budget =
-        PICKLE_NODES_BASE.saturating_add(PICKLE_NODES_PER_OP.saturating_mul(ops.len() as u64));
+    let budget = pickle_budget(ops);
     PickleScan::new(budget).run(ops)?;
     // References resolve late (a list can grow after it was referenced) and can share or
     // cycle, so their expansion is measured on the unresolved values before it is made.
@@ -179,6 +178,18 @@ fn evaluate_bounded<'a>(ops: &'a [PickleOp<'a>]) -> Result<Vec<Value<'a>>> {
     );
     drop(vals);
     Ok(evaluate(ops, true)?.0)
+}
+
+fn pickle_budget(ops: &[PickleOp<'_>]) -> u64 {
+    PICKLE_NODES_BASE.saturating_add(PICKLE_NODES_PER_OP.saturating_mul(ops.len() as u64))
+}
+
+/// Checks one pickle (up to its STOP) against the bounds the weights readers apply, without
+/// evaluating it: for pickles another parser reads, such as the members of a TorchScript
+/// archive before libtorch's unpickler sees them.
+pub fn check_pickle(bytes: &[u8]) -> Result<()> {
+    let (ops, _) = parse_pickle(bytes)?;
+    PickleScan::new(pickle_budget(&ops)).run(&ops)
 }
 
 /// Size and depth of a value as evaluation materialises it (references count as one node).
@@ -862,6 +873,30 @@ mod tests {
         assert!(format!("{:#}", e.unwrap_err()).contains("more elements"));
         let e = build_tensors(view(vec![2, 3], vec![3, -1], 0), &storage(24));
         assert!(format!("{:#}", e.unwrap_err()).contains("do not describe"));
+    }
+
+    #[test]
+    fn check_pickle_accepts_torchscript_members_and_rejects_nesting() {
+        for f in [
+            "tests/fixtures/attack/tiny_cnn.pt",
+            "tests/fixtures/native/ts_features.pt",
+        ] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let mut zip = zip::ZipArchive::new(std::fs::File::open(&p).unwrap()).unwrap();
+            for i in 0..zip.len() {
+                let mut e = zip.by_index(i).unwrap();
+                if e.name().ends_with(".pkl") {
+                    let mut b = Vec::new();
+                    std::io::Read::read_to_end(&mut e, &mut b).unwrap();
+                    check_pickle(&b).unwrap_or_else(|err| panic!("{f} {}: {err:#}", e.name()));
+                }
+            }
+        }
+        let mut deep = b"\x80\x02)".to_vec();
+        deep.extend(std::iter::repeat_n(0x85u8, 1000));
+        deep.push(b'.');
+        let e = check_pickle(&deep).unwrap_err();
+        assert!(format!("{e:#}").contains("levels deep"), "{e:#}");
     }
 
     #[test]
