@@ -754,7 +754,9 @@ fn fuzz_every_reader() {
             let (tx, rx) = std::sync::mpsc::channel();
             let (r, path, bytes) = (reader.clone(), dir.path().to_owned(), input.clone());
             let t0 = Instant::now();
-            std::thread::spawn(move || {
+            // The CLI reads on its main thread: the same 8 MiB stack.
+            let worker = std::thread::Builder::new().stack_size(8 << 20);
+            let spawned = worker.spawn(move || {
                 let (outcome, peak) = peak_of(|| {
                     match std::panic::catch_unwind(AssertUnwindSafe(|| (r.run)(&path, &bytes))) {
                         Ok(Ok(())) => Outcome::Ok,
@@ -769,6 +771,7 @@ fn fuzz_every_reader() {
                 });
                 let _ = tx.send((outcome, peak));
             });
+            spawned.expect("spawning a fuzz case");
             let len = input.len() as u64;
             let bound = if reader.compressed {
                 4 * 1032 * len + 32 * MIB
