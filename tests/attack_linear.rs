@@ -101,8 +101,7 @@ fn check(kind: AttackKind, norm: Norm, steps: Option<usize>, tol: f64, reach: Re
     let want = closed_form(&m, &x, norm, GAP_RTOL);
     let aim = closed_form(&m, &x, norm, SEARCH_GAP_RTOL);
     let got = attack(&m, &x, kind, norm, steps);
-    for (i, (g, (&(w, _, _), &(a, a2, a3)))) in got.iter().zip(want.iter().zip(&aim)).enumerate()
-    {
+    for (i, (g, (&(w, _, _), &(a, a2, a3)))) in got.iter().zip(want.iter().zip(&aim)).enumerate() {
         let w = &w;
         let reach = match reach {
             Reach::Nearest => a,

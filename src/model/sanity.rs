@@ -280,7 +280,7 @@ fn other_normalisation(x: &Tensor, configured: &Configured) -> Option<(Tensor, S
             let mean = x.mean_dim(dims.as_slice(), true, Kind::Float);
             let std = x.std_dim(dims.as_slice(), false, true);
             let (m, s) = (to_vec_f64(&mean).ok()?, to_vec_f64(&std).ok()?);
-            if s.iter().any(|&v| !(v > 1e-6)) {
+            if s.iter().any(|v| v.is_nan() || *v <= 1e-6) {
                 return None;
             }
             let show = |v: &[f64]| {
