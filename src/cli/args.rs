@@ -46,7 +46,8 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Run even when the first batch of labelled data looks like a wrong input normalisation
-    /// (accuracy near chance, or clearly better with the other normalisation); a warning remains.
+    /// (accuracy near chance, or clearly better with the other normalisation); a warning
+    /// remains. For the commands with labels (score, margins, fit, eval-pgd); serve has none.
     #[arg(long)]
     pub allow_low_accuracy: bool,
 }

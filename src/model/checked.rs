@@ -45,6 +45,9 @@ pub fn check_logits(info: &ModelInfo, logits: &Tensor) -> Result<(), LogitError>
         return Ok(());
     }
     let flat = finite.logical_not().flatten(0, -1).nonzero();
+    if flat.size().first().copied().unwrap_or(0) == 0 {
+        return Ok(());
+    }
     let first = flat.int64_value(&[0, 0]);
     let width = logits.size().last().copied().unwrap_or(1).max(1);
     let (row, class) = (first / width, first % width);

@@ -167,6 +167,16 @@ pub fn check_first_batch(
 ) -> Result<FirstBatch> {
     let n = data.len().min(CHECK_SAMPLES);
     let name = model.info().name.clone();
+    let classes = model.info().num_classes.max(data.num_classes).max(2);
+    let mut report = FirstBatch {
+        samples: n,
+        correct: 0,
+        chance: 1.0 / classes as f64,
+        other: None,
+    };
+    if n == 0 {
+        return Ok(report);
+    }
     let (x, labels) = data.batch(0, n);
     let x = x.to_device(model.device());
     let answers = |x: &Tensor| -> Result<(Tensor, Vec<bool>)> {
@@ -182,16 +192,7 @@ pub fn check_first_batch(
     };
     let (z, right) = answers(&x)?;
     let correct = right.iter().filter(|&&r| r).count();
-    let classes = model.info().num_classes.max(data.num_classes).max(2);
-    let mut report = FirstBatch {
-        samples: n,
-        correct,
-        chance: 1.0 / classes as f64,
-        other: None,
-    };
-    if n == 0 {
-        return Ok(report);
-    }
+    report.correct = correct;
     let spread = (z.amax([1].as_slice(), false) - z.amin([1].as_slice(), false))
         .amax([0].as_slice(), false)
         .to_kind(Kind::Double)
