@@ -23,7 +23,7 @@ use super::fab::Fab;
 use super::fmn::Fmn;
 use super::pgd::Pgd;
 use super::shrink::Shrink;
-use super::{AttackKind, AttackStep};
+use super::{AttackKind, AttackStep, GAP_RTOL, SEARCH_GAP_RTOL};
 use crate::norm::Norm;
 
 /// Bisection steps on the final segment.
@@ -62,11 +62,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Every pass with all its parameters, and the bisection: what a margins file records, so
-    /// that a run resumed or merged by a brittle whose attacks differ is refused, not mixed in.
+    /// Every pass with all its parameters, the bisection and the adversarial criterion: what a
+    /// margins file records, so that a run resumed or merged by a brittle whose attacks differ
+    /// is refused, not mixed in.
     pub fn describe(&self) -> String {
         let passes: Vec<String> = self.passes.iter().map(|p| format!("{p:?}")).collect();
-        format!("{}; bisection {}", passes.join(" -> "), self.refine)
+        format!(
+            "{}; bisection {}; adversarial when the logit gap exceeds {SEARCH_GAP_RTOL:e} (search) / {GAP_RTOL:e} (verified) of max |logit|",
+            passes.join(" -> "),
+            self.refine
+        )
     }
 
     /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's).

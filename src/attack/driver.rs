@@ -13,7 +13,9 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::{misclassified, norm64, per_sample, AttackStep, BatchView, Ctx};
+use super::{
+    beyond_boundary, misclassified, norm64, per_sample, AttackStep, BatchView, Ctx, GAP_RTOL,
+};
 use crate::model::Classifier;
 use crate::norm::Norm;
 use crate::util::to_vec_f64;
@@ -251,7 +253,8 @@ impl Chunk {
     }
 
     /// Shrinks every adversarial point towards its clean input by bisection on the segment
-    /// (forward passes only), keeping the closest point still misclassified.
+    /// (forward passes only), keeping the closest point still [`misclassified`] (the search's
+    /// strict criterion, so the result passes [`Chunk::verify`]).
     pub fn refine(
         &mut self,
         model: &dyn Classifier,
@@ -296,7 +299,9 @@ impl Chunk {
     }
 
     /// Re-checks every adversarial point with a forward pass and recomputes its distance; a point
-    /// the model does not misclassify is reported as a failure (`inf`), never as a margin.
+    /// whose logit gap does not exceed [`GAP_RTOL`] of the logit scale (a tie, or one that
+    /// rounding could flip back) is reported as a failure (`inf`), never as a margin. A sample
+    /// already misclassified (distance 0, the clean input) stays a success at 0.
     pub fn verify(
         &mut self,
         model: &dyn Classifier,
@@ -313,7 +318,7 @@ impl Chunk {
             let mut ctx = Ctx::new(model, norm);
             ctx.forwards = vec![0; part.len()];
             let wrong = Vec::<bool>::try_from(
-                misclassified(&ctx.forward(&adv)?, &keep(&self.label, &idx))
+                beyond_boundary(&ctx.forward(&adv)?, &keep(&self.label, &idx), GAP_RTOL)
                     .to_device(tch::Device::Cpu),
             )?;
             let dist = to_vec_f64(&norm64(norm, &(&adv - keep(&self.x0, &idx))))?;
@@ -322,7 +327,7 @@ impl Chunk {
             for (k, &p) in part.iter().enumerate() {
                 self.forwards[p] += ctx.forwards[k];
                 self.seconds[p] += per;
-                let success = wrong[k] && claimed[k].is_finite();
+                let success = claimed[k].is_finite() && (wrong[k] || claimed[k] == 0.0);
                 out.push(Verified {
                     distance: if success { dist[k] } else { f64::INFINITY },
                     success,

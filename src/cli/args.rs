@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::data::{DataFormat, DataSpec, Dataset};
 use crate::model::load::{InputLayout, ModelFormat};
 use crate::model::normalize::parse_channel_values;
+use crate::model::sanity::{self, Configured, SanityError};
 use crate::model::{device, load_classifier, Classifier, DeviceChoice, ModelSpec};
 
 /// One value per channel; an alias so that clap parses `0.1,0.2,0.3` as one value, not as a
@@ -44,6 +45,11 @@ pub struct ModelArgs {
     /// libtorch intra-op threads (0: libtorch's default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Run even when the first batch of labelled data looks like a wrong input normalisation
+    /// (accuracy near chance, or clearly better with the other normalisation); a warning
+    /// remains. For the commands with labels (score, margins, fit, eval-pgd); serve has none.
+    #[arg(long)]
+    pub allow_low_accuracy: bool,
 }
 
 impl ModelArgs {
@@ -62,7 +68,8 @@ impl ModelArgs {
         })
     }
 
-    /// Loads the model for the dataset's input shape and checks the class count agrees.
+    /// Loads the model for the dataset's input shape, checks the class count agrees and runs
+    /// the first-batch check ([`sanity`]) on `data`'s labels.
     pub fn load_for(&self, data: &Dataset) -> Result<Box<dyn Classifier>> {
         let model = load_classifier(&self.spec(Some(data.num_classes))?, data.input_shape())?;
         let k = model.info().num_classes;
@@ -74,7 +81,50 @@ impl ModelArgs {
                 data.num_classes - 1
             );
         }
+        self.first_batch_check(model.as_ref(), data)?;
         Ok(model)
+    }
+
+    /// [`sanity::check_first_batch`] with the flag hints: a [`SanityError`] stops the command
+    /// unless `--allow-low-accuracy`, and a weaker concern is printed as a warning.
+    fn first_batch_check(&self, model: &dyn Classifier, data: &Dataset) -> Result<()> {
+        let configured = match (&self.mean, &self.std) {
+            (None, None) => Configured::None,
+            (m, s) => Configured::MeanStd {
+                mean: m.clone().unwrap_or_else(|| vec![0.0]),
+                std: s.clone().unwrap_or_else(|| vec![1.0]),
+            },
+        };
+        let hint = match configured {
+            Configured::None => "pass the --mean/--std the model was trained with",
+            Configured::MeanStd { .. } => {
+                "drop --mean/--std if the model normalises its input itself, or check their values"
+            }
+        };
+        match sanity::check_first_batch(model, data, &configured) {
+            Ok(report) => {
+                if let Some(concern) = report.concern() {
+                    eprintln!("warning: {}: {concern} ({hint})", self.model.display());
+                }
+                Ok(())
+            }
+            Err(e) if e.downcast_ref::<SanityError>().is_some() => {
+                if self.allow_low_accuracy {
+                    eprintln!("warning: {e} (continuing: --allow-low-accuracy)");
+                    Ok(())
+                } else {
+                    bail!(
+                        "{e}\n{hint}; --allow-low-accuracy runs anyway (on {})",
+                        data.source
+                    )
+                }
+            }
+            Err(e) => Err(e.context(format!(
+                "checking {} on the first samples of {}",
+                self.model.display(),
+                data.source
+            ))),
+        }
     }
 }
 

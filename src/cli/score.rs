@@ -8,6 +8,7 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use crate::detector::{Decision, Detector};
+use crate::model::checked::name_sample;
 use crate::norm::Norm;
 use crate::provenance::{write_sidecar, Provenance};
 use crate::score::score_batch;
@@ -47,7 +48,9 @@ pub fn score_dataset(
     for start in (0..data.len()).step_by(batch_size) {
         let end = (start + batch_size).min(data.len());
         let (x, labels) = data.batch(start, end);
-        for (i, s) in score_batch(model, &x, norm)?.into_iter().enumerate() {
+        let scores = score_batch(model, &x, norm)
+            .map_err(|e| name_sample(e, &data.indices[start..end], &data.source))?;
+        for (i, s) in scores.into_iter().enumerate() {
             rows.push(ScoreRow {
                 index: data.indices[start + i],
                 label: labels[i],

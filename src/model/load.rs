@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use tch::Device;
 
+use super::checked::Checked;
 use super::normalize::Normalizer;
 use super::{native, onnx, torchscript::TorchScriptClassifier, Classifier};
 use crate::util::sha256_file;
@@ -115,7 +116,8 @@ impl ModelSpec {
     }
 }
 
-/// Builds the classifier for inputs of shape `[C, H, W]` (models are probed once at load).
+/// Builds the classifier for inputs of shape `[C, H, W]` (models are probed once at load),
+/// wrapped in [`Checked`] so that no format's NaN or integer logits reach a caller.
 pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dyn Classifier>> {
     if !spec.path.exists() {
         bail!("model file {} does not exist", spec.path.display());
@@ -140,5 +142,6 @@ pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dy
             .map(|m| Box::new(m) as Box<dyn Classifier>),
         ModelFormat::Onnx => onnx::load(spec, normalizer, input_shape, fingerprint),
     };
-    model.with_context(|| format!("loading model {}", spec.path.display()))
+    let model = model.with_context(|| format!("loading model {}", spec.path.display()))?;
+    Ok(Box::new(Checked(model)))
 }

@@ -2,13 +2,16 @@
 //!
 //! Formats: TorchScript ([`torchscript`]), native Rust architectures with PyTorch or
 //! safetensors weights ([`native`], [`weights`]), ONNX ([`onnx`]). [`load`] picks one from a
-//! [`load::ModelSpec`].
+//! [`load::ModelSpec`] and wraps it in [`checked::Checked`]; [`sanity`] checks the first batch
+//! of labelled data before a command trusts the model's answers.
 
+pub mod checked;
 pub mod device;
 pub mod load;
 pub mod native;
 pub mod normalize;
 pub mod onnx;
+pub mod sanity;
 pub mod torchscript;
 pub mod weights;
 
