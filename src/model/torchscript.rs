@@ -9,11 +9,19 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::normalize::Normalizer;
 use super::{Classifier, ModelInfo};
+use crate::data::bounded;
+
+/// Deepest bracket nesting accepted in a TorchScript code member. libtorch's TorchScript parser
+/// recurses per bracket, about 3 KiB of stack per `[` (2,000 levels load, 3,000 overflow an
+/// 8 MiB main stack and abort the process). What `torch.jit.trace`/`script` writes nests at most
+/// 3 deep (the committed fixtures and the four shared CIFAR-10 models); 128 levels leave a wide
+/// margin for real code and need under 0.5 MiB of stack, well within a 2 MiB thread stack.
+const MAX_CODE_NESTING: usize = 128;
 
 pub struct TorchScriptClassifier {
     module: CModule,
@@ -42,6 +50,7 @@ impl TorchScriptClassifier {
         input_shape: [i64; 3],
         fingerprint: String,
     ) -> Result<Self> {
+        check_archive(path)?;
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript module {}", path.display()))?;
         module.set_eval();
@@ -98,6 +107,63 @@ impl TorchScriptClassifier {
             .module
             .forward_is(&[IValue::Tensor(self.normalized(x))])?)
     }
+}
+
+/// Checks a TorchScript archive before libtorch reads it, since libtorch aborts the process on
+/// some hostile members instead of failing: every code member (`<root>/code/**.py`) must nest
+/// brackets at most [`MAX_CODE_NESTING`] deep, and every pickle member (`data.pkl`,
+/// `constants.pkl`, `*.debug_pkl`, ...) must pass [`check_pickle`](super::weights::check_pickle)
+/// (nesting, memo and expansion bounds; libtorch's unpickler took 25-36 s on some mutated ones).
+/// Members are read only up to their declared size, which must be one deflate can produce.
+fn check_archive(path: &Path) -> Result<()> {
+    let source = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{source}: not a TorchScript archive (a zip file)"))?;
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .with_context(|| format!("{source}: archive entry {i}"))?;
+        let name = entry.name().to_owned();
+        let code = name.contains("/code/") && name.ends_with(".py");
+        let pickle = name.ends_with("pkl");
+        if !code && !pickle {
+            continue;
+        }
+        let what = format!("{source}: archive member {name}");
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        if size > bounded::inflate_cap(packed) {
+            bail!("{what} declares {size} bytes from {packed} compressed, more than deflate can produce (corrupt or hostile archive)");
+        }
+        let bytes = bounded::read_exact_declared(&mut entry, size, &what)?;
+        if code {
+            let depth = bracket_depth(&bytes);
+            if depth > MAX_CODE_NESTING {
+                bail!("{what}: code nests brackets {depth} levels deep (at most {MAX_CODE_NESTING} accepted; corrupt or hostile file)");
+            }
+        } else {
+            super::weights::check_pickle(&bytes).with_context(|| what.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// The deepest nesting of `(`, `[` and `{` in source text. Brackets inside string literals and
+/// comments count too: the bound is far above real code, and a scan that cannot be fooled by
+/// quoting that libtorch's lexer reads differently is worth the (unrealistic) false positive.
+fn bracket_depth(code: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for &c in code {
+        match c {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Splits a forward output into logits and, for a tuple output, features.
