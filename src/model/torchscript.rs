@@ -111,10 +111,12 @@ impl TorchScriptClassifier {
 
 /// Checks a TorchScript archive before libtorch reads it, since libtorch aborts the process on
 /// some hostile members instead of failing: every code member (`<root>/code/**.py`) must nest
-/// brackets at most [`MAX_CODE_NESTING`] deep, and every pickle member (`data.pkl`,
-/// `constants.pkl`, `*.debug_pkl`, ...) must pass [`check_pickle`](super::weights::check_pickle)
-/// (nesting, memo and expansion bounds; libtorch's unpickler took 25-36 s on some mutated ones).
-/// Members are read only up to their declared size, which must be one deflate can produce.
+/// brackets at most [`MAX_CODE_NESTING`] deep, and every pickle libtorch reads (`data.pkl` and
+/// `constants.pkl` at load, `*.debug_pkl` for error tracebacks) must pass
+/// [`check_pickle`](super::weights::check_pickle): nesting, memo and expansion bounds (a
+/// million nested tuples in `data.pkl` overflowed libtorch's stack). Other members, such as
+/// `traced_inputs.pkl`, libtorch does not read. Members are read only up to their declared
+/// size, which must be one deflate can produce.
 fn check_archive(path: &Path) -> Result<()> {
     let source = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
@@ -126,7 +128,9 @@ fn check_archive(path: &Path) -> Result<()> {
             .with_context(|| format!("{source}: archive entry {i}"))?;
         let name = entry.name().to_owned();
         let code = name.contains("/code/") && name.ends_with(".py");
-        let pickle = name.ends_with("pkl");
+        let pickle = ["/data.pkl", "/constants.pkl", ".debug_pkl"]
+            .iter()
+            .any(|s| name.ends_with(s));
         if !code && !pickle {
             continue;
         }
