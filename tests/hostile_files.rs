@@ -408,22 +408,32 @@ fn torchscript_with(name: &str, f: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
 #[test]
 fn torchscript_code_nested_deeply_exits_with_an_error_not_a_signal() {
     let dir = tempfile::tempdir().unwrap();
-    // 5,000 nested list brackets in a method body: libtorch's parser overflowed the stack.
+    // A method body returning 5,000 nested lists, or 20,000 unary minuses: libtorch's parser
+    // overflowed the stack on either.
     let member = "tiny_cnn/code/__torch__/torch/nn/modules/conv.py";
-    let deep = format!("    return {}_0{}", "[".repeat(5000), "]".repeat(5000));
-    let bytes = torchscript_with(member, |code| {
-        let code = String::from_utf8(code.to_vec()).unwrap();
-        assert!(code.contains("    return _0"));
-        code.replace("    return _0", &deep).into_bytes()
-    });
-    let model = write(dir.path(), "deep_code.pt", &bytes);
-    let (status, stderr) = score_cli(&model, dir.path(), &[]);
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "expected exit code 1, got {status:?}: {stderr}"
-    );
-    assert_says(&stderr, &["deep_code.pt", member, "5000 levels deep"]);
+    for (name, body, depth) in [
+        (
+            "brackets.pt",
+            format!("{}_0{}", "[".repeat(5000), "]".repeat(5000)),
+            5000,
+        ),
+        ("minus.pt", format!("{}_0", "-".repeat(20_000)), 20_000),
+    ] {
+        let bytes = torchscript_with(member, |code| {
+            let code = String::from_utf8(code.to_vec()).unwrap();
+            assert!(code.contains("    return _0"));
+            code.replace("    return _0", &format!("    return {body}"))
+                .into_bytes()
+        });
+        let model = write(dir.path(), name, &bytes);
+        let (status, stderr) = score_cli(&model, dir.path(), &[]);
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "expected exit code 1, got {status:?}: {stderr}"
+        );
+        assert_says(&stderr, &[name, member, &format!("{depth} levels deep")]);
+    }
 }
 
 #[test]

@@ -16,11 +16,13 @@ use super::normalize::Normalizer;
 use super::{Classifier, ModelInfo};
 use crate::data::bounded;
 
-/// Deepest bracket nesting accepted in a TorchScript code member. libtorch's TorchScript parser
-/// recurses per bracket, about 3 KiB of stack per `[` (2,000 levels load, 3,000 overflow an
-/// 8 MiB main stack and abort the process). What `torch.jit.trace`/`script` writes nests at most
-/// 3 deep (the committed fixtures and the four shared CIFAR-10 models); 128 levels leave a wide
-/// margin for real code and need under 0.5 MiB of stack, well within a 2 MiB thread stack.
+/// Deepest expression nesting accepted in one statement of a TorchScript code member, counted
+/// by [`statement_nesting`]. libtorch's TorchScript parser and compiler recurse per bracket and
+/// per operator of an expression: about 3 KiB of stack per `[` (2,000 levels load, 3,000
+/// overflow an 8 MiB main stack and abort the process), and 20,000 unary `-` or `not` overflow
+/// it too. TorchScript's serialized code is printed from the IR, one operation per statement:
+/// the committed fixtures and the four shared CIFAR-10 models measure at most 4. 128 leaves a
+/// wide margin for real code and needs under 0.5 MiB of stack, well within a 2 MiB thread stack.
 const MAX_CODE_NESTING: usize = 128;
 
 pub struct TorchScriptClassifier {
@@ -111,7 +113,7 @@ impl TorchScriptClassifier {
 
 /// Checks a TorchScript archive before libtorch reads it, since libtorch aborts the process on
 /// some hostile members instead of failing: every code member (`<root>/code/**.py`) must nest
-/// brackets at most [`MAX_CODE_NESTING`] deep, and every pickle libtorch reads (`data.pkl` and
+/// expressions at most [`MAX_CODE_NESTING`] deep, and every pickle libtorch reads (`data.pkl` and
 /// `constants.pkl` at load, `*.debug_pkl` for error tracebacks) must pass
 /// [`check_pickle`](super::weights::check_pickle): nesting, memo and expansion bounds (a
 /// million nested tuples in `data.pkl` overflowed libtorch's stack). Other members, such as
@@ -141,9 +143,9 @@ fn check_archive(path: &Path) -> Result<()> {
         }
         let bytes = bounded::read_exact_declared(&mut entry, size, &what)?;
         if code {
-            let depth = bracket_depth(&bytes);
+            let depth = statement_nesting(&bytes);
             if depth > MAX_CODE_NESTING {
-                bail!("{what}: code nests brackets {depth} levels deep (at most {MAX_CODE_NESTING} accepted; corrupt or hostile file)");
+                bail!("{what}: code nests {depth} levels deep in one statement (brackets and operators; at most {MAX_CODE_NESTING} accepted; corrupt or hostile file)");
             }
         } else {
             super::weights::check_pickle(&bytes).with_context(|| what.clone())?;
@@ -152,20 +154,42 @@ fn check_archive(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The deepest nesting of `(`, `[` and `{` in source text. Brackets inside string literals and
-/// comments count too: the bound is far above real code, and a scan that cannot be fooled by
-/// quoting that libtorch's lexer reads differently is worth the (unrealistic) false positive.
-fn bracket_depth(code: &[u8]) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    for &c in code {
-        match c {
-            b'(' | b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
+/// An upper bound on how deep libtorch's parser and compiler recurse for any statement of
+/// `code`: the bracket depth plus every operator character and operator keyword seen so far in
+/// the statement (a newline outside brackets, not after a `\\`, ends it). Every level of
+/// recursion needs a bracket or an operator, so nesting of any kind (`[[[`, `- - -`, `not not`,
+/// `a ** a ** a`, long `a + a + ...` chains) is counted. Strings and comments are not skipped:
+/// the bound is far above real code, and a scan that quoting cannot fool is worth the
+/// (unrealistic) false positive.
+fn statement_nesting(code: &[u8]) -> usize {
+    const KEYWORDS: &[&[u8]] = &[
+        b"not", b"and", b"or", b"if", b"else", b"is", b"in", b"lambda",
+    ];
+    let (mut depth, mut ops, mut deepest) = (0usize, 0usize, 0usize);
+    let mut word_start = None;
+    let mut prev = b'\n';
+    for (i, &c) in code.iter().enumerate() {
+        let in_word = c.is_ascii_alphanumeric() || c == b'_';
+        match (in_word, word_start) {
+            (true, None) => word_start = Some(i),
+            (false, Some(start)) => {
+                ops += usize::from(KEYWORDS.contains(&&code[start..i]));
+                word_start = None;
             }
-            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        match c {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'\n' if depth == 0 && prev != b'\\' => ops = 0,
+            b'-' | b'+' | b'*' | b'/' | b'%' | b'@' | b'&' | b'|' | b'^' | b'~' | b'<' | b'>'
+            | b'=' | b'!' => ops += 1,
+            _ => {}
+        }
+        if !c.is_ascii_whitespace() || c == b'\n' {
+            prev = c;
+        }
+        deepest = deepest.max(depth + ops);
     }
     deepest
 }
@@ -249,5 +273,21 @@ impl Classifier for TorchScriptClassifier {
 
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_nesting_counts_brackets_and_operators() {
+        let real = b"  def forward(self, x: Tensor) -> Tensor:\n    _0 = torch.view(x, [-1, 512])\n    return _0\n";
+        assert_eq!(statement_nesting(real), 4);
+        assert_eq!(statement_nesting(b"x = [[[1]]]\ny = 2\n"), 4);
+        assert_eq!(statement_nesting(b"x = - - - not 1\n"), 5);
+        // A continuation line does not end the statement; a newline inside brackets neither.
+        assert_eq!(statement_nesting(b"x = 1 + \\\n 1 + (1 +\n 1)\n"), 5);
+        assert_eq!(statement_nesting(b")))]]]"), 0);
     }
 }
