@@ -275,24 +275,11 @@ fn pickle_nested_a_million_deep_exits_with_an_error_not_a_signal() {
     let mut body = b")".to_vec();
     body.extend(std::iter::repeat_n(0x85u8, 1_000_000));
     let model = write(dir.path(), "deep.pt", &legacy_checkpoint(&pickle(&body)));
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/attack/tiny.bin");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
-        .args(["score", "--model"])
-        .arg(&model)
-        .args([
-            "--arch", "cnn-a", "--device", "cpu", "--limit", "2", "--data",
-        ])
-        .arg(&data)
-        .arg("--out")
-        .arg(dir.path().join("scores.csv"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (status, stderr) = score_cli(&model, dir.path(), &["--arch", "cnn-a"]);
     assert_eq!(
-        out.status.code(),
+        status.code(),
         Some(1),
-        "expected exit code 1, got {:?}: {stderr}",
-        out.status
+        "expected exit code 1, got {status:?}: {stderr}"
     );
     assert_says(&stderr, &["deep.pt", "levels deep"]);
 }
@@ -369,4 +356,100 @@ fn torch_zip_entry_declaring_gigabytes_fails_before_allocating() {
     let (msg, peak) = weights_err(p);
     assert_says(&msg, &["huge.pt", "more than deflate can produce"]);
     assert!(peak < 4 * MIB, "peak allocation {peak} bytes");
+}
+
+/// `brittle score` of `model` (any format it detects) on two CIFAR fixture images; returns the
+/// exit status and stderr. A separate process, so that an abort fails the test instead of
+/// killing the runner.
+fn score_cli(model: &Path, dir: &Path, extra: &[&str]) -> (std::process::ExitStatus, String) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/attack/tiny.bin");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brittle"))
+        .args(["score", "--model"])
+        .arg(model)
+        .args(extra)
+        .args(["--device", "cpu", "--limit", "2", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.join("scores.csv"))
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The TorchScript fixture `tiny_cnn.pt` with member `name` replaced by `f(old content)`,
+/// rezipped the way `torch.jit.save` stores members (uncompressed, 64-byte aligned).
+fn torchscript_with(name: &str, f: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
+    use std::io::Read;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/attack/tiny_cnn.pt");
+    let mut zin = zip::ZipArchive::new(std::fs::File::open(fixture).unwrap()).unwrap();
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .with_alignment(64);
+    let mut found = false;
+    for i in 0..zin.len() {
+        let mut e = zin.by_index(i).unwrap();
+        let mut b = Vec::new();
+        e.read_to_end(&mut b).unwrap();
+        if e.name() == name {
+            b = f(&b);
+            found = true;
+        }
+        out.start_file(e.name(), opts).unwrap();
+        out.write_all(&b).unwrap();
+    }
+    assert!(found, "no member {name} in tiny_cnn.pt");
+    out.finish().unwrap().into_inner()
+}
+
+#[test]
+fn torchscript_code_nested_deeply_exits_with_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    // A method body returning 5,000 nested lists, or 20,000 unary minuses: libtorch's parser
+    // overflowed the stack on either.
+    let member = "tiny_cnn/code/__torch__/torch/nn/modules/conv.py";
+    for (name, body, depth) in [
+        (
+            "brackets.pt",
+            format!("{}_0{}", "[".repeat(5000), "]".repeat(5000)),
+            5000,
+        ),
+        ("minus.pt", format!("{}_0", "-".repeat(20_000)), 20_000),
+    ] {
+        let bytes = torchscript_with(member, |code| {
+            let code = String::from_utf8(code.to_vec()).unwrap();
+            assert!(code.contains("    return _0"));
+            code.replace("    return _0", &format!("    return {body}"))
+                .into_bytes()
+        });
+        let model = write(dir.path(), name, &bytes);
+        let (status, stderr) = score_cli(&model, dir.path(), &[]);
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "expected exit code 1, got {status:?}: {stderr}"
+        );
+        assert_says(&stderr, &[name, member, &format!("{depth} levels deep")]);
+    }
+}
+
+#[test]
+fn torchscript_pickle_bomb_exits_with_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    // data.pkl: EMPTY_TUPLE then a million TUPLE1, a value nested 1,000,000 deep; libtorch's
+    // unpickler overflowed the stack.
+    let mut body = b")".to_vec();
+    body.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+    let bytes = torchscript_with("tiny_cnn/data.pkl", |_| pickle(&body));
+    let model = write(dir.path(), "bomb.pt", &bytes);
+    let (status, stderr) = score_cli(&model, dir.path(), &[]);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "expected exit code 1, got {status:?}: {stderr}"
+    );
+    assert_says(&stderr, &["bomb.pt", "tiny_cnn/data.pkl", "levels deep"]);
 }

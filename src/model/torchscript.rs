@@ -9,11 +9,21 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::normalize::Normalizer;
 use super::{Classifier, ModelInfo};
+use crate::data::bounded;
+
+/// Deepest expression nesting accepted in one statement of a TorchScript code member, counted
+/// by [`statement_nesting`]. libtorch's TorchScript parser and compiler recurse per bracket and
+/// per operator of an expression: about 3 KiB of stack per `[` (2,000 levels load, 3,000
+/// overflow an 8 MiB main stack and abort the process), and 20,000 unary `-` or `not` overflow
+/// it too. TorchScript's serialized code is printed from the IR, one operation per statement:
+/// the committed fixtures and the four shared CIFAR-10 models measure at most 4. 128 leaves a
+/// wide margin for real code and needs under 0.5 MiB of stack, well within a 2 MiB thread stack.
+const MAX_CODE_NESTING: usize = 128;
 
 pub struct TorchScriptClassifier {
     module: CModule,
@@ -42,6 +52,7 @@ impl TorchScriptClassifier {
         input_shape: [i64; 3],
         fingerprint: String,
     ) -> Result<Self> {
+        check_archive(path)?;
         let mut module = CModule::load_on_device(path, device)
             .with_context(|| format!("loading TorchScript module {}", path.display()))?;
         module.set_eval();
@@ -98,6 +109,89 @@ impl TorchScriptClassifier {
             .module
             .forward_is(&[IValue::Tensor(self.normalized(x))])?)
     }
+}
+
+/// Checks a TorchScript archive before libtorch reads it, since libtorch aborts the process on
+/// some hostile members instead of failing: every code member (`<root>/code/**.py`) must nest
+/// expressions at most [`MAX_CODE_NESTING`] deep, and every pickle libtorch reads (`data.pkl` and
+/// `constants.pkl` at load, `*.debug_pkl` for error tracebacks) must pass
+/// [`check_pickle`](super::weights::check_pickle): nesting, memo and expansion bounds (a
+/// million nested tuples in `data.pkl` overflowed libtorch's stack). Other members, such as
+/// `traced_inputs.pkl`, libtorch does not read. Members are read only up to their declared
+/// size, which must be one deflate can produce.
+fn check_archive(path: &Path) -> Result<()> {
+    let source = path.display();
+    let file = std::fs::File::open(path).with_context(|| format!("opening {source}"))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .with_context(|| format!("{source}: not a TorchScript archive (a zip file)"))?;
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .with_context(|| format!("{source}: archive entry {i}"))?;
+        let name = entry.name().to_owned();
+        let code = name.contains("/code/") && name.ends_with(".py");
+        let pickle = ["/data.pkl", "/constants.pkl", ".debug_pkl"]
+            .iter()
+            .any(|s| name.ends_with(s));
+        if !code && !pickle {
+            continue;
+        }
+        let what = format!("{source}: archive member {name}");
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        if size > bounded::inflate_cap(packed) {
+            bail!("{what} declares {size} bytes from {packed} compressed, more than deflate can produce (corrupt or hostile archive)");
+        }
+        let bytes = bounded::read_exact_declared(&mut entry, size, &what)?;
+        if code {
+            let depth = statement_nesting(&bytes);
+            if depth > MAX_CODE_NESTING {
+                bail!("{what}: code nests {depth} levels deep in one statement (brackets and operators; at most {MAX_CODE_NESTING} accepted; corrupt or hostile file)");
+            }
+        } else {
+            super::weights::check_pickle(&bytes).with_context(|| what.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// An upper bound on how deep libtorch's parser and compiler recurse for any statement of
+/// `code`: the bracket depth plus every operator character and operator keyword seen so far in
+/// the statement (a newline outside brackets, not after a `\\`, ends it). Every level of
+/// recursion needs a bracket or an operator, so nesting of any kind (`[[[`, `- - -`, `not not`,
+/// `a ** a ** a`, long `a + a + ...` chains) is counted. Strings and comments are not skipped:
+/// the bound is far above real code, and a scan that quoting cannot fool is worth the
+/// (unrealistic) false positive.
+fn statement_nesting(code: &[u8]) -> usize {
+    const KEYWORDS: &[&[u8]] = &[
+        b"not", b"and", b"or", b"if", b"else", b"is", b"in", b"lambda",
+    ];
+    let (mut depth, mut ops, mut deepest) = (0usize, 0usize, 0usize);
+    let mut word_start = None;
+    let mut prev = b'\n';
+    for (i, &c) in code.iter().enumerate() {
+        let in_word = c.is_ascii_alphanumeric() || c == b'_';
+        match (in_word, word_start) {
+            (true, None) => word_start = Some(i),
+            (false, Some(start)) => {
+                ops += usize::from(KEYWORDS.contains(&&code[start..i]));
+                word_start = None;
+            }
+            _ => {}
+        }
+        match c {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'\n' if depth == 0 && prev != b'\\' => ops = 0,
+            b'-' | b'+' | b'*' | b'/' | b'%' | b'@' | b'&' | b'|' | b'^' | b'~' | b'<' | b'>'
+            | b'=' | b'!' => ops += 1,
+            _ => {}
+        }
+        if !c.is_ascii_whitespace() || c == b'\n' {
+            prev = c;
+        }
+        deepest = deepest.max(depth + ops);
+    }
+    deepest
 }
 
 /// Splits a forward output into logits and, for a tuple output, features.
@@ -179,5 +273,21 @@ impl Classifier for TorchScriptClassifier {
 
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_nesting_counts_brackets_and_operators() {
+        let real = b"  def forward(self, x: Tensor) -> Tensor:\n    _0 = torch.view(x, [-1, 512])\n    return _0\n";
+        assert_eq!(statement_nesting(real), 4);
+        assert_eq!(statement_nesting(b"x = [[[1]]]\ny = 2\n"), 4);
+        assert_eq!(statement_nesting(b"x = - - - not 1\n"), 5);
+        // A continuation line does not end the statement; a newline inside brackets neither.
+        assert_eq!(statement_nesting(b"x = 1 + \\\n 1 + (1 +\n 1)\n"), 5);
+        assert_eq!(statement_nesting(b")))]]]"), 0);
     }
 }

@@ -848,6 +848,40 @@ mod tests {
     }
 
     #[test]
+    fn npy_bodies_the_fuzz_harness_found_are_refused_quickly() {
+        // The three findings of `tests/fuzz_readers.rs` (seed 7, 3,000 cases) against the
+        // serve-side NPY reader, rebuilt byte for byte where it matters, for a CIFAR-like model.
+        let spec = InputSpec {
+            shape: [3, 8, 8],
+            max_images: 64,
+        };
+        let prefix = "{'descr': '<f4', 'fortran_order': False,";
+        // A 118-byte header that nests `{` to its end, in a 5.8 KB body: npyz's parser hung.
+        let nested = format!("{prefix}{}", "{".repeat(118 - prefix.len()));
+        let mut nested = npy_with_header(&nested, &[]);
+        nested.resize(5812, b' ');
+        // Version 2, whose length field (bytes "v\0{'") declares 0x277b0076 = 662 MB of header
+        // in a 3.8 KB body: it was allocated.
+        let mut v2 = b"\x93NUMPY\x02\x00v\x00{'descr': '<f4', ".to_vec();
+        v2.resize(3794, b' ');
+        // Shape (i64::MAX, 3, 8, 8): npyz multiplied it unchecked and panicked.
+        let huge = format!("{prefix} 'shape': (9223372036854775807, 3, 8, 8, ), }}");
+        let mut huge = npy_with_header(&huge, &[]);
+        huge.resize(2252, b' ');
+        for (body, want, says) in [
+            (nested, 400, "invalid NPY header"),
+            (v2, 400, "at most 4096"),
+            (huge, 413, "at most 64 are accepted"),
+        ] {
+            let start = std::time::Instant::now();
+            let err = spec.decode(Some("application/x-npy"), &body).unwrap_err();
+            assert!(start.elapsed() < std::time::Duration::from_secs(1));
+            assert_eq!(err.status, want, "{}", err.message);
+            assert!(err.message.contains(says), "{}", err.message);
+        }
+    }
+
+    #[test]
     fn json_rows_of_empty_arrays_before_numbers_are_ragged() {
         // The first row holds empty arrays where the others hold numbers: decoded to 2 values
         // for a 4-value image, the model worker panicked on the view.
