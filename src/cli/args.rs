@@ -110,3 +110,10 @@ impl DataArgs {
         .load()
     }
 }
+
+/// Checks an ε-like value (`8/255` or `0.5`) at parse time and keeps its text, for flags whose
+/// text labels the output (`analyze --eps`, `demo --eps`).
+pub fn eps_text(s: &str) -> Result<String> {
+    crate::norm::parse_eps(s)?;
+    Ok(s.trim().to_string())
+}

@@ -30,8 +30,8 @@ pub struct AttackArgs {
     /// PGD iterations.
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
-    /// PGD step size (Linf: per-pixel; L2: step length).
-    #[arg(long, default_value_t = 0.01)]
+    /// PGD step size (Linf: per-pixel; L2: step length), e.g. `0.01` or `2/255`.
+    #[arg(long, default_value = "0.01", value_parser = parse_eps)]
     pub step_size: f64,
 }
 
