@@ -225,3 +225,55 @@ fn every_eps_like_flag_takes_fractions() {
     assert_eq!(a.eps, "8/255");
     assert!(parse(&["demo", "--eps", "eight"]).is_err());
 }
+
+/// The environment of process `pid` once it holds `key` (a re-exec replaces it), within 20 s.
+#[cfg(target_os = "linux")]
+fn env_of(pid: u32, key: &str) -> Option<String> {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(20) {
+        if let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) {
+            let found = raw.split(|&b| b == 0).find_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                kv.strip_prefix(&format!("{key}=")).map(str::to_owned)
+            });
+            if found.is_some() {
+                return found;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}
+
+/// brittle runs its OpenMP threads passive (they sleep instead of spinning while they wait:
+/// with spinning, a competing load made `margins` 8-18x slower, bench/threads.py), unless the
+/// user chose a policy. The process is observed while it blocks opening a FIFO as its data.
+#[cfg(target_os = "linux")]
+#[test]
+fn openmp_threads_wait_passively_unless_told_otherwise() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("data.bin");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (given, expected) in [(None, "PASSIVE"), (Some("ACTIVE"), "ACTIVE")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brittle"));
+        cmd.args(["score", "--device", "cpu", "--model"])
+            .arg(fixture("tiny_cnn.pt"))
+            .arg("--data")
+            .arg(&fifo)
+            .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GOMP_SPINCOUNT")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(v) = given {
+            cmd.env("OMP_WAIT_POLICY", v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let seen = env_of(child.id(), "OMP_WAIT_POLICY");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(seen.as_deref(), Some(expected), "given {given:?}");
+    }
+}

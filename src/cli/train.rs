@@ -105,7 +105,7 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// libtorch intra-op threads (0: libtorch's default).
+    /// libtorch intra-op threads (0: the CPUs this process may use, by affinity and cgroup quota).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }
