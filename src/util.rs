@@ -71,7 +71,7 @@ impl Progress for ProgressBar {
 /// or `BRITTLE_NO_PROGRESS` is set.
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     styled_bar(
-        len,
+        Some(len),
         what,
         "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta} {msg}",
     )
@@ -81,17 +81,18 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 /// and the message (samples finished) instead of the raw count.
 pub fn work_bar(what: &str) -> ProgressBar {
     styled_bar(
-        0,
+        None,
         what,
         "{prefix:>10} [{elapsed_precise}] {wide_bar} {percent:>3}% ETA {eta} {msg}",
     )
 }
 
-fn styled_bar(len: u64, what: &str, template: &str) -> ProgressBar {
+/// `len: None`: set later ([`Progress::set_length`]); until then the bar shows 0%, not 100%.
+fn styled_bar(len: Option<u64>, what: &str, template: &str) -> ProgressBar {
     let pb = if std::env::var_os("BRITTLE_NO_PROGRESS").is_some() {
         ProgressBar::hidden()
     } else {
-        ProgressBar::new(len)
+        len.map_or_else(ProgressBar::no_length, ProgressBar::new)
     };
     pb.set_style(
         ProgressStyle::with_template(template)
