@@ -10,8 +10,15 @@ if [ ! -f "$BRITTLE_VENV/.brittle-ready" ]; then
   rm -rf "$BRITTLE_VENV"
   "$_brittle_py" -m venv "$BRITTLE_VENV" || return 1 2>/dev/null || exit 1
   # The plain torch wheel pulls 2.6 GB of CUDA wheels; the slim set is enough for CPU and CUDA.
-  "$BRITTLE_VENV/bin/pip" install -q --no-deps "torch==$BRITTLE_TORCH_VERSION" \
-    && "$BRITTLE_VENV/bin/pip" install -q nvidia-cuda-runtime nvidia-cuda-cupti numpy typing-extensions filelock sympy networkx jinja2 fsspec \
+  # The companions go in first, through pip's resolver (so sympy gets the mpmath it supports);
+  # torch goes in last with --no-deps, which also skips pip's environment check: run after
+  # torch, that check prints one "ERROR: pip's dependency resolver..." line per CUDA wheel that
+  # torch names and this venv leaves out on purpose. A real failure (network, missing version)
+  # still prints pip's own error and stops here.
+  "$BRITTLE_VENV/bin/pip" install -q --disable-pip-version-check nvidia-cuda-runtime \
+    nvidia-cuda-cupti numpy typing-extensions filelock sympy networkx jinja2 fsspec \
+    && "$BRITTLE_VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+      "torch==$BRITTLE_TORCH_VERSION" \
     && touch "$BRITTLE_VENV/.brittle-ready" \
     || { echo "brittle: venv set-up failed" >&2; return 1 2>/dev/null || exit 1; }
 fi

@@ -42,6 +42,61 @@ impl Norm {
         }
     }
 
+    /// The name in messages: `L∞`, `L2`, `L1`.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Norm::Linf => "L∞",
+            Norm::L2 => "L2",
+            Norm::L1 => "L1",
+        }
+    }
+
+    /// The largest distance between two images of shape `[C, H, W]` in the pixel box `[0, 1]`
+    /// (opposite corners): 1 in L∞, `sqrt(C·H·W)` in L2, `C·H·W` in L1.
+    pub fn max_distance(self, input_shape: [i64; 3]) -> f64 {
+        let d = input_shape
+            .iter()
+            .map(|&s| s.max(0) as f64)
+            .product::<f64>();
+        match self {
+            Norm::Linf => 1.0,
+            Norm::L2 => d.sqrt(),
+            Norm::L1 => d,
+        }
+    }
+
+    /// Refuses an ε outside `(0, largest distance in the [0, 1] box)`: at or beyond the
+    /// largest distance every sample is non-robust and every metric degenerates (NaN rates, a
+    /// detector calibrated on no robust sample). Most often a pixel-scale value meant as `/255`.
+    /// Without `input_shape` only the L∞ bound (1) is known.
+    pub fn check_eps(self, eps: f64, input_shape: Option<[i64; 3]>) -> anyhow::Result<()> {
+        if !(eps.is_finite() && eps > 0.0) {
+            anyhow::bail!("ε = {eps} must be a positive finite number");
+        }
+        let max = match (self, input_shape) {
+            (Norm::Linf, _) => 1.0,
+            (_, Some(shape)) => self.max_distance(shape),
+            (_, None) => return Ok(()),
+        };
+        if eps >= max {
+            let hint = if eps / 255.0 < max {
+                format!("; did you mean {eps}/255?")
+            } else {
+                String::new()
+            };
+            anyhow::bail!(
+                "ε = {eps} {} the largest {} distance in the [0,1] box ({max}{}){hint}",
+                if eps > max { "exceeds" } else { "is" },
+                self.symbol(),
+                match input_shape {
+                    Some([c, h, w]) if self != Norm::Linf => format!(" for {c}×{h}×{w} inputs"),
+                    _ => String::new(),
+                }
+            );
+        }
+        Ok(())
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Norm::Linf => "linf",
@@ -108,6 +163,31 @@ mod tests {
         assert!(parse_eps("1/0").is_err());
         assert!(parse_eps("-1").is_err());
         assert!(parse_eps("abc").is_err());
+    }
+
+    #[test]
+    fn eps_beyond_the_pixel_box_is_refused_with_a_hint() {
+        let err = Norm::Linf.check_eps(8.0, None).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"
+        );
+        assert!(Norm::Linf.check_eps(8.0 / 255.0, None).is_ok());
+        assert!(Norm::Linf.check_eps(1.0, None).is_err());
+        assert!(Norm::Linf.check_eps(0.0, None).is_err());
+        // L2 on MNIST: sqrt(784) = 28.
+        let mnist = Some([1, 28, 28]);
+        assert_eq!(Norm::L2.max_distance([1, 28, 28]), 28.0);
+        assert!(Norm::L2.check_eps(27.9, mnist).is_ok());
+        let err = Norm::L2.check_eps(30.0, mnist).unwrap_err().to_string();
+        assert!(
+            err.contains("(28 for 1×28×28 inputs)") && err.contains("30/255"),
+            "{err}"
+        );
+        assert!(Norm::L1.check_eps(700.0, mnist).is_ok());
+        assert!(Norm::L1.check_eps(784.0, mnist).is_err());
+        // Without a shape only L∞ has a bound.
+        assert!(Norm::L2.check_eps(30.0, None).is_ok());
     }
 
     #[test]

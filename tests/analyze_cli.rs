@@ -1,14 +1,18 @@
 //! `brittle analyze` end to end on a margins file the test writes.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
+use brittle::attack::job::{Settings, Sidecar};
+use brittle::attack::AttackKind;
 use brittle::metrics::{detection, rank};
+use brittle::model::ModelInfo;
+use brittle::norm::Norm;
+use brittle::provenance::{write_sidecar, Provenance};
 
-#[test]
-fn analyze_writes_metrics_figures_and_html() {
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("margins.csv");
-    // 120 samples: logit margin a noisy increasing function of the input margin; 3 failed attacks.
+/// Writes 120 samples to `csv`: logit margin a noisy increasing function of the input margin;
+/// 3 failed attacks. Returns the input and logit margins of the successful ones.
+fn write_margins_csv(csv: &Path) -> (Vec<f64>, Vec<f64>) {
     let mut text = String::from(
         "index,label,pred,correct,logit_margin,input_margin,attack,success,forwards,backwards,seconds,entropy\n",
     );
@@ -33,12 +37,62 @@ fn analyze_writes_metrics_figures_and_html() {
             2.0 - lm / 4.0
         );
     }
-    std::fs::write(&csv, text).unwrap();
-    std::fs::write(
-        dir.path().join("margins.csv.meta.json"),
-        r#"{"norm":"linf"}"#,
-    )
-    .unwrap();
+    std::fs::write(csv, text).unwrap();
+    (d_in, d_out)
+}
+
+/// The sidecar `brittle margins` writes for `csv`, as measured in `norm` on CIFAR-sized inputs.
+fn write_margins_sidecar(csv: &Path, norm: Norm) {
+    let model = ModelInfo {
+        name: "synthetic".into(),
+        format: "torchscript".into(),
+        fingerprint: "0123".into(),
+        num_classes: 10,
+        input_shape: [3, 32, 32],
+        has_features: false,
+    };
+    let side = Sidecar {
+        provenance: Provenance::current(Some(0)),
+        settings: Settings {
+            model_fingerprint: model.fingerprint.clone(),
+            data: "synthetic.bin".into(),
+            window: (0, 120),
+            norm,
+            attack: AttackKind::Fmn,
+            steps: None,
+            topk: 9,
+            seed: 0,
+            target_true: false,
+            batch_size: 128,
+            chunk: 512,
+            shard: None,
+        },
+        model,
+        plan: String::new(),
+        complete: true,
+        merged_from: Vec::new(),
+        data_sha256: String::new(),
+    };
+    write_sidecar(csv, &side).unwrap();
+}
+
+fn analyze(csv: &Path, extra: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_brittle"))
+        .arg("analyze")
+        .arg(csv)
+        .args(extra)
+        .args(["--bootstrap", "0", "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn analyze_writes_metrics_figures_and_html() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("margins.csv");
+    let (d_in, d_out) = write_margins_csv(&csv);
+    write_margins_sidecar(&csv, Norm::Linf);
     let out = dir.path().join("report");
     let status = Command::new(env!("CARGO_BIN_EXE_brittle"))
         .args([
@@ -126,4 +180,74 @@ fn analyze_writes_metrics_figures_and_html() {
     }
     let png = std::fs::read(out.join("margins.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
+}
+
+#[test]
+fn the_sidecar_decides_the_norm_and_a_contradicting_flag_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("margins.csv");
+    write_margins_csv(&csv);
+    write_margins_sidecar(&csv, Norm::L2);
+    let out = dir.path().join("report");
+    let o = analyze(&csv, &[], &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["norm"], "l2");
+    let labels: Vec<&str> = m["detection"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["eps_label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["0.25", "0.5", "1"]);
+    let o = analyze(&csv, &["--norm", "linf"], &out);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--norm") && e.contains("L2 norm (l2), not in L∞ (linf)"),
+        "{e}"
+    );
+    // The same norm as the sidecar's is fine.
+    assert!(analyze(&csv, &["--norm", "l2"], &out).status.success());
+}
+
+#[test]
+fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("margins.csv");
+    write_margins_csv(&csv);
+    let out = dir.path().join("report");
+    // No sidecar: L∞, whose largest distance (1) needs no input shape.
+    let o = analyze(&csv, &["--eps", "8"], &out);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("--eps 8")
+            && e.contains(
+                "ε = 8 exceeds the largest L∞ distance in the [0,1] box (1); did you mean 8/255?"
+            ),
+        "{e}"
+    );
+    // L2 on 3×32×32 inputs: sqrt(3072) ≈ 55.4.
+    write_margins_sidecar(&csv, Norm::L2);
+    let e = String::from_utf8_lossy(&analyze(&csv, &["--eps", "60"], &out).stderr).into_owned();
+    assert!(
+        e.contains("largest L2 distance") && e.contains("3×32×32"),
+        "{e}"
+    );
+    assert!(analyze(&csv, &["--eps", "50"], &out).status.success());
+
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    let row5 = text.lines().nth(6).unwrap().to_string();
+    assert!(row5.starts_with("5,"));
+    text += &format!("{row5}\n");
+    std::fs::write(&csv, text).unwrap();
+    let o = analyze(&csv, &[], &out);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("sample index 5 appears twice (data rows 6 and 121)"),
+        "{e}"
+    );
 }

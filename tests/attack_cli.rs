@@ -15,11 +15,15 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn margins(out: &Path, extra: &[&str]) -> Command {
+    margins_on(&fixture("tiny.bin"), out, extra)
+}
+
+fn margins_on(data: &Path, out: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_brittle"));
     c.args(["margins", "--model"])
         .arg(fixture("tiny_cnn.pt"))
         .arg("--data")
-        .arg(fixture("tiny.bin"))
+        .arg(data)
         .args([
             "--device",
             "cpu",
@@ -248,4 +252,135 @@ fn shards_merge_into_the_unsharded_file_and_gaps_or_duplicates_are_refused() {
         c
     });
     assert_eq!(without_seconds(&k8s), without_seconds(&shards[1]));
+}
+
+/// Keeps the header and the first `n` rows, as a run killed after `n` samples leaves the file.
+fn truncate_rows(p: &Path, n: usize) {
+    let text = std::fs::read_to_string(p).unwrap();
+    let kept: Vec<&str> = text.lines().take(n + 1).collect();
+    std::fs::write(p, kept.join("\n") + "\n").unwrap();
+}
+
+/// `tiny.bin` with the pixels of samples `from..` inverted (labels kept): other images at the
+/// same path.
+fn write_tiny(p: &Path, invert_from: usize) {
+    let mut bytes = std::fs::read(fixture("tiny.bin")).unwrap();
+    for (k, record) in bytes.chunks_mut(3073).enumerate() {
+        if k >= invert_from {
+            record[1..].iter_mut().for_each(|b| *b = 255 - *b);
+        }
+    }
+    std::fs::write(p, bytes).unwrap();
+}
+
+#[test]
+fn resume_and_merge_check_the_images_not_only_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data.bin");
+    write_tiny(&data, 48);
+    let args = ["--attack", "fmn", "--steps", "20", "--limit", "16"];
+    let full = dir.path().join("full.csv");
+    run_ok(margins_on(&data, &full, &args));
+    let killed = dir.path().join("killed.csv");
+    run_ok(margins_on(&data, &killed, &args));
+    truncate_rows(&killed, 8);
+    // Other images replace the file between the kill and the resume.
+    write_tiny(&data, 8);
+    let out = margins_on(&data, &killed, &args).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("made from other images than"), "{e}");
+    assert_eq!(data_rows(&killed), 8, "the refused resume wrote nothing");
+    // The original images resume to the uninterrupted file.
+    write_tiny(&data, 48);
+    run_ok(margins_on(&data, &killed, &args));
+    assert_eq!(without_seconds(&full), without_seconds(&killed));
+
+    // A file from a brittle that recorded no fingerprint cannot be checked: refused, unless
+    // started again.
+    let meta = PathBuf::from(format!("{}.meta.json", killed.display()));
+    let mut side: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    assert_eq!(side["data_sha256"].as_str().unwrap().len(), 64);
+    side.as_object_mut().unwrap().remove("data_sha256");
+    std::fs::write(&meta, side.to_string()).unwrap();
+    let out = margins_on(&data, &killed, &args).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("did not record a fingerprint"));
+    run_ok(margins_on(
+        &data,
+        &killed,
+        &[&args[..], &["--restart-stale"]].concat(),
+    ));
+    assert_eq!(without_seconds(&full), without_seconds(&killed));
+
+    // Shards attacked on different images are not merged.
+    let shard = |i: usize, out: &Path| {
+        let s = format!("{i}/2");
+        run_ok(margins_on(
+            &data,
+            out,
+            &[&args[..], &["--shard", &s]].concat(),
+        ));
+    };
+    let (s0, s1) = (dir.path().join("s0.csv"), dir.path().join("s1.csv"));
+    shard(0, &s0);
+    write_tiny(&data, 12);
+    shard(1, &s1);
+    let out = Command::new(env!("CARGO_BIN_EXE_brittle"))
+        .arg("merge")
+        .args([&s0, &s1])
+        .arg("--out")
+        .arg(dir.path().join("merged.csv"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("were made from different images"), "{e}");
+}
+
+#[test]
+fn save_adv_added_on_a_resume_gives_the_complete_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--attack", "fmn", "--steps", "20", "--limit", "16"];
+    let (full, full_adv) = (dir.path().join("full.csv"), dir.path().join("full.npy"));
+    run_ok({
+        let mut c = margins(&full, &args);
+        c.arg("--save-adv").arg(&full_adv);
+        c
+    });
+    // Killed after 8 samples, without --save-adv; resumed with it.
+    let (csv, adv) = (dir.path().join("m.csv"), dir.path().join("adv.npy"));
+    run_ok(margins(&csv, &args));
+    truncate_rows(&csv, 8);
+    let resume = || {
+        let mut c = margins(&csv, &args);
+        c.arg("--save-adv").arg(&adv);
+        c
+    };
+    run_ok(resume());
+    assert_eq!(without_seconds(&full), without_seconds(&csv));
+    let (a, b) = (
+        Tensor::read_npy(&full_adv).unwrap(),
+        Tensor::read_npy(&adv).unwrap(),
+    );
+    assert_eq!(b.size(), [16, 3, 32, 32]);
+    // The samples done before the resume have their examples too: the same as one run's.
+    let same = a
+        .isnan()
+        .logical_and(&b.isnan())
+        .logical_or(&a.eq_tensor(&b));
+    assert!(
+        same.all().int64_value(&[]) == 1,
+        "adversarial examples differ"
+    );
+    let found = b.isnan().logical_not().flatten(1, -1).all_dim(1, false);
+    let rows = brittle::attack::table::read_margins(&csv).unwrap();
+    for r in &rows {
+        assert_eq!(found.int64_value(&[r.index as i64]) == 1, r.success == 1);
+    }
+    assert!(!dir.path().join("adv.npy.part").exists());
+    // Nothing is left in a state that fails: running it again succeeds (and rebuilds the .npy).
+    run_ok(resume());
+    assert_eq!(without_seconds(&full), without_seconds(&csv));
 }

@@ -127,6 +127,13 @@ fn rows_must_match_the_data() {
         err.contains("index 5") && err.contains("another data file"),
         "{err}"
     );
+    let mut twice = rows.clone();
+    twice[7].index = twice[3].index;
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &twice, &opts, prov()).unwrap_err()
+    );
+    assert!(err.contains("sample index 103 appears twice"), "{err}");
     let mut relabelled = rows.clone();
     relabelled[0].label = (relabelled[0].label + 1) % 4;
     let err = format!(
@@ -142,4 +149,65 @@ fn rows_must_match_the_data() {
         fit(&model, &data, &rows, &opts, prov()).unwrap_err()
     );
     assert!(err.contains("another model"), "{err}");
+}
+
+#[test]
+fn an_eps_beyond_the_box_or_a_class_of_too_few_samples_is_refused() {
+    let (model, w_eff) = inconsistent_model(1);
+    let (data, rows) = synthetic_set(&model, &w_eff, 60, 2);
+    let prov = || Provenance::current(None);
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &rows, &options(8.0, PseudoMode::Off), prov()).unwrap_err()
+    );
+    assert!(err.contains("did you mean 8/255?"), "{err}");
+    let mut d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
+    d.sort_by(f64::total_cmp);
+    // ε at the 9th smallest margin: 9 non-robust samples, one short of the minimum.
+    let thin = options(d[8], PseudoMode::Off);
+    let err = format!(
+        "{:#}",
+        fit(&model, &data, &rows, &thin, prov()).unwrap_err()
+    );
+    assert!(
+        err.contains("9 non-robust samples") && err.contains("and 51 robust ones"),
+        "{err}"
+    );
+    // At the 10th it fits, and the calibration counts both classes.
+    let det = fit(
+        &model,
+        &data,
+        &rows,
+        &options(d[9], PseudoMode::Off),
+        prov(),
+    )
+    .unwrap();
+    assert_eq!(det.spec.calibration.positives, 10);
+    assert_eq!(det.spec.calibration.negatives, 50);
+}
+
+#[test]
+fn pseudo_margin_options_are_checked_naming_the_field() {
+    let (model, w_eff) = inconsistent_model(1);
+    let (data, rows) = synthetic_set(&model, &w_eff, 60, 2);
+    let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
+    type Break = fn(&mut TrainConfig);
+    let cases: [(&str, Break); 6] = [
+        ("hidden = 0", |c| c.hidden = 0),
+        ("hidden = -3", |c| c.hidden = -3),
+        ("max_epochs = 0", |c| c.max_epochs = 0),
+        ("lr = 0", |c| c.lr = 0.0),
+        ("lr = NaN", |c| c.lr = f64::NAN),
+        ("batch_size = 1", |c| c.batch_size = 1),
+    ];
+    for (field, break_it) in cases {
+        let mut opts = options(median(&d), PseudoMode::On);
+        break_it(&mut opts.train);
+        assert!(opts.train.check().is_err(), "{field}");
+        let err = format!(
+            "{:#}",
+            fit(&model, &data, &rows, &opts, Provenance::current(None)).unwrap_err()
+        );
+        assert!(err.contains(field), "{field}: {err}");
+    }
 }

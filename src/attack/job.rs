@@ -95,6 +95,10 @@ pub struct Sidecar {
     pub complete: bool,
     #[serde(default)]
     pub merged_from: Vec<String>,
+    /// [`data_sha256`] of the window the rows came from (empty: made before brittle recorded
+    /// it). A resume or merge on other images at the same path is refused.
+    #[serde(default)]
+    pub data_sha256: String,
 }
 
 pub fn read_sidecar(csv: &Path) -> Result<Sidecar> {
@@ -102,6 +106,67 @@ pub fn read_sidecar(csv: &Path) -> Result<Sidecar> {
     let text = std::fs::read_to_string(&p)
         .with_context(|| format!("reading the sidecar {} of {}", p.display(), csv.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a margins sidecar", p.display()))
+}
+
+/// The sidecar of a margins file when it has one (a hand-made margins file may have none).
+pub fn find_sidecar(csv: &Path) -> Result<Option<Sidecar>> {
+    if sidecar_path(csv).exists() {
+        read_sidecar(csv).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl Sidecar {
+    /// The norm of the file's margins; `asked` (a caller's explicit choice) must agree, since
+    /// margins measured in one norm analysed as another give wrong numbers, not an error.
+    pub fn norm(&self, csv: &Path, asked: Option<Norm>) -> Result<Norm> {
+        let n = self.settings.norm;
+        match asked {
+            Some(a) if a != n => bail!(
+                "{}: the margins were measured in the {} norm ({}), not in {} ({})",
+                sidecar_path(csv).display(),
+                n.symbol(),
+                n,
+                a.symbol(),
+                a
+            ),
+            _ => Ok(n),
+        }
+    }
+}
+
+/// sha256 of the content of the attacked window: decoded pixels (f32 bytes), labels
+/// and dataset indices. The rows of a margins file are only valid for these images, so a
+/// resume or a merge compares it rather than the path; hashing the decoded window (not the
+/// file bytes) also accepts the same images recompressed or moved, and needs no file access.
+pub fn data_sha256(data: &Dataset) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let n = data.len();
+    h.update((n as u64).to_le_bytes());
+    for i in data.input_shape() {
+        h.update(i.to_le_bytes());
+    }
+    // Batches bound the copy out of the tensor; the hash streams.
+    let step = 256;
+    for start in (0..n).step_by(step) {
+        let (x, _) = data.batch(start, (start + step).min(n));
+        // The f32 bytes as libtorch holds them (little-endian on every platform it supports).
+        let bytes = Vec::<u8>::try_from(
+            x.to_kind(Kind::Float)
+                .contiguous()
+                .view_dtype(Kind::Uint8)
+                .flatten(0, -1),
+        )
+        .with_context(|| format!("{}: reading the images to fingerprint them", data.source))?;
+        h.update(&bytes);
+    }
+    for (&l, &i) in data.labels.iter().zip(&data.indices) {
+        h.update(l.to_le_bytes());
+        h.update((i as u64).to_le_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Positions (in the window) of the chunks a shard owns: whole chunks, contiguous.
@@ -163,6 +228,7 @@ pub fn run_with_progress(
     let plan_text = plan.describe();
     anyhow::ensure!(settings.batch_size > 0, "--batch-size must be positive");
     let chunks = shard_chunks(data.len(), settings.chunk, settings.shard);
+    let data_sha = data_sha256(data)?;
     let mut done: BTreeMap<usize, MarginRow> = BTreeMap::new();
     let mut header = true;
     if out.exists() {
@@ -177,26 +243,50 @@ pub fn run_with_progress(
                 settings
             );
         }
-        if side.plan == plan_text {
-            let (rows, has_header) = read_partial_margins(out)?;
-            header = !has_header;
-            for r in rows {
-                done.insert(r.index, r);
-            }
-        } else if restart_stale {
-            eprintln!(
-                "warning: {} was made by another version of the attack: starting it again",
-                out.display()
-            );
-            std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
-        } else {
+        if !side.data_sha256.is_empty() && side.data_sha256 != data_sha {
             bail!(
+                "{} was made from other images than {} holds now (content sha256 {} there, {} now): \
+                 the data changed since, and resuming would mix rows of both; write elsewhere or delete it",
+                out.display(),
+                data.source,
+                side.data_sha256,
+                data_sha
+            );
+        }
+        let stale = if side.plan != plan_text {
+            Some(format!(
                 "{} was made by another version of the attack ({}); use another --out or delete it\nthere: {}\nnow:   {}",
                 out.display(),
                 sidecar_path(out).display(),
                 if side.plan.is_empty() { "(not recorded)" } else { &side.plan },
                 plan_text
-            );
+            ))
+        } else if side.data_sha256.is_empty() {
+            Some(format!(
+                "{} was made by an older brittle that did not record a fingerprint of its images \
+                 ({}), so resuming it could mix rows of other images; start it again or delete it",
+                out.display(),
+                sidecar_path(out).display()
+            ))
+        } else {
+            None
+        };
+        match stale {
+            None => {
+                let (rows, has_header) = read_partial_margins(out)?;
+                header = !has_header;
+                for r in rows {
+                    done.insert(r.index, r);
+                }
+            }
+            Some(_) if restart_stale => {
+                eprintln!(
+                    "warning: {} was made by another version of the attack or of brittle: starting it again",
+                    out.display()
+                );
+                std::fs::remove_file(out).with_context(|| format!("removing {}", out.display()))?;
+            }
+            Some(why) => bail!(why),
         }
     }
     let resumed = done.len();
@@ -207,6 +297,7 @@ pub fn run_with_progress(
         plan: plan_text,
         complete: false,
         merged_from: Vec::new(),
+        data_sha256: data_sha,
     };
     write_sidecar(out, &side)?;
     // Rewrite what survived (drops a partial last line), then append.
@@ -220,8 +311,9 @@ pub fn run_with_progress(
         .open(out)
         .with_context(|| format!("opening {}", out.display()))?;
     let mut writer = MarginWriter::new(std::io::BufWriter::new(file), with_fm, header)?;
+    // A fresh run drops adversarial examples left by an unrelated earlier run.
     let mut adv = save_adv
-        .map(|p| AdvStore::open(p, data.input_shape()))
+        .map(|p| AdvStore::open(p, data.input_shape(), resumed == 0))
         .transpose()?;
 
     let total: usize = chunks.iter().map(|c| c.len()).sum();
@@ -231,7 +323,14 @@ pub fn run_with_progress(
     progress.set_message(format!("0/{total} samples"));
     for range in &chunks {
         finished += range.len();
-        if range.clone().all(|p| done.contains_key(&data.indices[p])) {
+        // A chunk done before without adversarial examples kept (the examples were asked for
+        // only on this resume) is attacked again: the seeded attack gives the same rows (the
+        // file keeps its own) and the examples that were not stored.
+        let stored = |p: usize| adv.as_ref().is_none_or(|a| a.has(data.indices[p]));
+        if range
+            .clone()
+            .all(|p| done.contains_key(&data.indices[p]) && stored(p))
+        {
             progress.inc((range.len() * units) as u64);
             progress.set_message(format!("{finished}/{total} samples"));
             continue;
@@ -355,7 +454,8 @@ fn attack_chunk(
 
 /// Adversarial examples kept across interruptions: `<adv>.part` holds `(index u64, pixels f32)`
 /// records appended per chunk; [`AdvStore::finish`] writes the `.npy` in dataset order (NaN
-/// images for samples without an adversarial example).
+/// images for samples without an adversarial example), through a temporary file so that the
+/// `.npy` is either complete or absent.
 struct AdvStore {
     part: PathBuf,
     file: std::fs::File,
@@ -365,13 +465,17 @@ struct AdvStore {
 }
 
 impl AdvStore {
-    fn open(path: &Path, shape: [i64; 3]) -> Result<Self> {
+    /// Opens (`fresh`: starts) the store of `path`.
+    fn open(path: &Path, shape: [i64; 3], fresh: bool) -> Result<Self> {
         let mut part = path.as_os_str().to_owned();
         part.push(".part");
         let part = PathBuf::from(part);
         let pixels = shape.iter().product::<i64>() as usize;
         let record = 8 + 4 * pixels;
         let mut have = BTreeMap::new();
+        if fresh && part.exists() {
+            std::fs::remove_file(&part).with_context(|| format!("removing {}", part.display()))?;
+        }
         if part.exists() {
             let mut bytes = Vec::new();
             std::fs::File::open(&part)
@@ -402,6 +506,10 @@ impl AdvStore {
         })
     }
 
+    fn has(&self, index: usize) -> bool {
+        self.have.contains_key(&index)
+    }
+
     fn append(&mut self, indices: &[usize], adv: &Tensor, success: &[bool]) -> Result<()> {
         let flat = Vec::<f32>::try_from(
             adv.to_device(tch::Device::Cpu)
@@ -429,33 +537,44 @@ impl AdvStore {
     fn finish(self, path: &Path, indices: &[usize]) -> Result<()> {
         let bytes = std::fs::read(&self.part)
             .with_context(|| format!("reading {}", self.part.display()))?;
-        let mut out = std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        );
-        let shape = [
-            indices.len() as i64,
-            self.shape[0],
-            self.shape[1],
-            self.shape[2],
-        ];
-        out.write_all(&npy_header(&shape))?;
+        let mut offsets = Vec::with_capacity(indices.len());
         for i in indices {
-            let at = *self
-                .have
-                .get(i)
-                .with_context(|| format!("{}: sample {i} missing", self.part.display()))?
-                as usize
-                + 8;
-            out.write_all(&bytes[at..at + 4 * self.pixels])?;
+            let at = *self.have.get(i).with_context(|| {
+                format!(
+                    "{}: no adversarial example stored for sample {i}",
+                    self.part.display()
+                )
+            })? as usize;
+            offsets.push(at + 8);
         }
-        out.flush()?;
-        drop(out);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let write = || -> Result<()> {
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let shape = [
+                indices.len() as i64,
+                self.shape[0],
+                self.shape[1],
+                self.shape[2],
+            ];
+            out.write_all(&npy_header(&shape))?;
+            for at in offsets {
+                out.write_all(&bytes[at..at + 4 * self.pixels])?;
+            }
+            out.flush()?;
+            Ok(())
+        };
+        write().with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         std::fs::remove_file(&self.part)
             .with_context(|| format!("removing {}", self.part.display()))
     }
 }
 
-/// A `.npy` (version 1.0) header for little-endian float32 C-order data.
+/// A `.npy` (version 1.0) header for little-endian float32 C-order data. Written by hand
+/// because npyz writes the shape as `(2, 3, )`, which `tch::Tensor::read_npy` cannot parse.
 fn npy_header(shape: &[i64]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let mut dict = format!(
@@ -504,6 +623,24 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             }
             _ => {}
         }
+        if let Some(f) = first.as_ref().filter(|f| f.data_sha256 != side.data_sha256) {
+            bail!(
+                "{} and {} were made from different images at {} (content sha256 {} and {})",
+                inputs[0].display(),
+                p.display(),
+                side.settings.data,
+                if f.data_sha256.is_empty() {
+                    "not recorded"
+                } else {
+                    &f.data_sha256
+                },
+                if side.data_sha256.is_empty() {
+                    "not recorded"
+                } else {
+                    &side.data_sha256
+                }
+            );
+        }
         for r in super::table::read_margins(p)? {
             if let Some((_, other)) = rows.get(&r.index) {
                 bail!(
@@ -544,6 +681,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             plan,
             complete: true,
             merged_from: inputs.iter().map(|p| p.display().to_string()).collect(),
+            data_sha256: side.data_sha256,
         },
     )?;
     Ok(rows.len())
@@ -552,6 +690,13 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_parsable() {
+        let h = npy_header(&[2, 3, 4, 5]);
+        assert_eq!(h.len() % 64, 0);
+        assert!(String::from_utf8_lossy(&h).contains("'shape': (2, 3, 4, 5,)"));
+    }
 
     #[test]
     fn shards_take_whole_contiguous_chunks_and_cover_everything_once() {
@@ -569,12 +714,5 @@ mod tests {
             "1/3".parse::<Shard>().unwrap(),
             Shard { index: 1, count: 3 }
         );
-    }
-
-    #[test]
-    fn npy_header_is_aligned_and_parsable() {
-        let h = npy_header(&[2, 3, 4, 5]);
-        assert_eq!(h.len() % 64, 0);
-        assert!(String::from_utf8_lossy(&h).contains("'shape': (2, 3, 4, 5,)"));
     }
 }

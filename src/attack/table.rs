@@ -232,7 +232,25 @@ fn parse_margins<R: Read>(input: R, name: &str) -> Result<Vec<MarginRow>> {
         }
         rows.push(row);
     }
+    check_unique_indices(&rows).with_context(|| name.to_string())?;
     Ok(rows)
+}
+
+/// Refuses rows that hold a sample index twice: every reader of margins (`analyze`, `fit`,
+/// `merge`) counts each sample once, so a duplicated row would silently weigh double.
+pub fn check_unique_indices(rows: &[MarginRow]) -> Result<()> {
+    let mut first = std::collections::HashMap::new();
+    for (k, r) in rows.iter().enumerate() {
+        if let Some(j) = first.insert(r.index, k) {
+            bail!(
+                "sample index {} appears twice (data rows {} and {}); each sample must appear once",
+                r.index,
+                j + 1,
+                k + 1
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

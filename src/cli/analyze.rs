@@ -1,13 +1,14 @@
 //! `brittle analyze`: margin consistency, detection and robust accuracy from a margins file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
+use crate::attack::job::find_sidecar;
 use crate::attack::table::read_margins;
 use crate::norm::{parse_eps, Norm};
-use crate::provenance::{sidecar_path, Provenance};
+use crate::provenance::Provenance;
 use crate::report::{analyze, default_eps, write_report, AnalyzeOptions};
 
 #[derive(Debug, Args)]
@@ -18,8 +19,8 @@ pub struct AnalyzeArgs {
     /// `--eps 2/255,4/255`. Default: L∞ 2,4,8,12,16,32 /255; L2 0.25, 0.5, 1.0.
     #[arg(long, value_delimiter = ',', value_parser = super::args::eps_text)]
     pub eps: Vec<String>,
-    /// Norm of the input margins. Default: the `norm` of the margins sidecar
-    /// (`<margins>.meta.json`), else linf.
+    /// Norm of the input margins. Default: the norm the margins sidecar (`<margins>.meta.json`)
+    /// records, else linf; a norm that contradicts the sidecar is refused.
     #[arg(long)]
     pub norm: Option<Norm>,
     #[arg(long, default_value_t = 0)]
@@ -38,38 +39,29 @@ pub struct AnalyzeArgs {
     pub out: PathBuf,
 }
 
-/// The norm recorded in the margins sidecar, if any.
-fn sidecar_norm(margins: &Path) -> Result<Option<Norm>> {
-    let side = sidecar_path(margins);
-    if !side.exists() {
-        return Ok(None);
-    }
-    let text =
-        std::fs::read_to_string(&side).with_context(|| format!("reading {}", side.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", side.display()))?;
-    match v.get("norm").and_then(|n| n.as_str()) {
-        Some(s) => {
-            Ok(Some(s.parse().with_context(|| {
-                format!("{}: field \"norm\"", side.display())
-            })?))
-        }
-        None => Ok(None),
-    }
-}
-
 pub fn run(a: AnalyzeArgs) -> Result<()> {
     let rows = read_margins(&a.margins)?;
-    let norm = match a.norm {
-        Some(n) => n,
-        None => sidecar_norm(&a.margins)?.unwrap_or(Norm::Linf),
+    // The sidecar `brittle margins` writes decides the norm and gives the input shape that
+    // bounds ε; a hand-made file without one is read as --norm says (else linf).
+    let side = find_sidecar(&a.margins)?;
+    let norm = match &side {
+        Some(s) => s
+            .norm(&a.margins, a.norm)
+            .context("--norm contradicts the margins file")?,
+        None => a.norm.unwrap_or(Norm::Linf),
     };
+    let shape = side.as_ref().map(|s| s.model.input_shape);
     let eps = if a.eps.is_empty() {
         default_eps(norm)
     } else {
         a.eps
             .iter()
-            .map(|s| Ok((s.clone(), parse_eps(s).with_context(|| "--eps")?)))
+            .map(|s| {
+                let v = parse_eps(s).context("--eps")?;
+                norm.check_eps(v, shape)
+                    .with_context(|| format!("--eps {s}"))?;
+                Ok((s.clone(), v))
+            })
             .collect::<Result<Vec<_>>>()?
     };
     anyhow::ensure!(a.subset != Some(0), "--subset must be positive");

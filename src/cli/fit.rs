@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use crate::attack::job::find_sidecar;
 use crate::attack::table::read_margins;
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
@@ -25,9 +26,10 @@ pub struct FitArgs {
     /// Perturbation budget: a sample is non-robust when its input margin is at most eps.
     #[arg(long, value_parser = parse_eps)]
     pub eps: f64,
-    /// Norm the input margins are measured in.
-    #[arg(long, default_value = "linf")]
-    pub norm: Norm,
+    /// Norm the input margins are measured in. Default: the one the margins sidecar
+    /// (`<margins>.meta.json`) records, else linf; a norm that contradicts the sidecar is refused.
+    #[arg(long)]
+    pub norm: Option<Norm>,
     /// Share of non-robust samples the detector must flag.
     #[arg(long, default_value_t = 0.95)]
     pub target_tpr: f64,
@@ -69,65 +71,50 @@ pub struct FitArgs {
     pub out: PathBuf,
 }
 
-/// Refuses a margins file whose sidecar (`margins.csv.meta.json`, when present) names another
-/// norm or another model than this run.
-fn check_sidecar(margins: &Path, norm: Norm, fingerprint: &str) -> Result<()> {
-    let side = sidecar_path(margins);
-    let Ok(text) = std::fs::read_to_string(&side) else {
-        return Ok(());
+/// The norm of the margins (the sidecar's, which `--norm` must not contradict; else `--norm`,
+/// else linf), refusing a margins file whose sidecar names another model than this run's.
+fn check_sidecar(margins: &Path, norm: Option<Norm>, fingerprint: &str) -> Result<Norm> {
+    let Some(side) = find_sidecar(margins)? else {
+        return Ok(norm.unwrap_or(Norm::Linf));
     };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", side.display()))?;
-    let field = |keys: &[&[&str]]| {
-        keys.iter().find_map(|path| {
-            path.iter()
-                .try_fold(&v, |v, k| v.get(k))
-                .and_then(|x| x.as_str())
-                .map(str::to_string)
-        })
-    };
-    if let Some(n) = field(&[&["settings", "norm"], &["norm"]]) {
-        if n.parse::<Norm>().ok() != Some(norm) {
-            bail!(
-                "{}: the margins were measured in norm {n}, but --norm is {norm}",
-                side.display()
-            );
-        }
+    let f = &side.settings.model_fingerprint;
+    if f != fingerprint {
+        bail!(
+            "{}: the margins were computed with model fingerprint {f}, not with --model (fingerprint {fingerprint})",
+            sidecar_path(margins).display()
+        );
     }
-    if let Some(f) = field(&[
-        &["settings", "model_fingerprint"],
-        &["model", "fingerprint"],
-    ]) {
-        if f != fingerprint {
-            bail!(
-                "{}: the margins were computed with model fingerprint {f}, not with --model (fingerprint {fingerprint})",
-                side.display()
-            );
-        }
-    }
-    Ok(())
+    side.norm(margins, norm)
+        .context("--norm contradicts the margins file")
 }
 
 pub fn run(a: FitArgs) -> Result<()> {
     let rows = read_margins(&a.margins)?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
-    check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
+    let norm = check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
+    norm.check_eps(a.eps, Some(data.input_shape()))
+        .context("--eps")?;
+    let train = TrainConfig {
+        hidden: a.hidden,
+        depth: a.depth,
+        loss: a.loss,
+        lr: a.lr,
+        max_epochs: a.epochs,
+        patience: a.patience,
+        batch_size: a.mlp_batch_size,
+        ..TrainConfig::default()
+    };
+    train.check().context(
+        "pseudo-margin options (hidden: --hidden, depth: --depth, lr: --lr, \
+         max_epochs: --epochs, batch_size: --mlp-batch-size)",
+    )?;
     let opts = FitOptions {
         eps: a.eps,
-        norm: a.norm,
+        norm,
         target_tpr: a.target_tpr,
         pseudo: a.pseudo,
-        train: TrainConfig {
-            hidden: a.hidden,
-            depth: a.depth,
-            loss: a.loss,
-            lr: a.lr,
-            max_epochs: a.epochs,
-            patience: a.patience,
-            batch_size: a.mlp_batch_size,
-            ..TrainConfig::default()
-        },
+        train,
         val_fraction: a.val_fraction,
         seed: a.seed,
         batch_size: a.batch_size,

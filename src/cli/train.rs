@@ -36,6 +36,13 @@ pub struct AttackArgs {
 }
 
 impl AttackArgs {
+    /// Refuses an ε outside the pixel box of these inputs (e.g. 8 meant as 8/255).
+    fn check_eps(&self, input_shape: [i64; 3]) -> Result<()> {
+        self.norm
+            .check_eps(self.eps, Some(input_shape))
+            .context("--eps")
+    }
+
     fn config(&self) -> PgdConfig {
         PgdConfig {
             norm: self.norm,
@@ -142,6 +149,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     crate::model::device::set_threads(a.threads);
     let device = a.device.resolve()?;
     let data = a.data.load()?;
+    a.attack.check_eps(data.input_shape())?;
     let test = a
         .test_data
         .as_ref()
@@ -282,6 +290,7 @@ pub struct EvalPgdArgs {
 
 pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
     let data = a.data.load()?;
+    a.attack.check_eps(data.input_shape())?;
     let model = a.model.load_for(&data)?;
     let cfg = a.attack.config();
     let t0 = Instant::now();

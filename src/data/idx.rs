@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use super::{window, Dataset};
+use super::{bounded, window, Dataset};
 
 /// Magic number of an unsigned-byte, 3-dimensional IDX file (images).
 pub const IMAGES_MAGIC: u32 = 0x0803;
@@ -101,36 +101,38 @@ struct Idx {
     data: Vec<u8>,
 }
 
-/// Reads and checks one IDX file (gzip recognised by its magic bytes, not its name).
+/// Reads and checks one IDX file (gzip recognised by its magic bytes, not its name). The header
+/// is read first; the data is then read up to the size it declares and no further, and that
+/// size must fit the file (raw) or what deflate can make of it (gzip), so neither a wrapping
+/// product nor a gzip bomb gets past the header.
 fn read_idx(path: &Path, magic: u32) -> Result<Idx> {
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .with_context(|| format!("{}: corrupt gzip stream", path.display()))?;
-        out
+    let what = path.display().to_string();
+    let gzip = raw.starts_with(&[0x1f, 0x8b]);
+    let (mut reader, cap): (Box<dyn Read + '_>, u64) = if gzip {
+        (
+            Box::new(flate2::read::GzDecoder::new(raw.as_slice())),
+            bounded::inflate_cap(raw.len() as u64),
+        )
     } else {
-        raw
+        (Box::new(raw.as_slice()), raw.len() as u64)
     };
+    let corrupt = |e: std::io::Error| anyhow::anyhow!("{what}: corrupt gzip stream: {e}");
     let ndim = match magic {
         IMAGES_MAGIC => 3,
         _ => 1,
     };
     let header = 4 + 4 * ndim;
-    if bytes.len() < 4 {
-        bail!(
-            "{}: {} bytes is too short for an IDX file",
-            path.display(),
-            bytes.len()
-        );
+    let mut head = vec![0u8; header];
+    let got = read_up_to(&mut reader, &mut head).map_err(corrupt)?;
+    if got < 4 {
+        bail!("{what}: {got} bytes is too short for an IDX file");
     }
-    let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let word = |i: usize| u32::from_be_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     let found = word(0);
     if found != magic {
         bail!(
-            "{}: IDX magic number {found} (0x{found:08x}), expected {magic} ({}); is this the {} file?",
-            path.display(),
+            "{what}: IDX magic number {found} (0x{found:08x}), expected {magic} ({}); is this the {} file?",
             if magic == IMAGES_MAGIC {
                 "unsigned-byte images [N, H, W]"
             } else {
@@ -143,31 +145,46 @@ fn read_idx(path: &Path, magic: u32) -> Result<Idx> {
             }
         );
     }
-    if bytes.len() < header {
-        bail!(
-            "{}: {} bytes is shorter than the {header}-byte IDX header (truncated)",
-            path.display(),
-            bytes.len()
-        );
+    if got < header {
+        bail!("{what}: {got} bytes is shorter than the {header}-byte IDX header (truncated)");
     }
-    let dims: Vec<usize> = (0..ndim).map(|d| word(4 + 4 * d) as usize).collect();
+    let dims: Vec<u64> = (0..ndim).map(|d| word(4 + 4 * d) as u64).collect();
     if dims.iter().skip(1).any(|&d| d == 0) {
-        bail!("{}: IDX dimensions {dims:?} contain a zero", path.display());
+        bail!("{what}: IDX dimensions {dims:?} contain a zero");
     }
-    let expected = dims.iter().product::<usize>();
-    let body = bytes.len() - header;
-    if body != expected {
+    let expected = bounded::numel(&dims, &what)?;
+    let room = cap.saturating_sub(header as u64);
+    if expected > room {
         bail!(
-            "{}: header says {dims:?} = {expected} bytes of data but the file has {body} ({})",
-            path.display(),
-            if body < expected {
-                "truncated"
+            "{what}: header says {dims:?} = {expected} bytes of data but the file {} (truncated or hostile header)",
+            if gzip {
+                format!("can inflate to at most {room}")
             } else {
-                "trailing bytes"
+                format!("has {room}")
             }
         );
     }
-    let mut data = bytes;
-    data.drain(..header);
+    let data = bounded::read_exact_declared(&mut reader, expected, &what).map_err(|e| {
+        if gzip {
+            e.context(format!("{what}: corrupt gzip stream or wrong size"))
+        } else {
+            e
+        }
+    })?;
+    let dims = dims.iter().map(|&d| d as usize).collect();
     Ok(Idx { dims, data })
+}
+
+/// Fills `buf` as far as the stream allows; the count read.
+fn read_up_to<R: Read>(reader: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }

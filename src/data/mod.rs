@@ -3,6 +3,7 @@
 //! Readers: CIFAR-10/100 binary ([`cifar`]), MNIST/Fashion-MNIST IDX ([`idx`]), NPY/NPZ
 //! ([`npy`]). Every reader validates what it reads and names the file in its errors.
 
+pub mod bounded;
 pub mod cifar;
 pub mod idx;
 pub mod npy;

@@ -5,12 +5,20 @@
 //! from the NPZ keys `y` / `labels` / `y_test` / `label`, or from a file beside the images
 //! (`<stem>_labels.npy`, or `images` -> `labels` / leading `x` -> `y` in the file name).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Kind, Tensor};
 
-use super::{window, Dataset};
+use super::{bounded, window, Dataset};
+
+/// Longest NPY header read (numpy writes at most 10 000 bytes; a version-2 header could claim
+/// 4 GiB and make the reader allocate it).
+const MAX_HEADER_LEN: usize = 1 << 16;
+/// Deepest bracket nesting accepted in the header (npyz's literal parser is exponential in it;
+/// real headers, structured dtypes included, stay below 5).
+const MAX_HEADER_NESTING: usize = 8;
 
 const IMAGE_KEYS: &[&str] = &["x", "images", "x_test", "image", "data", "X"];
 const LABEL_KEYS: &[&str] = &["y", "labels", "y_test", "label", "targets", "Y"];
@@ -40,7 +48,8 @@ pub fn read(
             pick(LABEL_KEYS).map(|(n, t)| (format!("{source}[{n}]"), t)),
         )
     } else {
-        (npy_tensor(bytes.as_slice(), &source)?, None)
+        let len = bytes.len() as u64;
+        (npy_tensor(bytes.as_slice(), len, &source)?, None)
     };
     let (label_source, labels) = match (labels, found_labels) {
         (Some(l), _) => (l.display().to_string(), read_npy(l)?),
@@ -77,10 +86,13 @@ fn read_npy(path: &Path) -> Result<Tensor> {
         bail!("{} does not exist", path.display());
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    npy_tensor(bytes.as_slice(), &path.display().to_string())
+    let len = bytes.len() as u64;
+    npy_tensor(bytes.as_slice(), len, &path.display().to_string())
 }
 
-/// Every `<name>.npy` member of an NPZ archive (stored or deflated).
+/// Every `<name>.npy` member of an NPZ archive (stored or deflated). Each entry is read only up
+/// to the uncompressed size its zip header declares, and that size must be one deflate can
+/// produce from the compressed bytes, so a zip bomb is an error before anything is inflated.
 fn read_npz(bytes: Vec<u8>, source: &str) -> Result<Vec<(String, Tensor)>> {
     let bad = |e: &dyn std::fmt::Display| anyhow!("{source}: not a valid NPZ file: {e}");
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(&e))?;
@@ -89,19 +101,135 @@ fn read_npz(bytes: Vec<u8>, source: &str) -> Result<Vec<(String, Tensor)>> {
         let entry = zip.by_index(i).map_err(|e| bad(&e))?;
         let name = entry.name().to_owned();
         if let Some(key) = name.strip_suffix(".npy") {
-            let t = npy_tensor(std::io::BufReader::new(entry), &format!("{source}[{key}]"))?;
+            let what = format!("{source}[{key}]");
+            let (size, packed) = (entry.size(), entry.compressed_size());
+            if size > bounded::inflate_cap(packed) {
+                bail!("{what}: declares {size} bytes uncompressed from {packed} compressed, more than deflate can produce (corrupt or hostile archive)");
+            }
+            let t = npy_tensor(std::io::BufReader::new(entry), size, &what)?;
             out.push((key.to_owned(), t));
         }
     }
     Ok(out)
 }
 
-/// One NPY array as a tensor of the same element type and shape (the length is checked by
-/// `npyz`, so a truncated file is an error, not a read past the end).
-fn npy_tensor<R: std::io::Read>(reader: R, source: &str) -> Result<Tensor> {
+/// The NPY preamble and header dictionary, read with bounded length and nesting.
+struct NpyHead {
+    /// Magic, version, length field and header text: what `npyz` parses.
+    bytes: Vec<u8>,
+    /// Every integer tuple in the header (the shape among them), for checked products before
+    /// `npyz` multiplies them unchecked.
+    tuples: Vec<Vec<u64>>,
+}
+
+fn read_head<R: Read>(reader: &mut R, source: &str) -> Result<NpyHead> {
+    let bad = |e: &dyn std::fmt::Display| anyhow!("{source}: not a valid NPY file: {e}");
+    let mut pre = [0u8; 8];
+    reader.read_exact(&mut pre).map_err(|e| bad(&e))?;
+    if &pre[..6] != b"\x93NUMPY" {
+        bail!("{source}: not a valid NPY file: no \\x93NUMPY magic");
+    }
+    let len_bytes = match pre[6] {
+        1 => 2,
+        2 | 3 => 4,
+        v => bail!("{source}: unsupported NPY format version {v}"),
+    };
+    let mut len = [0u8; 4];
+    reader
+        .read_exact(&mut len[..len_bytes])
+        .map_err(|e| bad(&e))?;
+    let header_len = u32::from_le_bytes(len) as usize;
+    if header_len > MAX_HEADER_LEN {
+        bail!("{source}: NPY header of {header_len} bytes (at most {MAX_HEADER_LEN} accepted)");
+    }
+    let mut bytes = Vec::with_capacity(8 + len_bytes + header_len);
+    bytes.extend_from_slice(&pre);
+    bytes.extend_from_slice(&len[..len_bytes]);
+    let start = bytes.len();
+    bytes.resize(start + header_len, 0);
+    reader
+        .read_exact(&mut bytes[start..])
+        .map_err(|e| bad(&e))?;
+    let text = String::from_utf8_lossy(&bytes[start..]).into_owned();
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut tuples = Vec::new();
+    let mut current: Option<String> = None;
+    for c in text.chars() {
+        match c {
+            '(' | '[' | '{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                current = (c == '(').then(String::new);
+            }
+            ')' | ']' | '}' => {
+                depth = depth.saturating_sub(1);
+                if let Some(t) = current.take() {
+                    let ints: Vec<u64> = t
+                        .split(',')
+                        .filter_map(|v| v.trim().trim_end_matches(['L', 'l']).parse().ok())
+                        .collect();
+                    tuples.push(ints);
+                }
+            }
+            c => {
+                if let Some(t) = current.as_mut() {
+                    t.push(c);
+                }
+            }
+        }
+    }
+    if deepest > MAX_HEADER_NESTING {
+        bail!("{source}: NPY header nests {deepest} levels deep (at most {MAX_HEADER_NESTING} accepted)");
+    }
+    Ok(NpyHead { bytes, tuples })
+}
+
+/// Reads an NPY header from `reader` and checks it against `len`, the size of the whole NPY
+/// (file, zip entry or request body): the header is at most 64 KiB and 8 brackets deep, every
+/// shape product is checked, and the shape must account for exactly the bytes that follow.
+/// Returns the header and the number of data bytes, which the caller reads (and no more) with
+/// [`bounded::read_exact_declared`]. Shared by every NPY reader so that none trusts `npyz`'s
+/// unchecked header arithmetic.
+pub fn read_header<R: Read>(
+    reader: &mut R,
+    len: u64,
+    source: &str,
+) -> Result<(npyz::NpyHeader, u64)> {
+    let head = read_head(reader, source)?;
+    for t in &head.tuples {
+        bounded::numel(t, source)?;
+    }
+    let npy = npyz::NpyFile::new(head.bytes.as_slice())
+        .map_err(|e| anyhow!("{source}: not a valid NPY file: {e}"))?;
+    let dims = npy.shape().to_vec();
+    let item = npy
+        .dtype()
+        .num_bytes()
+        .ok_or_else(|| anyhow!("{source}: NPY dtype too large"))?;
+    let expected = bounded::byte_len(&dims, item, source)?;
+    let available = len.saturating_sub(head.bytes.len() as u64);
+    if expected != available {
+        bail!(
+            "{source}: not a valid NPY file: header declares shape {dims:?} of {item}-byte elements = {expected} bytes of data, but {available} bytes follow ({})",
+            if expected > available {
+                "truncated or hostile header"
+            } else {
+                "trailing bytes"
+            }
+        );
+    }
+    Ok((npy.header().clone(), expected))
+}
+
+/// One NPY array as a tensor of the same element type and shape. `len` is the number of bytes
+/// the file (or zip entry) declares; see [`read_header`].
+fn npy_tensor<R: Read>(mut reader: R, len: u64, source: &str) -> Result<Tensor> {
     let bad = |e: std::io::Error| anyhow!("{source}: not a valid NPY file: {e}");
-    let npy = npyz::NpyFile::new(reader).map_err(bad)?;
-    let shape: Vec<i64> = npy.shape().iter().map(|&s| s as i64).collect();
+    let (header, expected) = read_header(&mut reader, len, source)?;
+    let data = bounded::read_exact_declared(&mut reader, expected, source)?;
+    let dims = header.shape().to_vec();
+    let npy = npyz::NpyFile::with_header(header, data.as_slice());
+    let shape: Vec<i64> = dims.iter().map(|&s| s as i64).collect();
     let fortran = npy.order() == npyz::Order::Fortran;
     let descr = npy.dtype().descr();
     let flat = match descr
@@ -121,11 +249,11 @@ fn npy_tensor<R: std::io::Read>(reader: R, source: &str) -> Result<Tensor> {
         // Column-major: the data is the transpose of the C-order array of reversed shape.
         let rev: Vec<i64> = shape.iter().rev().copied().collect();
         let dims: Vec<i64> = (0..shape.len() as i64).rev().collect();
-        flat.view(rev.as_slice())
-            .permute(dims.as_slice())
+        flat.f_view(rev.as_slice())?
+            .f_permute(dims.as_slice())?
             .contiguous()
     } else {
-        flat.view(shape.as_slice())
+        flat.f_view(shape.as_slice())?
     })
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,7 +15,7 @@ use super::{
     net_inputs, Detector, DetectorSpec, PseudoSpec, ScoreKind, ScoreQuality, Validation,
     FORMAT_VERSION, WEIGHTS_FILE,
 };
-use crate::attack::table::MarginRow;
+use crate::attack::table::{check_unique_indices, MarginRow};
 use crate::data::Dataset;
 use crate::metrics::detection::{auroc, fpr_at_tpr};
 use crate::metrics::rank::kendall_tau_b;
@@ -36,6 +36,13 @@ pub enum PseudoMode {
     /// Use the logit margin.
     Off,
 }
+
+/// Fewest samples of each class at ε (non-robust: input margin ≤ ε; robust) that `fit` accepts.
+/// Below ten, the calibrated TPR and FPR move in steps of more than ten percentage points, the
+/// default 30% validation split holds about three of the class, and with none the FPR is
+/// undefined: the detector would be calibrated on noise. (A typical cause is an ε on the wrong
+/// scale, e.g. 8 for 8/255, which makes every sample non-robust.)
+pub const MIN_PER_CLASS: usize = 10;
 
 /// Settings of `brittle fit`.
 #[derive(Debug, Clone)]
@@ -62,14 +69,9 @@ pub fn match_rows(data: &Dataset, rows: &[MarginRow]) -> Result<Vec<usize>> {
         .enumerate()
         .map(|(p, &i)| (i, p))
         .collect();
-    let mut seen = std::collections::HashSet::new();
+    check_unique_indices(rows).context("the margins file")?;
     rows.iter()
         .map(|r| {
-            ensure!(
-                seen.insert(r.index),
-                "sample index {} appears twice in the margins file",
-                r.index
-            );
             let Some(&p) = pos.get(&r.index) else {
                 bail!(
                     "sample index {} of the margins file is not in {} (which holds indices {}..={}); \
@@ -156,6 +158,8 @@ pub fn fit(
         "validation fraction {} must be in (0, 1)",
         opts.val_fraction
     );
+    opts.norm.check_eps(opts.eps, Some(data.input_shape()))?;
+    let train_cfg = opts.train.check()?;
     let positions = match_rows(data, rows)?;
     let info = model.info().clone();
     let input = if info.has_features {
@@ -192,6 +196,16 @@ pub fn fit(
         })
         .collect();
     let nonrobust: Vec<bool> = d_in.iter().map(|&d| d <= opts.eps).collect();
+    let positives = nonrobust.iter().filter(|&&b| b).count();
+    let negatives = rows.len() - positives;
+    ensure!(
+        positives >= MIN_PER_CLASS && negatives >= MIN_PER_CLASS,
+        "at ε = {} ({}) the margins file has {positives} non-robust samples (input margin ≤ ε) \
+         and {negatives} robust ones; a detector needs at least {MIN_PER_CLASS} of each to \
+         calibrate its threshold and measure its false-positive rate",
+        opts.eps,
+        opts.norm.symbol()
+    );
 
     // Seeded train/validation split.
     let mut order: Vec<usize> = (0..rows.len()).collect();
@@ -217,7 +231,7 @@ pub fn fit(
             &t(val),
             &val_d,
             input,
-            &opts.train,
+            &train_cfg,
             opts.seed,
         )?;
         let val_pm = trained.net.predict(&t(val))?;
@@ -260,6 +274,14 @@ pub fn fit(
             (ScoreKind::LogitMargin, "all", lambda, rates, None, None)
         }
     };
+    // The validation split can miss a class that the whole set has enough of.
+    ensure!(
+        calibration.negatives > 0,
+        "the {calibrated_on} set ({} samples) has no robust sample at ε = {}: the detector's \
+         false-positive rate would be undefined; use a larger validation fraction or more samples",
+        calibration.positives,
+        opts.eps
+    );
     Ok(Detector {
         spec: DetectorSpec {
             format_version: FORMAT_VERSION,

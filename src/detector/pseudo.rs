@@ -77,6 +77,77 @@ impl Default for TrainConfig {
     }
 }
 
+/// Widest hidden layer and deepest net accepted: far beyond what a pseudo-margin needs
+/// (64 × 2 by default), and small enough that a typo cannot allocate gigabytes.
+pub const MAX_HIDDEN: i64 = 1 << 14;
+pub const MAX_DEPTH: usize = 32;
+
+impl NetShape {
+    /// Refuses shapes libtorch would panic on (a zero-width layer) or that are absurdly large,
+    /// whether they come from options or from a `detector.json`.
+    pub fn check(&self) -> Result<()> {
+        ensure!(
+            self.in_dim >= 1,
+            "pseudo-margin in_dim = {}: must be at least 1",
+            self.in_dim
+        );
+        check_width(self.hidden, self.depth)
+    }
+}
+
+fn check_width(hidden: i64, depth: usize) -> Result<()> {
+    ensure!(
+        (1..=MAX_HIDDEN).contains(&hidden),
+        "pseudo-margin hidden = {hidden}: the hidden width must be in 1..={MAX_HIDDEN}"
+    );
+    ensure!(
+        depth <= MAX_DEPTH,
+        "pseudo-margin depth = {depth}: at most {MAX_DEPTH} hidden layers"
+    );
+    Ok(())
+}
+
+/// A [`TrainConfig`] that passed [`TrainConfig::check`], the only form [`train`] takes (the
+/// parameter-guard pattern of linfa): a bad option is an error naming its field before any
+/// work, never a panic inside libtorch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedTrainConfig(TrainConfig);
+
+impl std::ops::Deref for CheckedTrainConfig {
+    type Target = TrainConfig;
+    fn deref(&self) -> &TrainConfig {
+        &self.0
+    }
+}
+
+impl TrainConfig {
+    /// Validates every field; errors name the field and the accepted range.
+    pub fn check(&self) -> Result<CheckedTrainConfig> {
+        check_width(self.hidden, self.depth)?;
+        ensure!(
+            self.lr.is_finite() && self.lr > 0.0,
+            "pseudo-margin lr = {}: the learning rate must be a positive finite number",
+            self.lr
+        );
+        ensure!(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "pseudo-margin weight_decay = {}: must be a non-negative finite number",
+            self.weight_decay
+        );
+        ensure!(
+            self.batch_size >= 2,
+            "pseudo-margin batch_size = {}: must be at least 2 (the ranking loss needs pairs)",
+            self.batch_size
+        );
+        ensure!(
+            self.max_epochs >= 1,
+            "pseudo-margin max_epochs = {}: must be at least 1",
+            self.max_epochs
+        );
+        Ok(CheckedTrainConfig(self.clone()))
+    }
+}
+
 /// The MLP with its standardisation.
 pub struct PseudoNet {
     vs: nn::VarStore,
@@ -134,6 +205,7 @@ impl PseudoNet {
 
     /// Rebuilds the net and reads its weights (safetensors).
     pub fn load(shape: NetShape, path: &std::path::Path, device: Device) -> Result<Self> {
+        shape.check()?;
         let mut net = PseudoNet::new(shape, device);
         net.vs
             .load(path)
@@ -198,7 +270,7 @@ pub fn train(
     x_val: &Tensor,
     d_val: &[f64],
     input: PseudoInput,
-    cfg: &TrainConfig,
+    cfg: &CheckedTrainConfig,
     seed: u64,
 ) -> Result<Trained> {
     let n = d_train.len();
@@ -210,10 +282,6 @@ pub fn train(
     ensure!(
         n >= 2 && !d_val.is_empty(),
         "pseudo-margin training needs at least 2 training and 1 validation samples"
-    );
-    ensure!(
-        cfg.batch_size >= 2,
-        "pseudo-margin batch size must be at least 2"
     );
     let cap = d_train
         .iter()
@@ -350,5 +418,14 @@ mod tests {
             depth: 2,
         };
         assert!(PseudoNet::load(wrong, &p, Device::Cpu).is_err());
+        // A detector.json with a zero-width layer is an error, not a panic inside libtorch.
+        let zero = NetShape {
+            input: PseudoInput::Logits,
+            in_dim: 4,
+            hidden: 0,
+            depth: 2,
+        };
+        let err = PseudoNet::load(zero, &p, Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("hidden = 0"), "{err}");
     }
 }

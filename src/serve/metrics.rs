@@ -24,6 +24,12 @@ pub struct ServeMetrics {
     pub images: Counter,
     pub flagged: Counter,
     flagged_share: Gauge<f64, AtomicU64>,
+    /// Requests between body received and answer sent (or client gone).
+    pub in_flight: Gauge,
+    /// Open HTTP connections.
+    pub connections: Gauge,
+    /// Times the model worker's loop panicked and was restarted.
+    pub worker_restarts: Counter,
 }
 
 impl Default for ServeMetrics {
@@ -35,6 +41,9 @@ impl Default for ServeMetrics {
         let images = Counter::default();
         let flagged = Counter::default();
         let flagged_share = Gauge::<f64, AtomicU64>::default();
+        let in_flight = Gauge::default();
+        let connections = Gauge::default();
+        let worker_restarts = Counter::default();
         let mut r = Registry::with_prefix("brittle");
         r.register(
             "requests",
@@ -62,6 +71,17 @@ impl Default for ServeMetrics {
             "Share of scored images flagged brittle since start",
             flagged_share.clone(),
         );
+        r.register(
+            "requests_in_flight",
+            "Scoring requests received and not yet answered",
+            in_flight.clone(),
+        );
+        r.register("connections", "Open HTTP connections", connections.clone());
+        r.register(
+            "worker_restarts",
+            "Restarts of the model worker after a panic",
+            worker_restarts.clone(),
+        );
         ServeMetrics {
             registry: std::sync::Arc::new(r),
             requests,
@@ -70,6 +90,9 @@ impl Default for ServeMetrics {
             images,
             flagged,
             flagged_share,
+            in_flight,
+            connections,
+            worker_restarts,
         }
     }
 }
@@ -87,9 +110,13 @@ impl ServeMetrics {
         s
     }
 
-    pub fn record_request(&self, status: u16, seconds: f64) {
+    /// Counts a request by status; `seconds` from its body received to its answer, `None` for
+    /// one whose body never fully arrived.
+    pub fn record_request(&self, status: u16, seconds: Option<f64>) {
         self.requests.get_or_create(&StatusLabel { status }).inc();
-        self.latency.observe(seconds);
+        if let Some(s) = seconds {
+            self.latency.observe(s);
+        }
     }
 }
 

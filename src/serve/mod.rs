@@ -3,7 +3,12 @@
 //! decision as brittle; `GET /healthz`; `GET /metrics` (Prometheus).
 //!
 //! Concurrent requests are batched by one model worker thread ([`worker`]); the HTTP side
-//! (axum on tokio) only decodes bodies ([`input`]) and waits for answers.
+//! (axum on hyper and tokio) only decodes bodies ([`input`]) and waits for answers.
+//!
+//! No one request can take the service down: bodies are decoded with limits checked before any
+//! work ([`input`]), the worker is supervised ([`worker::Health`] drives `/healthz`), every
+//! connection has a header (and keep-alive idle) timeout and every body a read deadline, open
+//! connections are capped, and shutdown drops what is still open after a deadline.
 
 pub mod input;
 pub mod metrics;
@@ -15,23 +20,23 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::sync::oneshot::error::TryRecvError;
 
 use crate::detector::Detector;
 use crate::model::Classifier;
 use input::InputSpec;
 use metrics::ServeMetrics;
-use worker::{BatchPolicy, Job, Scorer};
+use worker::{BatchPolicy, Health, Job, Scorer};
 
 /// An HTTP error with a JSON body `{"error": message}`.
 #[derive(Debug)]
@@ -55,7 +60,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Limits and batching of the service.
+/// Limits, timeouts and batching of the service.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeConfig {
     /// Model input `[C, H, W]`.
@@ -70,10 +75,20 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Requests waiting for the worker before new ones get 503.
     pub queue: usize,
-    /// How long the idle model worker polls for the next request, and a lone request's HTTP
-    /// thread for its answer, before sleeping (0: sleep at once). Each sleep costs a thread
-    /// wake-up: tens of microseconds, a tenth of a small model's forward pass.
+    /// How long the idle model worker polls for the next request before sleeping (0: sleep at
+    /// once). Each sleep costs a thread wake-up: tens of microseconds, a tenth of a small
+    /// model's forward pass. The worker is the model's own thread, never one of tokio's.
     pub spin: Duration,
+    /// Longest wait for a request's head (request line and headers): from the connection's
+    /// opening, or on a kept-alive connection from the previous answer, so it is also the idle
+    /// keep-alive timeout. A client slower than this is disconnected.
+    pub header_timeout: Duration,
+    /// Longest time a request's body may take to arrive once its head has (408 beyond).
+    pub body_timeout: Duration,
+    /// Most open connections; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// After a shutdown signal, how long open connections may finish before they are dropped.
+    pub shutdown_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -87,14 +102,81 @@ impl ServeConfig {
             max_body_bytes: 16 << 20,
             queue: 1024,
             spin: Duration::from_micros(DEFAULT_SPIN_US),
+            header_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            shutdown_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Checks that every limit admits something: a zero (or an input shape whose values per
+    /// image overflow) would turn every request into an error.
+    pub fn validate(&self) -> Result<()> {
+        let [c, h, w] = self.input_shape;
+        if c <= 0 || h <= 0 || w <= 0 {
+            bail!(
+                "the input shape {:?} must be three positive numbers",
+                self.input_shape
+            );
+        }
+        let per_image = [c, h, w]
+            .iter()
+            .try_fold(1usize, |p, &d| p.checked_mul(d as usize))
+            .filter(|&p| p <= isize::MAX as usize / 4);
+        if per_image.is_none() {
+            bail!(
+                "the input shape {:?} has too many values per image",
+                self.input_shape
+            );
+        }
+        for (name, v) in [
+            ("max_batch", self.max_batch),
+            ("max_images", self.max_images),
+            ("max_body_bytes", self.max_body_bytes),
+            ("queue", self.queue),
+            ("max_connections", self.max_connections),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1 (got 0): with 0 no request could be served");
+            }
+        }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            bail!(
+                "max_connections {} exceeds {}",
+                self.max_connections,
+                tokio::sync::Semaphore::MAX_PERMITS
+            );
+        }
+        for (name, v) in [
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            if v.is_zero() {
+                bail!("{name} must be positive: with 0 no request could arrive");
+            }
+        }
+        // Deadlines are instants: a duration near u64::MAX would overflow when added to now.
+        for (name, v, most) in [
+            ("max_wait", self.max_wait, Duration::from_secs(60)),
+            ("spin", self.spin, Duration::from_secs(1)),
+            ("header_timeout", self.header_timeout, MAX_TIMEOUT),
+            ("body_timeout", self.body_timeout, MAX_TIMEOUT),
+            ("shutdown_timeout", self.shutdown_timeout, MAX_TIMEOUT),
+        ] {
+            if v > most {
+                bail!("{name} is {v:?}; at most {most:?} is accepted");
+            }
+        }
+        Ok(())
     }
 }
 
+/// Longest timeout accepted (a day): longer ones are a mistake, and far-future deadlines overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
 /// Default [`ServeConfig::spin`] in microseconds. On the 2-core development machine (resnet_2b,
-/// one client) the model thread's poll took the one-image p50 from 0.36 ms to 0.27 ms, and the
-/// lone request's poll to 0.25 ms (0.33 ms when the model ran on the HTTP thread). The polls
-/// yield the core to any other runnable thread; an idle server polls for 1 ms after a request.
+/// one client) the model thread's poll took the one-image p50 from 0.36 ms to 0.27 ms. The poll
+/// yields the core to any other runnable thread; an idle server polls for 1 ms after a request.
 pub const DEFAULT_SPIN_US: u64 = 1000;
 
 /// Intra-op threads for the model when none are asked for: half the cores, leaving the rest to
@@ -112,19 +194,48 @@ struct AppState {
     inflight: Arc<AtomicUsize>,
     input: InputSpec,
     metrics: ServeMetrics,
+    health: Arc<Health>,
     /// Detector fields echoed in every answer.
     detector: serde_json::Value,
-    /// [`ServeConfig::spin`].
-    spin: Duration,
+    /// [`ServeConfig::body_timeout`].
+    body_timeout: Duration,
 }
 
-/// Builds the router and starts the model worker. The worker stops once the router (and every
-/// clone of its state) is dropped; join the returned handle after that.
+/// Counts a request in flight for as long as it lives: dropped on every path, including a
+/// handler future dropped because its client went away (a leaked count made every later lone
+/// request wait the full batch window for a request that would never come).
+struct InFlight<'a>(&'a AppState);
+
+impl<'a> InFlight<'a> {
+    fn enter(st: &'a AppState) -> Self {
+        st.inflight.fetch_add(1, Ordering::SeqCst);
+        st.metrics.in_flight.inc();
+        InFlight(st)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.in_flight.dec();
+    }
+}
+
+/// The routes, their metrics and the model worker, ready for [`serve_listener`].
+pub struct Service {
+    pub app: Router,
+    pub metrics: ServeMetrics,
+    /// Ends once `app` (and every clone of its state) is dropped; join it after that.
+    pub worker: std::thread::JoinHandle<()>,
+}
+
+/// Checks the configuration, builds the router and starts the model worker.
 pub fn router(
     model: Box<dyn Classifier>,
     detector: Option<Detector>,
     cfg: ServeConfig,
-) -> Result<(Router, std::thread::JoinHandle<()>)> {
+) -> Result<Service> {
+    cfg.validate()?;
     if let Some(d) = &detector {
         d.check_model(model.info())?;
     }
@@ -139,11 +250,11 @@ pub fn router(
     };
     let metrics = ServeMetrics::default();
     let inflight = Arc::new(AtomicUsize::new(0));
-    let (jobs, handle) = worker::spawn(
+    let (jobs, health, handle) = worker::spawn(
         Scorer { model, detector },
         cfg.input_shape,
         BatchPolicy {
-            max_batch: cfg.max_batch.max(1),
+            max_batch: cfg.max_batch,
             max_wait: cfg.max_wait,
             inflight: inflight.clone(),
             spin: cfg.spin,
@@ -154,21 +265,34 @@ pub fn router(
     let state = Arc::new(AppState {
         jobs,
         inflight,
-        spin: cfg.spin,
         input: InputSpec {
             shape: cfg.input_shape,
             max_images: cfg.max_images,
         },
-        metrics,
+        metrics: metrics.clone(),
+        health,
         detector: detector_info,
+        body_timeout: cfg.body_timeout,
     });
     let app = Router::new()
         .route("/v1/score", post(score))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(render_metrics))
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .with_state(state);
-    Ok((app, handle))
+    Ok(Service {
+        app,
+        metrics,
+        worker: handle,
+    })
+}
+
+/// 200 while the model worker runs and its batches succeed, 503 with the reason otherwise.
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    match st.health.check() {
+        Ok(()) => "ok\n".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
 }
 
 async fn render_metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
@@ -178,20 +302,45 @@ async fn render_metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-async fn score(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn score(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = match tokio::time::timeout(st.body_timeout, Bytes::from_request(req, &())).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(rejection)) => {
+            let e = ApiError::new(rejection.status(), rejection.body_text());
+            st.metrics.record_request(e.status.as_u16(), None);
+            return e.into_response();
+        }
+        Err(_) => {
+            let e = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {:?}",
+                    st.body_timeout
+                ),
+            );
+            st.metrics.record_request(e.status.as_u16(), None);
+            // The rest of the body may still come: this connection cannot carry another request.
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return resp;
+        }
+    };
     let t0 = Instant::now();
-    st.inflight.fetch_add(1, Ordering::SeqCst);
-    let resp = match score_body(&st, &headers, body).await {
+    let _inflight = InFlight::enter(&st);
+    let resp = match score_body(&st, content_type, body).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     };
-    st.inflight.fetch_sub(1, Ordering::SeqCst);
     st.metrics
-        .record_request(resp.status().as_u16(), t0.elapsed().as_secs_f64());
+        .record_request(resp.status().as_u16(), Some(t0.elapsed().as_secs_f64()));
     resp
 }
 
@@ -202,16 +351,28 @@ struct Answer<'a> {
     results: Vec<worker::ImageResult>,
 }
 
-async fn score_body<'a>(
-    st: &'a AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Answer<'a>, ApiError> {
-    let body = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let images = st.input.decode(ct, &body)?;
+/// Bodies above this size are decoded on tokio's blocking pool, so that a large body does not
+/// hold an HTTP thread (a 16 MiB JSON body takes ~100 ms); smaller ones decode in place.
+const DECODE_INLINE_MAX: usize = 256 << 10;
+
+async fn score_body(
+    st: &AppState,
+    content_type: Option<String>,
+    body: Bytes,
+) -> Result<Answer<'_>, ApiError> {
+    let images = if body.len() <= DECODE_INLINE_MAX {
+        st.input.decode(content_type.as_deref(), &body)?
+    } else {
+        let spec = st.input;
+        tokio::task::spawn_blocking(move || spec.decode(content_type.as_deref(), &body))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("decoding the body failed: {e}"),
+                )
+            })??
+    };
     let results = score_queued(st, images)
         .await?
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
@@ -221,15 +382,14 @@ async fn score_body<'a>(
     })
 }
 
-/// Hands the images to the model worker, which batches them with other requests; the outer
-/// error is the queue's (full, or the worker gone), the inner one the scoring's. A request alone
-/// in flight polls for its answer for up to [`ServeConfig::spin`] on this thread: nothing else
-/// needs the thread, and the answer comes without a wake-up.
+/// Hands the images to the model worker, which batches them with other requests, and waits
+/// for the answer without blocking or polling the HTTP thread; the outer error is the queue's
+/// (full, or the worker gone), the inner one the scoring's.
 async fn score_queued(
     st: &AppState,
     images: input::Images,
 ) -> Result<Result<Vec<worker::ImageResult>, String>, ApiError> {
-    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let job = Job {
         pixels: images.pixels,
         n: images.n,
@@ -242,23 +402,13 @@ async fn score_queued(
         };
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)
     })?;
-    let stopped = || {
+    // The worker drops a reply unanswered only when its loop panicked (and restarted).
+    rx.await.map_err(|_| {
         ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the model worker has stopped",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the model worker failed while scoring this request",
         )
-    };
-    if st.inflight.load(Ordering::SeqCst) == 1 {
-        let polled = worker::poll(st.spin, || match rx.try_recv() {
-            Ok(scored) => Some(Ok(scored)),
-            Err(TryRecvError::Closed) => Some(Err(stopped())),
-            Err(TryRecvError::Empty) => None,
-        });
-        if let Some(answer) = polled {
-            return answer;
-        }
-    }
-    rx.await.map_err(|_| stopped())
+    })
 }
 
 /// A server running on its own runtime thread (tests, benchmarks).
@@ -301,14 +451,14 @@ pub fn spawn(
     cfg: ServeConfig,
     addr: SocketAddr,
 ) -> Result<ServerHandle> {
+    let service = router(model, detector, cfg)?;
     let listener = bind(addr)?;
     let addr = listener.local_addr()?;
-    let (app, worker) = router(model, detector, cfg)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("brittle-http".into())
         .spawn(move || {
-            serve_listener(listener, app, worker, async {
+            serve_listener(listener, service, &cfg, async {
                 let _ = stopped.await;
             })
         })?;
@@ -326,33 +476,101 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// Runs the HTTP server on a new tokio runtime until `shutdown` resolves, then waits for
-/// in-flight requests and for the model worker to finish.
+/// Runs the HTTP server on a new tokio runtime until `shutdown` resolves, then lets open
+/// connections finish for up to [`ServeConfig::shutdown_timeout`], drops the rest, and waits
+/// for the model worker to finish.
 pub fn serve_listener(
     listener: std::net::TcpListener,
-    app: Router,
-    worker: std::thread::JoinHandle<()>,
+    service: Service,
+    cfg: &ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        // Small JSON answers must not wait for delayed ACKs (Nagle).
-        let listener = tokio::net::TcpListener::from_std(listener)?.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("HTTP server")
-    })?;
-    // Connection tasks may still hold the state for a moment; the runtime's drop ends them.
-    drop(rt);
+    let Service {
+        app,
+        metrics,
+        worker,
+    } = service;
+    let served = rt.block_on(accept_loop(listener, app, metrics, *cfg, shutdown));
+    // Connections still open past the deadline are dropped with the runtime; a decode on the
+    // blocking pool gets a moment to end.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    served?;
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("the model worker panicked"))
+}
+
+/// Accepts connections, at most [`ServeConfig::max_connections`] at a time, and serves each
+/// with HTTP/1.1 under the header timeout until `shutdown`; then waits for open connections
+/// for the shutdown deadline.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    app: Router,
+    metrics: ServeMetrics,
+    cfg: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .keep_alive(true);
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.context("connection permits closed")?,
+            () = &mut shutdown => break,
+        };
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // the server goes on, and waits a moment when the error is not the client's.
+                    tracing::warn!("accepting a connection: {e}");
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Small JSON answers must not wait for delayed ACKs (Nagle).
+        let _ = tcp.set_nodelay(true);
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            metrics.connections.inc();
+            // A connection's errors (timeouts, resets, malformed requests) end only it.
+            let _ = conn.await;
+            metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing open connections");
+    if tokio::time::timeout(cfg.shutdown_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open {:?} after the shutdown signal are dropped",
+            cfg.shutdown_timeout
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -375,5 +593,5 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!("shutdown signal received");
 }

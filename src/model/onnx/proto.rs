@@ -32,7 +32,8 @@ pub(super) fn tensor_from_proto(t: &TensorProto) -> Result<Tensor> {
     if let Some(d) = dims.iter().find(|d| **d < 0) {
         bail!("{}: negative dimension {d}", what());
     }
-    let numel: i64 = dims.iter().product();
+    let udims: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+    let numel = crate::data::bounded::numel(&udims, &what())? as i64;
     let dtype = DataType::from_i32(t.data_type)
         .ok_or_else(|| anyhow!("{}: unknown data type {}", what(), t.data_type))?;
     let (kind, raw_kind) = match dtype {
@@ -48,7 +49,8 @@ pub(super) fn tensor_from_proto(t: &TensorProto) -> Result<Tensor> {
         other => bail!("{}: data type {other:?} is not supported", what()),
     };
     let flat = if !t.raw_data.is_empty() {
-        let expected = numel as usize * raw_kind.elt_size_in_bytes();
+        let expected =
+            crate::data::bounded::byte_len(&udims, raw_kind.elt_size_in_bytes(), &what())? as usize;
         if t.raw_data.len() != expected {
             bail!(
                 "{}: raw_data has {} bytes, dims {dims:?} of {dtype:?} need {expected}",
@@ -188,5 +190,25 @@ impl<'a> Attrs<'a> {
             Some(i) => bail!("attribute {:?} is not supported", self.list[i].name),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initializer_dims_that_overflow_are_an_error() {
+        let mut t = TensorProto::new();
+        t.name = "w".into();
+        t.data_type = DataType::FLOAT as i32;
+        t.dims = vec![1 << 32, 1 << 32, 4];
+        let e = tensor_from_proto(&t).unwrap_err();
+        assert!(format!("{e:#}").contains("more elements"), "{e:#}");
+        // Raw bytes checked against dims before anything is made.
+        t.dims = vec![1 << 20, 1 << 20];
+        t.raw_data = vec![0; 16];
+        let e = tensor_from_proto(&t).unwrap_err();
+        assert!(format!("{e:#}").contains("raw_data has 16 bytes"), "{e:#}");
     }
 }
