@@ -18,7 +18,7 @@ use super::{
 };
 use crate::model::Classifier;
 use crate::norm::Norm;
-use crate::util::to_vec_f64;
+use crate::util::{to_vec_f64, NoProgress, Progress};
 
 /// Relative improvement of the best distance that resets a sample's patience.
 const MIN_IMPROVEMENT: f64 = 1e-3;
@@ -106,10 +106,25 @@ impl Chunk {
         attack: &dyn AttackStep,
         batch_size: usize,
     ) -> Result<()> {
+        self.run_with(model, norm, attack, batch_size, &NoProgress)
+    }
+
+    /// [`Chunk::run`] reporting every step: each sample counts `budget.steps` units, one per
+    /// step it takes, the rest when it leaves early (or at once when it is already adversarial).
+    pub fn run_with(
+        &mut self,
+        model: &dyn Classifier,
+        norm: Norm,
+        attack: &dyn AttackStep,
+        batch_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<()> {
         let device = model.device();
         let budget = attack.budget();
         let best0 = to_vec_f64(&self.best)?;
         // Samples at distance 0 are already adversarial: nothing to attack.
+        let skipped = best0.iter().filter(|&&b| b <= 0.0).count();
+        progress.inc((skipped * budget.steps) as u64);
         let mut queue = (0..self.len()).filter(|&i| best0[i] > 0.0);
         let mut ctx = Ctx::new(model, norm);
         let mut act: Option<Active> = None;
@@ -199,6 +214,11 @@ impl Chunk {
                 }
                 done.push(a.steps[i] >= budget.steps || a.stall[i] >= budget.patience);
             }
+            let left_early: usize = (0..done.len())
+                .filter(|&i| done[i])
+                .map(|i| budget.steps.saturating_sub(a.steps[i]))
+                .sum();
+            progress.inc((a.pos.len() + left_early) as u64);
             if done.iter().any(|&d| d) {
                 let (fin, stay): (Vec<usize>, Vec<usize>) = (0..done.len()).partition(|&i| done[i]);
                 self.write_back(a, &fin, &ctx, budget.name, &best0)?;
@@ -262,10 +282,23 @@ impl Chunk {
         steps: usize,
         batch_size: usize,
     ) -> Result<()> {
+        self.refine_with(model, norm, steps, batch_size, &NoProgress)
+    }
+
+    /// [`Chunk::refine`] reporting `steps` units per sample, one per bisection step.
+    pub fn refine_with(
+        &mut self,
+        model: &dyn Classifier,
+        norm: Norm,
+        steps: usize,
+        batch_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<()> {
         let best = to_vec_f64(&self.best)?;
         let todo: Vec<usize> = (0..self.len())
             .filter(|&i| best[i].is_finite() && best[i] > 0.0)
             .collect();
+        progress.inc(((self.len() - todo.len()) * steps) as u64);
         let device = self.x0.device();
         for part in todo.chunks(batch_size.max(1)) {
             let t0 = Instant::now();
@@ -284,6 +317,7 @@ impl Chunk {
                 let wrong = misclassified(&ctx.forward(&x)?, &label);
                 hi = mid.where_self(&wrong, &hi);
                 lo = lo.where_self(&wrong, &mid);
+                progress.inc(part.len() as u64);
             }
             let x = (&x0 + per_sample(&hi, &x0) * &dir).clamp(0.0, 1.0);
             let dist = norm64(norm, &(&x - &x0));

@@ -25,7 +25,7 @@ use crate::model::Classifier;
 use crate::norm::Norm;
 use crate::provenance::{sidecar_path, write_sidecar, Provenance};
 use crate::score::score_batch;
-use crate::util::progress_bar;
+use crate::util::{work_bar, Progress};
 
 /// Shard `index` of `count` (0-based).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,7 +191,8 @@ pub struct Summary {
 }
 
 /// Runs (or resumes) a margins job writing `out` (and `save_adv`, `.npy`). An `out` made by
-/// another version of the attack is refused, or started again with `restart_stale`.
+/// another version of the attack is refused, or started again with `restart_stale`. Shows a
+/// progress bar on stderr.
 pub fn run(
     model: &dyn Classifier,
     data: &Dataset,
@@ -199,6 +200,23 @@ pub fn run(
     out: &Path,
     save_adv: Option<&Path>,
     restart_stale: bool,
+) -> Result<Summary> {
+    let pb = work_bar(settings.attack.as_str());
+    let summary = run_with_progress(model, data, settings, out, save_adv, restart_stale, &pb);
+    pb.finish_and_clear();
+    summary
+}
+
+/// [`run`] reporting to `progress` per attack step: a sample counts one unit per step of each
+/// pass's budget and per bisection step (see [`Chunk::run_with`]).
+pub fn run_with_progress(
+    model: &dyn Classifier,
+    data: &Dataset,
+    settings: &Settings,
+    out: &Path,
+    save_adv: Option<&Path>,
+    restart_stale: bool,
+    progress: &dyn Progress,
 ) -> Result<Summary> {
     let plan = Plan::new(
         settings.attack,
@@ -299,8 +317,12 @@ pub fn run(
         .transpose()?;
 
     let total: usize = chunks.iter().map(|c| c.len()).sum();
-    let pb = progress_bar(total as u64, settings.attack.as_str());
+    let units = plan.passes.iter().map(|p| p.budget().steps).sum::<usize>() + plan.refine;
+    progress.set_length((total * units) as u64);
+    let mut finished = 0;
+    progress.set_message(format!("0/{total} samples"));
     for range in &chunks {
+        finished += range.len();
         // A chunk done before without adversarial examples kept (the examples were asked for
         // only on this resume) is attacked again: the seeded attack gives the same rows (the
         // file keeps its own) and the examples that were not stored.
@@ -309,10 +331,19 @@ pub fn run(
             .clone()
             .all(|p| done.contains_key(&data.indices[p]) && stored(p))
         {
-            pb.inc(range.len() as u64);
+            progress.inc((range.len() * units) as u64);
+            progress.set_message(format!("{finished}/{total} samples"));
             continue;
         }
-        let rows = attack_chunk(model, data, settings, &plan, range.clone(), adv.as_mut())?;
+        let rows = attack_chunk(
+            model,
+            data,
+            settings,
+            &plan,
+            range.clone(),
+            adv.as_mut(),
+            progress,
+        )?;
         let new: Vec<MarginRow> = rows
             .into_iter()
             .filter(|r| !done.contains_key(&r.index))
@@ -323,9 +354,8 @@ pub fn run(
         for r in new {
             done.insert(r.index, r);
         }
-        pb.inc(range.len() as u64);
+        progress.set_message(format!("{finished}/{total} samples"));
     }
-    pb.finish_and_clear();
     drop(writer);
     let rows: Vec<MarginRow> = done.into_values().collect();
     write_margins(out, &rows, with_fm)?;
@@ -354,6 +384,7 @@ fn attack_chunk(
     plan: &Plan,
     range: std::ops::Range<usize>,
     adv: Option<&mut AdvStore>,
+    progress: &dyn Progress,
 ) -> Result<Vec<MarginRow>> {
     let t0 = std::time::Instant::now();
     let (x, labels) = data.batch(range.start, range.end);
@@ -378,10 +409,22 @@ fn attack_chunk(
     let label = Tensor::from_slice(&attacked).to_device(model.device());
     let mut chunk = Chunk::new(x0, label, seeds, &already);
     for pass in &plan.passes {
-        chunk.run(model, settings.norm, pass.as_ref(), settings.batch_size)?;
+        chunk.run_with(
+            model,
+            settings.norm,
+            pass.as_ref(),
+            settings.batch_size,
+            progress,
+        )?;
     }
     if plan.refine > 0 {
-        chunk.refine(model, settings.norm, plan.refine, settings.batch_size)?;
+        chunk.refine_with(
+            model,
+            settings.norm,
+            plan.refine,
+            settings.batch_size,
+            progress,
+        )?;
     }
     let verified = chunk.verify(model, settings.norm, settings.batch_size)?;
     if let Some(store) = adv {

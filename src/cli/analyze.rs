@@ -15,9 +15,9 @@ use crate::report::{analyze, default_eps, write_report, AnalyzeOptions};
 pub struct AnalyzeArgs {
     /// The margins CSV (`brittle margins`).
     pub margins: PathBuf,
-    /// ε values (repeatable), e.g. `--eps 8/255 --eps 0.5`. Default: L∞ 2,4,8,12,16,32 /255;
-    /// L2 0.25, 0.5, 1.0.
-    #[arg(long)]
+    /// ε values (repeatable or comma-separated), e.g. `--eps 8/255 --eps 0.5` or
+    /// `--eps 2/255,4/255`. Default: L∞ 2,4,8,12,16,32 /255; L2 0.25, 0.5, 1.0.
+    #[arg(long, value_delimiter = ',', value_parser = super::args::eps_text)]
     pub eps: Vec<String>,
     /// Norm of the input margins. Default: the norm the margins sidecar (`<margins>.meta.json`)
     /// records, else linf; a norm that contradicts the sidecar is refused.

@@ -42,7 +42,7 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// libtorch intra-op threads (0: libtorch's default).
+    /// libtorch intra-op threads (0: the CPUs this process may use, by affinity and cgroup quota).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Run even when the first batch of labelled data looks like a wrong input normalisation
@@ -159,4 +159,11 @@ impl DataArgs {
         }
         .load()
     }
+}
+
+/// Checks an ε-like value (`8/255` or `0.5`) at parse time and keeps its text, for flags whose
+/// text labels the output (`analyze --eps`, `demo --eps`).
+pub fn eps_text(s: &str) -> Result<String> {
+    crate::norm::parse_eps(s)?;
+    Ok(s.trim().to_string())
 }

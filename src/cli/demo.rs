@@ -23,7 +23,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 1000)]
     pub limit: usize,
     /// Perturbation budget (L∞) of the detector.
-    #[arg(long, default_value = "0.3")]
+    #[arg(long, default_value = "0.3", value_parser = super::args::eps_text)]
     pub eps: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

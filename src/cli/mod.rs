@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "brittle", version, about, long_about = None)]
 pub struct Cli {
+    /// Print errors in full, with libtorch's C++ backtrace (also with RUST_BACKTRACE=1).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }

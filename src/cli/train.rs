@@ -30,8 +30,8 @@ pub struct AttackArgs {
     /// PGD iterations.
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
-    /// PGD step size (Linf: per-pixel; L2: step length).
-    #[arg(long, default_value_t = 0.01)]
+    /// PGD step size (Linf: per-pixel; L2: step length), e.g. `0.01` or `2/255`.
+    #[arg(long, default_value = "0.01", value_parser = parse_eps)]
     pub step_size: f64,
 }
 
@@ -112,7 +112,7 @@ pub struct TrainArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// libtorch intra-op threads (0: libtorch's default).
+    /// libtorch intra-op threads (0: the CPUs this process may use, by affinity and cgroup quota).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
 }

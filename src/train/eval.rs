@@ -3,11 +3,11 @@
 use anyhow::{ensure, Result};
 use tch::{Kind, Tensor};
 
-use super::pgd::{cross_entropy, pgd, PgdConfig};
+use super::pgd::{cross_entropy, pgd_with_progress, PgdConfig};
 use crate::attack::sample_seed;
 use crate::data::Dataset;
 use crate::model::{logits_no_grad, Classifier};
-use crate::util::progress_bar;
+use crate::util::work_bar;
 
 /// Accuracies measured on a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -31,10 +31,10 @@ pub fn accuracy(
     ensure!(batch_size > 0, "--batch-size must be positive");
     ensure!(!data.is_empty(), "{}: no samples to evaluate", data.source);
     let device = model.device();
-    let pb = progress_bar(
-        data.len() as u64,
-        if attack.is_some() { "pgd eval" } else { "eval" },
-    );
+    // One unit per sample for the clean pass and one per sample and PGD step.
+    let units = 1 + attack.map_or(0, |c| c.steps);
+    let pb = work_bar(if attack.is_some() { "pgd eval" } else { "eval" });
+    pb.set_length((data.len() * units) as u64);
     let (mut clean_ok, mut robust_ok) = (0i64, 0i64);
     for start in (0..data.len()).step_by(batch_size) {
         let end = (start + batch_size).min(data.len());
@@ -43,13 +43,13 @@ pub fn accuracy(
         let y = Tensor::from_slice(labels).to_device(device);
         let clean = logits_no_grad(model, &x)?.argmax(-1, false).eq_tensor(&y);
         clean_ok += clean.sum(Kind::Int64).int64_value(&[]);
+        pb.inc((end - start) as u64);
         if let Some(cfg) = attack {
             let seeds: Vec<u64> = (start..end).map(|i| sample_seed(seed, i)).collect();
-            let adv = pgd(model, &x, &seeds, cfg, cross_entropy(&y))?;
+            let adv = pgd_with_progress(model, &x, &seeds, cfg, cross_entropy(&y), &pb)?;
             let adv_ok = logits_no_grad(model, &adv)?.argmax(-1, false).eq_tensor(&y);
             robust_ok += adv_ok.logical_and(&clean).sum(Kind::Int64).int64_value(&[]);
         }
-        pb.inc((end - start) as u64);
         let seen = end as f64;
         pb.set_message(match attack {
             Some(_) => format!(

@@ -19,9 +19,9 @@ use crate::data::Dataset;
 use crate::model::native::NativeClassifier;
 use crate::model::weights;
 use crate::model::Classifier;
-use crate::util::{progress_bar, with_torch_seed};
+use crate::util::{with_torch_seed, work_bar};
 use adam::Adam;
-use pgd::{cross_entropy, kl_from, pgd, PgdConfig};
+use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
 
 /// What the training loss attacks.
 #[derive(
@@ -182,7 +182,14 @@ impl Trainer {
         let steps_per_epoch = n.div_ceil(c.batch_size);
         let total = steps_per_epoch * c.epochs;
         let device = self.model.device();
-        let pb = progress_bar(n as u64, &format!("epoch {}", self.epoch + 1));
+        // One unit per sample for the training step and one per sample and PGD step.
+        let units = 1 + if c.mode == Mode::Standard {
+            0
+        } else {
+            c.attack.steps
+        };
+        let pb = work_bar(&format!("epoch {}", self.epoch + 1));
+        pb.set_length((n * units) as u64);
         let (mut loss_sum, mut clean_ok, mut adv_ok) = (0.0, 0i64, 0i64);
         for (b, chunk) in order.chunks(c.batch_size).enumerate() {
             let t = self.epoch * steps_per_epoch + b;
@@ -202,7 +209,14 @@ impl Trainer {
                     (loss, logits.shallow_clone(), logits)
                 }
                 Mode::Pgd => {
-                    let adv = pgd(&self.model, &x, &seeds, &attack, cross_entropy(&y))?;
+                    let adv = pgd_with_progress(
+                        &self.model,
+                        &x,
+                        &seeds,
+                        &attack,
+                        cross_entropy(&y),
+                        &pb,
+                    )?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let loss = adv_logits.cross_entropy_for_logits(&y);
                     let clean = tch::no_grad(|| self.model.logits(&x))?;
@@ -211,7 +225,8 @@ impl Trainer {
                 Mode::Trades => {
                     let log_p =
                         tch::no_grad(|| self.model.logits(&x))?.log_softmax(-1, Kind::Float);
-                    let adv = pgd(&self.model, &x, &seeds, &attack, kl_from(&log_p))?;
+                    let adv =
+                        pgd_with_progress(&self.model, &x, &seeds, &attack, kl_from(&log_p), &pb)?;
                     let clean = self.model.logits_t(&x, true)?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let kl = adv_logits.log_softmax(-1, Kind::Float).kl_div(
@@ -236,8 +251,7 @@ impl Trainer {
             adv_ok += correct(&adv_logits, &y);
             let seen = (b * c.batch_size + chunk.len()) as f64;
             pb.set_message(format!(
-                "epoch {} loss {:.3} clean {:.1}% adv {:.1}%",
-                self.epoch + 1,
+                "loss {:.3} clean {:.1}% adv {:.1}%",
                 loss_sum / seen,
                 100.0 * clean_ok as f64 / seen,
                 100.0 * adv_ok as f64 / seen

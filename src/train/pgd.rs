@@ -11,6 +11,7 @@ use crate::attack::{
 };
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
+use crate::util::{NoProgress, Progress};
 
 /// One PGD attack.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -98,6 +99,18 @@ pub fn pgd(
     cfg: &PgdConfig,
     objective: impl Fn(&Tensor) -> Tensor,
 ) -> Result<Tensor> {
+    pgd_with_progress(model, x, seeds, cfg, objective, &NoProgress)
+}
+
+/// [`pgd`] reporting one unit per row and step to `progress`.
+pub fn pgd_with_progress(
+    model: &dyn Classifier,
+    x: &Tensor,
+    seeds: &[u64],
+    cfg: &PgdConfig,
+    objective: impl Fn(&Tensor) -> Tensor,
+    progress: &dyn Progress,
+) -> Result<Tensor> {
     cfg.validate()?;
     let x = x.detach();
     let mut adv = if cfg.random_start && cfg.eps > 0.0 {
@@ -120,6 +133,7 @@ pub fn pgd(
         adv = tch::no_grad(|| {
             (&x + project_ball(cfg.norm, &(adv + step - &x), &eps)).clamp(0.0, 1.0)
         });
+        progress.inc(x.size()[0] as u64);
     }
     Ok(adv.detach())
 }
