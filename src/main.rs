@@ -26,10 +26,11 @@ fn main() {
 ///
 /// libtorch's OpenMP runtime (libgomp) spins at every barrier by default. Any other load on the
 /// machine then takes the core a spinning thread waits on: `brittle margins` on a loaded 2-core
-/// machine ran 8-18x slower with two threads than with one, and PyTorch itself does the same
-/// (bench/threads.py). libgomp reads OMP_WAIT_POLICY once, when it is loaded, before `main`, so
-/// setting it here is too late (measured: no change); the process executes itself again with it
-/// set. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone.
+/// machine ran 6-12x slower with two threads than with one, and PyTorch itself does the same
+/// (bench/README.md). Passive threads cost up to 1.9x on an idle machine; a user's own
+/// OMP_WAIT_POLICY or GOMP_SPINCOUNT (ACTIVE for a dedicated machine) is left alone. libgomp
+/// reads them once, when it is loaded, before `main`: setting the variable here changed nothing
+/// (measured), so the process executes itself again with it set.
 fn passive_openmp() {
     #[cfg(unix)]
     if std::env::var_os("OMP_WAIT_POLICY").is_none() && std::env::var_os("GOMP_SPINCOUNT").is_none()

@@ -246,7 +246,7 @@ fn env_of(pid: u32, key: &str) -> Option<String> {
 }
 
 /// brittle runs its OpenMP threads passive (they sleep instead of spinning while they wait:
-/// with spinning, a competing load made `margins` 8-18x slower, bench/threads.py), unless the
+/// with spinning, a competing load made `margins` 6-12x slower, bench/README.md), unless the
 /// user chose a policy. The process is observed while it blocks opening a FIFO as its data.
 #[cfg(target_os = "linux")]
 #[test]
