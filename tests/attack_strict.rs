@@ -34,17 +34,17 @@ fn point(a: f32, b: f32) -> Tensor {
     Tensor::from_slice(&[a, b]).view([1, 1, 1, 2])
 }
 
+/// A one-sample chunk of class 1 starting at `x0`.
+fn class_one_at(x0: Tensor) -> Chunk {
+    Chunk::new(x0, Tensor::from_slice(&[1i64]), vec![0], &[false])
+}
+
 #[test]
 fn a_tie_is_a_failure_and_a_strict_crossing_a_success() {
     let model = identity2();
     // Clean (0.4, 0.6) is class 1; (0.5, 0.5) is an exact tie, which argmax resolves to
     // class 0 (the first index) and so used to count as a flip.
-    let mut chunk = Chunk::new(
-        point(0.4, 0.6),
-        Tensor::from_slice(&[1i64]),
-        vec![0],
-        &[false],
-    );
+    let mut chunk = class_one_at(point(0.4, 0.6));
     chunk.best = Tensor::from_slice(&[0.1f64]);
     chunk.best_adv = point(0.5, 0.5);
     let v = chunk.verify(&model, Norm::Linf, 8).unwrap();
@@ -65,12 +65,7 @@ fn a_tie_is_a_failure_and_a_strict_crossing_a_success() {
 #[test]
 fn bisection_ends_strictly_beyond_the_boundary_and_next_to_it() {
     let model = identity2();
-    let mut chunk = Chunk::new(
-        point(0.4, 0.6),
-        Tensor::from_slice(&[1i64]),
-        vec![0],
-        &[false],
-    );
+    let mut chunk = class_one_at(point(0.4, 0.6));
     // A far adversarial point; the exact L∞ margin along the segment is 0.1 (at (0.5, 0.5)).
     chunk.best = Tensor::from_slice(&[0.2f64]);
     chunk.best_adv = point(0.6, 0.4);
