@@ -68,7 +68,7 @@ impl Plan {
     pub fn describe(&self) -> String {
         let passes: Vec<String> = self.passes.iter().map(|p| format!("{p:?}")).collect();
         format!(
-            "{}; bisection {}; adversarial when the logit gap exceeds {SEARCH_GAP_RTOL:e} (search) / {GAP_RTOL:e} (verified) of max |logit|",
+            "{}; bisection {} (argmax search; bisection past gap {SEARCH_GAP_RTOL:e}, verified past {GAP_RTOL:e} of max |logit|, overshoots)",
             passes.join(" -> "),
             self.refine
         )

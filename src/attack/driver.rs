@@ -14,7 +14,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::{
-    beyond_boundary, misclassified, norm64, per_sample, AttackStep, BatchView, Ctx, GAP_RTOL,
+    beyond_boundary, norm64, per_sample, AttackStep, BatchView, Ctx, GAP_RTOL, SEARCH_GAP_RTOL,
 };
 use crate::model::Classifier;
 use crate::norm::Norm;
@@ -60,6 +60,10 @@ struct Active {
     stall: Vec<usize>,
     seconds: Vec<f64>,
 }
+
+/// Where the final bisection looks past a point the search left only weakly adversarial (a gap
+/// within rounding of the boundary): 1.0001, 1.001, 1.01 and 1.1 times its segment.
+const OVERSHOOTS: &[f64] = &[1.0001, 1.001, 1.01, 1.1];
 
 fn keep(t: &Tensor, rows: &Tensor) -> Tensor {
     t.index_select(0, rows)
@@ -273,8 +277,10 @@ impl Chunk {
     }
 
     /// Shrinks every adversarial point towards its clean input by bisection on the segment
-    /// (forward passes only), keeping the closest point still [`misclassified`] (the search's
-    /// strict criterion, so the result passes [`Chunk::verify`]).
+    /// (forward passes only), keeping the closest point that is strictly adversarial
+    /// ([`beyond_boundary`] at [`SEARCH_GAP_RTOL`], so the result passes [`Chunk::verify`]). A
+    /// point the search left only weakly adversarial is first pushed outwards along its segment
+    /// ([`OVERSHOOTS`]); with `steps` 0 that push is all it does.
     pub fn refine(
         &mut self,
         model: &dyn Classifier,
@@ -311,10 +317,23 @@ impl Chunk {
             ctx.forwards = vec![0; part.len()];
             let mut lo = Tensor::zeros([part.len() as i64], (Kind::Float, device));
             let mut hi = Tensor::ones([part.len() as i64], (Kind::Float, device));
+            let strict = |ctx: &mut Ctx, t: &Tensor| -> Result<Tensor> {
+                let x = (&x0 + per_sample(t, &x0) * &dir).clamp(0.0, 1.0);
+                Ok(beyond_boundary(&ctx.forward(&x)?, &label, SEARCH_GAP_RTOL))
+            };
+            let mut ok = strict(&mut ctx, &hi)?;
+            for &t in OVERSHOOTS {
+                if bool::try_from(ok.all())? {
+                    break;
+                }
+                let further = hi.where_self(&ok, &hi.full_like(t));
+                let now = strict(&mut ctx, &further)?;
+                hi = further.where_self(&now, &hi);
+                ok = ok.logical_or(&now);
+            }
             for _ in 0..steps {
                 let mid = (&lo + &hi) * 0.5;
-                let x = (&x0 + per_sample(&mid, &x0) * &dir).clamp(0.0, 1.0);
-                let wrong = misclassified(&ctx.forward(&x)?, &label);
+                let wrong = strict(&mut ctx, &mid)?;
                 hi = mid.where_self(&wrong, &hi);
                 lo = lo.where_self(&wrong, &mid);
                 progress.inc(part.len() as u64);

@@ -417,15 +417,14 @@ fn attack_chunk(
             progress,
         )?;
     }
-    if plan.refine > 0 {
-        chunk.refine_with(
-            model,
-            settings.norm,
-            plan.refine,
-            settings.batch_size,
-            progress,
-        )?;
-    }
+    // Always: with no bisection steps it still pushes weakly adversarial points past the gap.
+    chunk.refine_with(
+        model,
+        settings.norm,
+        plan.refine,
+        settings.batch_size,
+        progress,
+    )?;
     let verified = chunk.verify(model, settings.norm, settings.batch_size)?;
     if let Some(store) = adv {
         store.append(

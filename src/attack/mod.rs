@@ -203,9 +203,9 @@ pub fn margin_loss(logits: &Tensor, label: &Tensor) -> Tensor {
 /// this one, none. Relative because float32 rounding scales with the logits.
 pub const GAP_RTOL: f64 = 1e-5;
 
-/// The gap the attacks' steps and the final bisection aim for: twice [`GAP_RTOL`], so that a
-/// point found in one batch still passes verification in another (batch composition alone
-/// changes CPU kernels' results at the 1e-7 level).
+/// The gap the final bisection aims for: twice [`GAP_RTOL`], so that a point found in one batch
+/// still passes verification in another (batch composition alone changes CPU kernels' results at
+/// the 1e-7 level).
 pub const SEARCH_GAP_RTOL: f64 = 2.0 * GAP_RTOL;
 
 /// Whether each row is strictly adversarial for `label`: `max_{j≠y} z_j − z_y` exceeds `rtol ·
@@ -215,10 +215,12 @@ pub fn beyond_boundary(logits: &Tensor, label: &Tensor, rtol: f64) -> Tensor {
     margin_loss(logits, label).gt_tensor(&scale)
 }
 
-/// Whether each row counts as misclassified during the search: [`beyond_boundary`] at
-/// [`SEARCH_GAP_RTOL`] (every attack and the bisection accept points by this one test).
+/// Whether each row's prediction differs from `label`: the attacks' steps search with this
+/// (their step rules were tuned on it; a strict gap inside the search made `best` up to 34%
+/// looser on 15% of the embedded model's samples). The driver's final bisection and
+/// verification then demand the strict gap of [`beyond_boundary`].
 pub fn misclassified(logits: &Tensor, label: &Tensor) -> Tensor {
-    beyond_boundary(logits, label, SEARCH_GAP_RTOL)
+    logits.argmax(1, false).ne_tensor(label)
 }
 
 /// `[B]` reshaped to broadcast against `[B, C, H, W]`.
