@@ -67,9 +67,7 @@ fn attack(m: &Linear, x: &Tensor, kind: AttackKind, norm: Norm, steps: Option<us
     for p in &plan.passes {
         chunk.run(m, norm, p.as_ref(), 8).unwrap();
     }
-    if plan.refine > 0 {
-        chunk.refine(m, norm, plan.refine, 8).unwrap();
-    }
+    chunk.refine(m, norm, plan.refine, 8).unwrap();
     let v = chunk.verify(m, norm, 8).unwrap();
     // Every success flips the prediction and reports the recomputed norm.
     let pred = m.logits(&chunk.best_adv).unwrap().argmax(1, false);

@@ -43,11 +43,9 @@ fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
             .run(model.as_ref(), Norm::Linf, p.as_ref(), 20)
             .unwrap();
     }
-    if plan.refine > 0 {
-        chunk
-            .refine(model.as_ref(), Norm::Linf, plan.refine, 20)
-            .unwrap();
-    }
+    chunk
+        .refine(model.as_ref(), Norm::Linf, plan.refine, 20)
+        .unwrap();
     Some(
         chunk
             .verify(model.as_ref(), Norm::Linf, 20)
