@@ -7,7 +7,6 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("BRITTLE_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    default_threads();
     let cli = brittle::cli::Cli::parse();
     let verbose = cli.verbose || backtrace_requested();
     if let Err(e) = brittle::cli::run(cli) {
@@ -46,14 +45,6 @@ fn passive_openmp() {
                 .env("OMP_WAIT_POLICY", "PASSIVE")
                 .exec();
         }
-    }
-}
-
-/// libtorch's default thread count is the CPUs of the affinity mask; a cgroup quota (a
-/// container's `--cpus`) is what the process gets. `--threads` overrides this.
-fn default_threads() {
-    if let Ok(n) = std::thread::available_parallelism() {
-        tch::set_num_threads(i32::try_from(n.get()).unwrap_or(i32::MAX));
     }
 }
 

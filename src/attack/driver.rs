@@ -317,9 +317,14 @@ impl Chunk {
             ctx.forwards = vec![0; part.len()];
             let mut lo = Tensor::zeros([part.len() as i64], (Kind::Float, device));
             let mut hi = Tensor::ones([part.len() as i64], (Kind::Float, device));
+            // The point at fraction `t` of each segment, and whether it is strictly adversarial.
+            let at = |t: &Tensor| (&x0 + per_sample(t, &x0) * &dir).clamp(0.0, 1.0);
             let strict = |ctx: &mut Ctx, t: &Tensor| -> Result<Tensor> {
-                let x = (&x0 + per_sample(t, &x0) * &dir).clamp(0.0, 1.0);
-                Ok(beyond_boundary(&ctx.forward(&x)?, &label, SEARCH_GAP_RTOL))
+                Ok(beyond_boundary(
+                    &ctx.forward(&at(t))?,
+                    &label,
+                    SEARCH_GAP_RTOL,
+                ))
             };
             let mut ok = strict(&mut ctx, &hi)?;
             for &t in OVERSHOOTS {
@@ -338,7 +343,7 @@ impl Chunk {
                 lo = lo.where_self(&wrong, &mid);
                 progress.inc(part.len() as u64);
             }
-            let x = (&x0 + per_sample(&hi, &x0) * &dir).clamp(0.0, 1.0);
+            let x = at(&hi);
             let dist = norm64(norm, &(&x - &x0));
             let _ = self.best_adv.index_copy_(0, &idx, &x);
             let _ = self.best.index_copy_(0, &idx, &dist);

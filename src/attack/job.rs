@@ -118,6 +118,15 @@ pub fn find_sidecar(csv: &Path) -> Result<Option<Sidecar>> {
 }
 
 impl Sidecar {
+    /// [`Sidecar::data_sha256`] for messages.
+    fn fingerprint(&self) -> &str {
+        if self.data_sha256.is_empty() {
+            "not recorded"
+        } else {
+            &self.data_sha256
+        }
+    }
+
     /// The norm of the file's margins; `asked` (a caller's explicit choice) must agree, since
     /// margins measured in one norm analysed as another give wrong numbers, not an error.
     pub fn norm(&self, csv: &Path, asked: Option<Norm>) -> Result<Norm> {
@@ -628,16 +637,8 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
                 inputs[0].display(),
                 p.display(),
                 side.settings.data,
-                if f.data_sha256.is_empty() {
-                    "not recorded"
-                } else {
-                    &f.data_sha256
-                },
-                if side.data_sha256.is_empty() {
-                    "not recorded"
-                } else {
-                    &side.data_sha256
-                }
+                f.fingerprint(),
+                side.fingerprint()
             );
         }
         for r in super::table::read_margins(p)? {

@@ -188,13 +188,10 @@ fn read_head<R: Read>(reader: &mut R, source: &str) -> Result<NpyHead> {
 /// (file, zip entry or request body): the header is at most 64 KiB and 8 brackets deep, every
 /// shape product is checked, and the shape must account for exactly the bytes that follow.
 /// Returns the header and the number of data bytes, which the caller reads (and no more) with
-/// [`bounded::read_exact_declared`]. Shared by every NPY reader so that none trusts `npyz`'s
-/// unchecked header arithmetic.
-pub fn read_header<R: Read>(
-    reader: &mut R,
-    len: u64,
-    source: &str,
-) -> Result<(npyz::NpyHeader, u64)> {
+/// [`bounded::read_exact_declared`]. Shared by the NPY and NPZ readers so that neither trusts
+/// `npyz`'s unchecked header arithmetic (the server's NPY bodies have a stricter check of their
+/// own, `serve::input`, bounded for a request rather than a file).
+fn read_header<R: Read>(reader: &mut R, len: u64, source: &str) -> Result<(npyz::NpyHeader, u64)> {
     let head = read_head(reader, source)?;
     for t in &head.tuples {
         bounded::numel(t, source)?;

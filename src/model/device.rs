@@ -53,11 +53,15 @@ impl FromStr for DeviceChoice {
     }
 }
 
-/// Sets libtorch's intra-op thread count (0 keeps libtorch's default).
+/// Sets libtorch's intra-op thread count; 0 means the CPUs this process may use. libtorch's own
+/// default counts the CPUs of the affinity mask, but a cgroup quota (a container's `--cpus`) is
+/// what the process gets, and `available_parallelism` honours both.
 pub fn set_threads(threads: usize) {
-    if threads > 0 {
-        tch::set_num_threads(threads as i32);
-    }
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
 }
 
 /// Keeps freed tensor memory in the process heap instead of handing it back to the kernel.
