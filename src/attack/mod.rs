@@ -29,9 +29,10 @@ use crate::norm::Norm;
 
 /// The attacks `brittle margins --attack` accepts.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
+#[strum(serialize_all = "kebab-case")]
 pub enum AttackKind {
     /// Fast Minimum-Norm attack (Linf, L2, L1).
     Fmn,

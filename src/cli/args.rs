@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use super::values::enum_parser;
 use crate::data::{DataFormat, DataSpec, Dataset};
 use crate::model::load::{InputLayout, ModelFormat};
 use crate::model::normalize::parse_channel_values;
@@ -22,7 +23,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Model format (default: from `--arch` and the file extension).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = enum_parser::<ModelFormat>())]
     pub model_format: Option<ModelFormat>,
     /// Native architecture for a weights file.
     #[arg(long)]
@@ -37,7 +38,7 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_channel_values)]
     pub std: Option<ChannelValues>,
     /// Input layout the (ONNX) model expects.
-    #[arg(long, value_enum, default_value_t = InputLayout::Nchw)]
+    #[arg(long, value_parser = enum_parser::<InputLayout>(), default_value = "nchw")]
     pub input_layout: InputLayout,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
@@ -135,7 +136,7 @@ pub struct DataArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Data format (default: from the file name).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = enum_parser::<DataFormat>())]
     pub data_format: Option<DataFormat>,
     /// Labels file for IDX or NPY images (default: found beside the images).
     #[arg(long)]

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use super::values::enum_parser;
 use crate::attack::job::find_sidecar;
 use crate::attack::table::read_margins;
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
@@ -34,10 +35,10 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 0.95)]
     pub target_tpr: f64,
     /// Learn a pseudo-margin: auto keeps it only when it beats the logit margin on validation.
-    #[arg(long, value_enum, default_value_t = PseudoMode::Auto)]
+    #[arg(long, value_parser = enum_parser::<PseudoMode>(), default_value = "auto")]
     pub pseudo: PseudoMode,
     /// Pseudo-margin training objective.
-    #[arg(long, value_enum, default_value_t = PseudoLoss::Regression)]
+    #[arg(long, value_parser = enum_parser::<PseudoLoss>(), default_value = "regression")]
     pub loss: PseudoLoss,
     /// Width of the pseudo-margin MLP's hidden layers.
     #[arg(long, default_value_t = 64)]

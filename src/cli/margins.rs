@@ -20,7 +20,7 @@ pub struct MarginsArgs {
     #[arg(long, default_value = "linf")]
     pub norm: Norm,
     /// Attack; `best` keeps per sample the smallest verified distance of a cheap pipeline.
-    #[arg(long, value_enum, default_value_t = AttackKind::Best)]
+    #[arg(long, value_parser = super::values::enum_parser::<AttackKind>(), default_value = "best")]
     pub attack: AttackKind,
     /// Iterations per sample (default: the attack's published budget; for `best`, its cold FMN
     /// pass's, 90 in L∞ and 60 in L2, with a third of it for the warm FMN pass).

@@ -9,6 +9,7 @@ pub mod merge;
 pub mod score;
 pub mod serve;
 pub mod train;
+pub mod values;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use super::values::enum_parser;
 use crate::data::{DataSpec, Dataset};
 use crate::model::native::small_cnn;
 use crate::model::{Classifier, DeviceChoice};
@@ -73,7 +74,7 @@ pub struct TrainArgs {
     /// Base width of the architecture (the same as an `@N` suffix of `--arch`).
     #[arg(long)]
     pub width: Option<i64>,
-    #[arg(long, value_enum, default_value_t = Mode::Pgd)]
+    #[arg(long, value_parser = enum_parser::<Mode>(), default_value = "pgd")]
     pub mode: Mode,
     #[command(flatten)]
     pub attack: AttackArgs,
@@ -90,7 +91,7 @@ pub struct TrainArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    #[arg(long, value_parser = enum_parser::<LrSchedule>(), default_value = "constant")]
     pub lr_schedule: LrSchedule,
     /// Weight of the TRADES KL term.
     #[arg(long, default_value_t = 6.0)]

@@ -15,9 +15,10 @@ use tch::{Kind, Tensor};
 
 /// The on-disk formats brittle reads.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum DataFormat {
     Cifar10,
     Cifar100,

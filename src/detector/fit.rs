@@ -26,8 +26,9 @@ use crate::score::free_scores;
 use crate::util::progress_bar;
 
 /// Whether to train a pseudo-margin and use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum PseudoMode {
     /// Train it; keep it only when its validation Kendall τ beats the logit margin's.
     Auto,

@@ -27,8 +27,9 @@ pub enum PseudoInput {
 }
 
 /// The training objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum PseudoLoss {
     /// Mean squared error on `sqrt(d_in)` (standardised); the output estimates `d_in`.
     Regression,

@@ -12,9 +12,10 @@ use crate::util::sha256_file;
 
 /// The model formats brittle reads.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum ModelFormat {
     /// `torch.jit` module (`.pt`, `.pth`, `.ts` without `--arch`).
     Torchscript,
@@ -32,11 +33,12 @@ pub enum ModelFormat {
     PartialEq,
     Eq,
     Default,
-    clap::ValueEnum,
+    strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage,
     serde::Serialize,
     serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum InputLayout {
     #[default]
     Nchw,

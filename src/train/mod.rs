@@ -25,9 +25,10 @@ use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
 
 /// What the training loss attacks.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum Mode {
     /// Cross-entropy on clean inputs.
     Standard,
@@ -39,9 +40,10 @@ pub enum Mode {
 
 /// How the learning rate changes over the run (per optimizer step).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "kebab-case")]
 pub enum LrSchedule {
     Constant,
     /// Half-cosine from `lr` to 0.
