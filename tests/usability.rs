@@ -291,3 +291,118 @@ fn openmp_threads_wait_passively_unless_told_otherwise() {
         assert_eq!(seen.as_deref(), Some(expected), "given {given:?}");
     }
 }
+
+/// The string literals inside the error-producing calls (`bail!`, `ensure!`, `anyhow!`,
+/// `.context(`, `.with_context(`, and the `format!`s inside them) of a Rust source, with
+/// their line numbers. Test modules (from `#[cfg(test)]` on) are left out.
+fn error_literals(src: &str) -> Vec<(usize, String)> {
+    const CALLS: [&str; 5] = ["bail!(", "ensure!(", "anyhow!(", ".context(", ".with_context("];
+    let src = src.split("#[cfg(test)]").next().unwrap_or("");
+    let b = src.as_bytes();
+    let line_of = |at: usize| src[..at].matches('\n').count() + 1;
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        // Skip comments (doc comments mention flags to explain them).
+        if b[i..].starts_with(b"//") {
+            i += src[i..].find('\n').unwrap_or(b.len() - i);
+            continue;
+        }
+        let Some(call) = CALLS.iter().find(|c| b[i..].starts_with(c.as_bytes())) else {
+            i += 1;
+            continue;
+        };
+        // Walk the call's balanced parentheses, collecting string literals.
+        let mut j = i + call.len();
+        let mut depth = 1;
+        while j < b.len() && depth > 0 {
+            match b[j] {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                b'\'' if j + 2 < b.len() && (b[j + 2] == b'\'' || b[j + 1] == b'\\') => {
+                    // a char literal such as '(' or '\n'
+                    j += src[j + 1..].find('\'').unwrap_or(0) + 1;
+                }
+                b'"' => {
+                    let start = j;
+                    j += 1;
+                    while j < b.len() && b[j] != b'"' {
+                        j += if b[j] == b'\\' { 2 } else { 1 };
+                    }
+                    found.push((line_of(start), src[start + 1..j.min(b.len())].to_string()));
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        i += call.len();
+    }
+    found
+}
+
+/// A `--` followed by a letter: a command-line flag.
+fn names_a_flag(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'-' && w[1] == b'-' && w[2].is_ascii_alphabetic())
+}
+
+#[test]
+fn the_error_scan_finds_flags_in_error_calls_only() {
+    let src = r#"
+        // bail!("--comment")
+        bail!("{}: pass --labels", p);
+        x.with_context(|| format!("reading {} (see --data)", f))?;
+        let s = "--not-an-error";
+        ensure!(a > 0, "a must be positive -- or zero");
+        #[cfg(test)]
+        bail!("--in-a-test");
+    "#;
+    let hits: Vec<(usize, String)> = error_literals(src)
+        .into_iter()
+        .filter(|(_, t)| names_a_flag(t))
+        .collect();
+    assert_eq!(
+        hits,
+        [
+            (3, "{}: pass --labels".to_string()),
+            (4, "reading {} (see --data)".to_string())
+        ]
+    );
+}
+
+/// The library never names a command-line flag in an error: `src/cli/` adds the hints.
+#[test]
+fn library_errors_name_no_flag() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        if rel.starts_with("cli/") || rel == "main.rs" {
+            continue;
+        }
+        for (line, text) in error_literals(&std::fs::read_to_string(&f).unwrap()) {
+            if names_a_flag(&text) {
+                hits.push(format!("src/{rel}:{line}: {text:?}"));
+            }
+        }
+    }
+    hits.sort();
+    assert!(
+        hits.is_empty(),
+        "library errors naming a flag:\n{}",
+        hits.join("\n")
+    );
+}

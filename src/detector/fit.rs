@@ -22,6 +22,7 @@ use crate::metrics::rank::kendall_tau_b;
 use crate::model::Classifier;
 use crate::norm::Norm;
 use crate::provenance::Provenance;
+use crate::score::batched::for_each_batch;
 use crate::score::free_scores;
 use crate::util::progress_bar;
 
@@ -106,17 +107,17 @@ fn forward_positions(
     input: PseudoInput,
     batch_size: usize,
 ) -> Result<(Tensor, Tensor)> {
-    ensure!(batch_size > 0, "batch size must be positive");
     let pb = progress_bar(positions.len() as u64, "forward");
     let (mut logits, mut inputs) = (Vec::new(), Vec::new());
-    for chunk in positions.chunks(batch_size) {
+    for_each_batch(positions.len(), batch_size, &pb, |r| {
+        let chunk = &positions[r];
         let idx = Tensor::from_slice(&chunk.iter().map(|&p| p as i64).collect::<Vec<_>>());
         let x = data.images.index_select(0, &idx);
         let (l, f) = net_inputs(model, &x, input)?;
         logits.push(l.to_device(tch::Device::Cpu));
         inputs.push(f.to_device(tch::Device::Cpu));
-        pb.inc(chunk.len() as u64);
-    }
+        Ok(())
+    })?;
     pb.finish_and_clear();
     Ok((Tensor::cat(&logits, 0), Tensor::cat(&inputs, 0)))
 }

@@ -4,6 +4,7 @@
 //! usual confidence scores, and the feature margin is the exact distance to the boundary in
 //! the penultimate feature space for models that end in a linear layer.
 
+pub mod batched;
 pub mod table;
 
 use anyhow::Result;
@@ -124,12 +125,24 @@ pub fn score_batch(model: &dyn Classifier, x: &Tensor, norm: Norm) -> Result<Vec
     let x = x.to_device(model.device());
     let logits = logits_no_grad(model, &x)?;
     let mut scores = free_scores(&logits)?;
+    add_feature_margins(model, &logits, norm, &mut scores)?;
+    Ok(scores)
+}
+
+/// Fills in the feature margins of `scores` (computed from `logits`) when the model's last
+/// linear layer is known.
+pub fn add_feature_margins(
+    model: &dyn Classifier,
+    logits: &Tensor,
+    norm: Norm,
+    scores: &mut [FreeScores],
+) -> Result<()> {
     if let Some((w, _)) = model.last_linear() {
-        for (s, fm) in scores.iter_mut().zip(feature_margin(&logits, &w, norm)?) {
+        for (s, fm) in scores.iter_mut().zip(feature_margin(logits, &w, norm)?) {
             s.feature_margin = Some(fm);
         }
     }
-    Ok(scores)
+    Ok(())
 }
 
 #[cfg(test)]
