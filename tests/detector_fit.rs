@@ -2,14 +2,36 @@
 
 mod common;
 
-use brittle::detector::fit::{fit, FitOptions, PseudoMode};
+use brittle::detector::fit::{self, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::{Detector, ScoreKind};
 use brittle::metrics::rank::kendall_tau_b;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
+use brittle::util::Check;
 use common::{inconsistent_model, synthetic_set};
+
+/// [`fit::fit`] on the options checked first, as the CLI runs it.
+fn fit(
+    model: &dyn brittle::model::Classifier,
+    data: &brittle::data::Dataset,
+    rows: &[brittle::attack::table::MarginRow],
+    opts: &FitOptions,
+    provenance: Provenance,
+) -> anyhow::Result<Detector> {
+    fit::fit(model, data, rows, &opts.clone().check()?, provenance)
+}
+
+/// `train` with another epoch budget, checked again.
+fn epochs(train: &TrainConfig, max_epochs: usize) -> brittle::util::Checked<TrainConfig> {
+    TrainConfig {
+        max_epochs,
+        ..train.clone()
+    }
+    .check()
+    .unwrap()
+}
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -30,7 +52,9 @@ fn options(eps: f64, pseudo: PseudoMode) -> FitOptions {
             max_epochs: 60,
             patience: 15,
             ..TrainConfig::default()
-        },
+        }
+        .check()
+        .unwrap(),
         val_fraction: 0.3,
         seed: 7,
         batch_size: 512,
@@ -98,7 +122,7 @@ fn fitting_is_deterministic_with_a_seed() {
     let (data, rows) = synthetic_set(&model, &w_eff, 300, 5);
     let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
     let mut opts = options(median(&d), PseudoMode::On);
-    opts.train.max_epochs = 15;
+    opts.train = epochs(&opts.train, 15);
     let a = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
     let b = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
     assert_eq!(a.spec.lambda, b.spec.lambda);
@@ -201,15 +225,13 @@ fn pseudo_margin_options_are_checked_naming_the_field() {
         ("batch_size = 1", |c| c.batch_size = 1),
     ];
     for (field, break_it) in cases {
-        let mut opts = options(median(&d), PseudoMode::On);
-        break_it(&mut opts.train);
-        assert!(opts.train.check().is_err(), "{field}");
-        let err = format!(
-            "{:#}",
-            fit(&model, &data, &rows, &opts, Provenance::current(None)).unwrap_err()
-        );
+        let mut train = (*options(median(&d), PseudoMode::On).train).clone();
+        break_it(&mut train);
+        // A broken configuration never reaches `fit`: only a checked one has the type it takes.
+        let err = format!("{:#}", train.check().unwrap_err());
         assert!(err.contains(field), "{field}: {err}");
     }
+    let _ = (data, rows);
 }
 
 /// Counts the samples that go through the model's forward passes. With `features`, it exposes
@@ -276,7 +298,7 @@ fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
         let (data, rows) = synthetic_set(&model.inner, &w_eff, 300, 2);
         let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
         let mut opts = options(median(&d), pseudo);
-        opts.train.max_epochs = 5;
+        opts.train = epochs(&opts.train, 5);
         let det = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
         assert_eq!(det.pseudo.is_some(), pseudo == PseudoMode::On);
         model.take();

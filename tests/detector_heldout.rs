@@ -11,6 +11,7 @@ use std::process::Command;
 use brittle::attack::table::read_margins;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
+use brittle::util::Check;
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::ScoreKind;
 use brittle::model::load_classifier;
@@ -42,12 +43,14 @@ fn threshold_generalises_to_held_out_half() {
         norm: Norm::Linf,
         target_tpr: 0.95,
         pseudo: PseudoMode::Off,
-        train: TrainConfig::default(),
+        train: TrainConfig::default().check().unwrap(),
         val_fraction: 0.3,
         seed: 0,
         batch_size: 512,
         margins_name: "fixture".into(),
-    };
+    }
+    .check()
+    .unwrap();
     let (mut tpr_sum, mut fpr_gap_sum, splits) = (0.0, 0.0, 8);
     for seed in 0..splits {
         let mut order: Vec<usize> = (0..rows.len()).collect();

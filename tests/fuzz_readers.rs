@@ -290,10 +290,11 @@ fn detector_seed() -> (Vec<u8>, Vec<u8>) {
         norm: brittle::norm::Norm::Linf,
         target_tpr: 0.95,
         pseudo: PseudoMode::On,
-        train: TrainConfig {
+        train: brittle::util::Check::check(TrainConfig {
             max_epochs: 2,
             ..TrainConfig::default()
-        },
+        })
+        .unwrap(),
         val_fraction: 0.3,
         seed: 7,
         batch_size: 512,
@@ -303,7 +304,7 @@ fn detector_seed() -> (Vec<u8>, Vec<u8>) {
         &m,
         &data,
         &rows,
-        &opts,
+        &brittle::util::Check::check(opts).unwrap(),
         brittle::provenance::Provenance::current(Some(7)),
     )
     .expect("fitting the seed detector");

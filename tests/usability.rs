@@ -387,7 +387,7 @@ fn library_errors_name_no_flag() {
             }
         }
     }
-    let mut hits = Vec::new();
+    let mut hits: Vec<(String, usize, String)> = Vec::new();
     for f in files {
         let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
         if rel.starts_with("cli/") || rel == "main.rs" {
@@ -395,14 +395,76 @@ fn library_errors_name_no_flag() {
         }
         for (line, text) in error_literals(&std::fs::read_to_string(&f).unwrap()) {
             if names_a_flag(&text) {
-                hits.push(format!("src/{rel}:{line}: {text:?}"));
+                hits.push((rel.clone(), line, text));
             }
         }
     }
     hits.sort();
+    let listed: Vec<String> = hits
+        .iter()
+        .map(|(f, line, text)| format!("src/{f}:{line}: {text:?}"))
+        .collect();
     assert!(
         hits.is_empty(),
         "library errors naming a flag:\n{}",
-        hits.join("\n")
+        listed.join("\n")
     );
+}
+
+/// The library names the option; the command line still tells which flag sets it.
+#[test]
+fn cli_errors_name_the_flag_of_the_library_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("images.dat");
+    std::fs::write(&unknown, [0u8; 16]).unwrap();
+    let tiny = fixture("tiny.bin");
+    let cnn = fixture("tiny_cnn.pt");
+    let mnist =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-test-1000-images-idx3-ubyte.gz");
+    let (tiny, cnn, mnist, unknown) = (
+        tiny.to_str().unwrap(),
+        cnn.to_str().unwrap(),
+        mnist.to_str().unwrap(),
+        unknown.to_str().unwrap(),
+    );
+    let model = ["--model", cnn, "--device", "cpu", "--allow-low-accuracy"];
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["score", "--data", unknown],
+            "--data-format",
+            "cannot tell the data format from the file name",
+        ),
+        (
+            vec!["score", "--data", tiny, "--offset", "100000"],
+            "--offset",
+            "offset 100000 is past the end",
+        ),
+        (
+            vec!["score", "--data", tiny, "--batch-size", "0"],
+            "--batch-size",
+            "the batch size must be positive",
+        ),
+        (
+            vec!["train", "--data", mnist, "--limit", "8", "--epochs", "0"],
+            "--epochs",
+            "the epoch count must be positive",
+        ),
+        (
+            vec!["train", "--data", mnist, "--limit", "8", "--eps", "8"],
+            "--eps",
+            "did you mean 8/255?",
+        ),
+    ];
+    for (mut args, flag, cause) in cases {
+        if args[0] == "score" {
+            args.extend(model);
+        } else {
+            args.extend(["--device", "cpu"]);
+        }
+        let out = brittle(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(&format!("error: {flag}: ")), "{args:?}: {err}");
+        assert!(err.contains(cause), "{args:?}: {err}");
+    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::Args;
 
+use super::hints::{FlagHint, Flags};
 use super::values::enum_parser;
 use crate::data::{DataFormat, DataSpec, Dataset};
 use crate::model::load::{InputLayout, ModelFormat};
@@ -149,6 +150,14 @@ pub struct DataArgs {
     pub limit: Option<usize>,
 }
 
+/// The flags of [`DataSpec`]'s fields.
+const DATA_FLAGS: Flags = &[
+    ("labels", "--labels"),
+    ("format", "--data-format"),
+    ("offset", "--offset"),
+    ("limit", "--limit"),
+];
+
 impl DataArgs {
     pub fn load(&self) -> Result<Dataset> {
         DataSpec {
@@ -159,6 +168,7 @@ impl DataArgs {
             limit: self.limit,
         }
         .load()
+        .flag_hint(DATA_FLAGS)
     }
 }
 

@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod args;
 pub mod demo;
 pub mod fit;
+pub mod hints;
 pub mod margins;
 pub mod merge;
 pub mod score;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use super::hints::FlagHint;
 use crate::detector::apply::score_dataset;
 use crate::detector::Detector;
 use crate::norm::Norm;
@@ -55,7 +56,8 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         a.batch_size,
         a.norm,
         &pb,
-    )?;
+    )
+    .flag_hint(&[("batch_size", "--batch-size")])?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let file =

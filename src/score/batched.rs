@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use anyhow::{ensure, Result};
 
-use crate::util::Progress;
+use crate::util::{OptionError, Progress};
 
 /// Calls `f` on `0..n` cut into consecutive ranges of at most `batch_size` samples, in order,
 /// reporting each range's samples to `progress` once `f` has run on it. The first error stops.
@@ -15,7 +15,10 @@ pub fn for_each_batch(
     progress: &dyn Progress,
     mut f: impl FnMut(Range<usize>) -> Result<()>,
 ) -> Result<()> {
-    ensure!(batch_size > 0, "the batch size must be positive");
+    ensure!(
+        batch_size > 0,
+        OptionError::new("batch_size", "the batch size must be positive")
+    );
     for start in (0..n).step_by(batch_size) {
         let end = (start + batch_size).min(n);
         f(start..end)?;

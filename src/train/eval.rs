@@ -30,6 +30,10 @@ pub fn accuracy(
     seed: u64,
 ) -> Result<Accuracy> {
     ensure!(!data.is_empty(), "{}: no samples to evaluate", data.source);
+    if let Some(cfg) = attack {
+        cfg.validate()?;
+        super::check_attack_eps(cfg, data.input_shape())?;
+    }
     let device = model.device();
     // One unit per sample for the clean pass and one per sample and PGD step.
     let units = 1 + attack.map_or(0, |c| c.steps);
