@@ -316,7 +316,10 @@ fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
             let (logits, pm) = det.forward(&model, &data.batch(start, end).0).unwrap();
             let lm = free_scores(&logits).unwrap();
             for i in start..end {
-                let (lm_i, pm_i) = (lm[i - start].logit_margin, pm.as_ref().map(|v| v[i - start]));
+                let (lm_i, pm_i) = (
+                    lm[i - start].logit_margin,
+                    pm.as_ref().map(|v| v[i - start]),
+                );
                 assert_eq!(scored[i].scores.logit_margin, lm_i, "{label}");
                 assert_eq!(decisions[i], det.decide(lm_i, pm_i).unwrap(), "{label}");
             }

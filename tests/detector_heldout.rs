@@ -11,12 +11,12 @@ use std::process::Command;
 use brittle::attack::table::read_margins;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
-use brittle::util::Check;
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::ScoreKind;
 use brittle::model::load_classifier;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
+use brittle::util::Check;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 

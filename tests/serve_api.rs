@@ -12,8 +12,8 @@ use brittle::detector::Detector;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
-use brittle::util::Check;
 use brittle::serve::{spawn, ServeConfig, ServerHandle};
+use brittle::util::Check;
 use common::{inconsistent_model, synthetic_set, SHAPE};
 use serde_json::{json, Value};
 use tch::Tensor;
@@ -84,10 +84,16 @@ fn synthetic_detector(dir: &std::path::Path) {
         batch_size: 512,
         margins_name: "synthetic".into(),
     };
-    fit(&model, &data, &rows, &opts.check().unwrap(), Provenance::current(Some(1)))
-        .unwrap()
-        .save(dir)
-        .unwrap();
+    fit(
+        &model,
+        &data,
+        &rows,
+        &opts.check().unwrap(),
+        Provenance::current(Some(1)),
+    )
+    .unwrap()
+    .save(dir)
+    .unwrap();
 }
 
 fn synthetic_server(cfg: ServeConfig, dir: &std::path::Path) -> ServerHandle {

@@ -122,7 +122,8 @@ fn resumed_run_equals_uninterrupted_run() {
     tch::set_num_threads(1);
     let data = subset(60);
     let cfg = config(Mode::Pgd, 2);
-    let mut whole = Trainer::new(cfg.clone().check().unwrap(), [1, 28, 28], 10, Device::Cpu).unwrap();
+    let mut whole =
+        Trainer::new(cfg.clone().check().unwrap(), [1, 28, 28], 10, Device::Cpu).unwrap();
     whole.train_epoch(&data).unwrap();
     whole.train_epoch(&data).unwrap();
 
@@ -137,7 +138,13 @@ fn resumed_run_equals_uninterrupted_run() {
     }
     assert_same_variables(&whole, &resumed);
     // And a different run is not resumed from it.
-    let mut other = Trainer::new(config(Mode::Standard, 2).check().unwrap(), [1, 28, 28], 10, Device::Cpu).unwrap();
+    let mut other = Trainer::new(
+        config(Mode::Standard, 2).check().unwrap(),
+        [1, 28, 28],
+        10,
+        Device::Cpu,
+    )
+    .unwrap();
     let err = checkpoint::resume(&mut other, dir.path()).unwrap_err();
     assert!(format!("{err:#}").contains("different run"), "{err:#}");
 }
@@ -294,7 +301,8 @@ fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
             .1
     };
 
-    let mut whole = Trainer::new(cfg.clone().check().unwrap(), [3, 32, 32], 10, Device::Cpu).unwrap();
+    let mut whole =
+        Trainer::new(cfg.clone().check().unwrap(), [3, 32, 32], 10, Device::Cpu).unwrap();
     assert_eq!(
         running_mean(&whole)
             .abs()

@@ -296,7 +296,13 @@ fn openmp_threads_wait_passively_unless_told_otherwise() {
 /// `.context(`, `.with_context(`, and the `format!`s inside them) of a Rust source, with
 /// their line numbers. Test modules (from `#[cfg(test)]` on) are left out.
 fn error_literals(src: &str) -> Vec<(usize, String)> {
-    const CALLS: [&str; 5] = ["bail!(", "ensure!(", "anyhow!(", ".context(", ".with_context("];
+    const CALLS: [&str; 5] = [
+        "bail!(",
+        "ensure!(",
+        "anyhow!(",
+        ".context(",
+        ".with_context(",
+    ];
     let src = src.split("#[cfg(test)]").next().unwrap_or("");
     let b = src.as_bytes();
     let line_of = |at: usize| src[..at].matches('\n').count() + 1;
@@ -389,7 +395,11 @@ fn library_errors_name_no_flag() {
     }
     let mut hits: Vec<(String, usize, String)> = Vec::new();
     for f in files {
-        let rel = f.strip_prefix(&root).unwrap().to_string_lossy().replace('\\', "/");
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         if rel.starts_with("cli/") || rel == "main.rs" {
             continue;
         }

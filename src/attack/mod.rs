@@ -28,10 +28,9 @@ use crate::model::{logits_and_grad, logits_and_grads, logits_no_grad, Classifier
 use crate::norm::Norm;
 
 /// The attacks `brittle margins --attack` accepts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum AttackKind {
     /// Fast Minimum-Norm attack (Linf, L2, L1).

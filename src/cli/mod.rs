@@ -62,3 +62,17 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::EvalPgd(a) => train::run_eval(a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks, among them that every default value (`--attack best`,
+    /// `--input-layout nchw`, …) is one its enum parser accepts.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

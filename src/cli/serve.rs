@@ -11,10 +11,10 @@ use super::args::ModelArgs;
 use super::hints::{FlagHint, Flags};
 use crate::detector::Detector;
 use crate::model::load_classifier;
-use crate::util::{Check, Checked};
 use crate::serve::{
     bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
 };
+use crate::util::{Check, Checked};
 
 /// Defaults of the connection limits, from the library's.
 fn defaults() -> ServeConfig {

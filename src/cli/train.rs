@@ -18,8 +18,8 @@ use crate::provenance::{write_sidecar, Provenance};
 use crate::train::eval::{accuracy, Accuracy};
 use crate::train::pgd::PgdConfig;
 use crate::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
-use crate::util::Check;
 use crate::util::sha256_file;
+use crate::util::Check;
 
 /// The PGD attack options shared by `train` and `eval-pgd`.
 #[derive(Debug, Clone, Args)]
@@ -303,8 +303,8 @@ pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
     let cfg = a.attack.config();
     let model = a.model.load_for(&data)?;
     let t0 = Instant::now();
-    let acc = accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed)
-        .flag_hint(TRAIN_FLAGS)?;
+    let acc =
+        accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed).flag_hint(TRAIN_FLAGS)?;
     println!(
         "{} on {} ({} samples): clean {:.2}%, PGD-{} {} eps={} robust {:.2}% ({:.0} s)",
         model.info().name,

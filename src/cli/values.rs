@@ -75,12 +75,18 @@ mod tests {
                 .long("attack")
                 .value_parser(enum_parser::<AttackKind>()),
         );
-        let m = cmd.clone().try_get_matches_from(["t", "--attack", "fab-t"]).unwrap();
+        let m = cmd
+            .clone()
+            .try_get_matches_from(["t", "--attack", "fab-t"])
+            .unwrap();
         assert_eq!(m.get_one::<AttackKind>("attack"), Some(&AttackKind::FabT));
         let err = cmd
             .try_get_matches_from(["t", "--attack", "fabt"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("possible values: fmn, fab, fab-t, ddn, pgd, best"), "{err}");
+        assert!(
+            err.contains("possible values: fmn, fab, fab-t, ddn, pgd, best"),
+            "{err}"
+        );
     }
 }

@@ -16,10 +16,9 @@ use tch::{Kind, Tensor};
 use crate::util::OptionError;
 
 /// The on-disk formats brittle reads.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum DataFormat {
     Cifar10,

@@ -27,8 +27,9 @@ use crate::score::free_scores;
 use crate::util::{progress_bar, Check, Checked, OptionError};
 
 /// Whether to train a pseudo-margin and use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum PseudoMode {
     /// Train it; keep it only when its validation Kendall τ beats the logit margin's.
@@ -83,7 +84,10 @@ impl Check for FitOptions {
             self.val_fraction > 0.0 && self.val_fraction < 1.0,
             OptionError::new(
                 "val_fraction",
-                format!("validation fraction {} must be in (0, 1)", self.val_fraction)
+                format!(
+                    "validation fraction {} must be in (0, 1)",
+                    self.val_fraction
+                )
             )
         );
         ensure!(

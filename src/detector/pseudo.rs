@@ -27,8 +27,9 @@ pub enum PseudoInput {
 }
 
 /// The training objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum PseudoLoss {
     /// Mean squared error on `sqrt(d_in)` (standardised); the output estimates `d_in`.
@@ -101,7 +102,9 @@ fn check_width(hidden: i64, depth: usize) -> Result<()> {
         (1..=MAX_HIDDEN).contains(&hidden),
         OptionError::new(
             "hidden",
-            format!("pseudo-margin hidden = {hidden}: the hidden width must be in 1..={MAX_HIDDEN}")
+            format!(
+                "pseudo-margin hidden = {hidden}: the hidden width must be in 1..={MAX_HIDDEN}"
+            )
         )
     );
     ensure!(

@@ -11,10 +11,9 @@ use super::{native, onnx, torchscript::TorchScriptClassifier, Classifier};
 use crate::util::sha256_file;
 
 /// The model formats brittle reads.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum ModelFormat {
     /// `torch.jit` module (`.pt`, `.pth`, `.ts` without `--arch`).
@@ -26,18 +25,9 @@ pub enum ModelFormat {
 }
 
 /// Input layout an ONNX graph expects (pixels are always given to brittle as NCHW in [0, 1]).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum InputLayout {
     #[default]

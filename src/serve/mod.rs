@@ -109,7 +109,6 @@ impl ServeConfig {
             shutdown_timeout: Duration::from_secs(10),
         }
     }
-
 }
 
 /// The server takes its configuration checked ([`Check::check`]).

@@ -24,10 +24,9 @@ use adam::Adam;
 use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
 
 /// What the training loss attacks.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum Mode {
     /// Cross-entropy on clean inputs.
@@ -39,10 +38,9 @@ pub enum Mode {
 }
 
 /// How the learning rate changes over the run (per optimizer step).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum LrSchedule {
     Constant,
@@ -77,7 +75,10 @@ impl Check for TrainConfig {
     fn validate(&self) -> Result<()> {
         self.attack.validate()?;
         if self.epochs == 0 {
-            bail!(OptionError::new("epochs", "the epoch count must be positive"));
+            bail!(OptionError::new(
+                "epochs",
+                "the epoch count must be positive"
+            ));
         }
         if self.batch_size == 0 {
             bail!(OptionError::new(
