@@ -287,7 +287,14 @@ impl<C: brittle::model::Classifier> brittle::model::Classifier for Counting<C> {
 #[test]
 fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
     use brittle::detector::apply::score_dataset;
+    use brittle::score::ScoreOptions;
     use brittle::util::NoProgress;
+    let opts64 = ScoreOptions {
+        batch_size: 64,
+        norm: Norm::Linf,
+    }
+    .check()
+    .unwrap();
     for (features, pseudo) in [
         (false, PseudoMode::Off),
         (false, PseudoMode::On),
@@ -305,7 +312,7 @@ fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
 
         // 300 samples in batches of 64: the last batch is short.
         let (scored, decisions) =
-            score_dataset(&model, Some(&det), &data, 64, Norm::Linf, &NoProgress).unwrap();
+            score_dataset(&model, Some(&det), &data, &opts64, &NoProgress).unwrap();
         let label = format!("features {features}, pseudo {pseudo:?}");
         assert_eq!(model.take(), 300, "rows through the model, {label}");
         assert_eq!((scored.len(), decisions.len()), (300, 300), "{label}");
@@ -327,8 +334,7 @@ fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
         let flagged = decisions.iter().filter(|d| d.brittle).count();
         assert!(flagged > 0 && flagged < 300, "{label}: {flagged} flagged");
         model.take();
-        let (plain, none) =
-            score_dataset(&model, None, &data, 64, Norm::Linf, &NoProgress).unwrap();
+        let (plain, none) = score_dataset(&model, None, &data, &opts64, &NoProgress).unwrap();
         assert_eq!(model.take(), 300, "rows without a detector");
         assert!(none.is_empty());
         assert_eq!(plain[17].scores, scored[17].scores);

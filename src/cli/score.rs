@@ -13,7 +13,9 @@ use crate::detector::Detector;
 use crate::norm::Norm;
 use crate::provenance::{write_sidecar, Provenance};
 use crate::score::table::write_csv;
+use crate::score::ScoreOptions;
 use crate::util::progress_bar;
+use crate::util::Check;
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -36,6 +38,12 @@ pub struct ScoreArgs {
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
+    let opts = ScoreOptions {
+        batch_size: a.batch_size,
+        norm: a.norm,
+    }
+    .check()
+    .flag_hint(&[("batch_size", "--batch-size")])?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
     let detector = match &a.detector {
@@ -49,15 +57,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let pb = progress_bar(data.len() as u64, "score");
-    let (rows, decisions) = score_dataset(
-        model.as_ref(),
-        detector.as_ref(),
-        &data,
-        a.batch_size,
-        a.norm,
-        &pb,
-    )
-    .flag_hint(&[("batch_size", "--batch-size")])?;
+    let (rows, decisions) = score_dataset(model.as_ref(), detector.as_ref(), &data, &opts, &pb)?;
     pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let file =

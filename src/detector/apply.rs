@@ -12,8 +12,8 @@ use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
 use crate::score::batched::for_each_batch;
 use crate::score::table::ScoreRow;
-use crate::score::{add_feature_margins, host_logits, row_scores, FreeScores};
-use crate::util::Progress;
+use crate::score::{add_feature_margins, host_logits, row_scores, FreeScores, ScoreOptions};
+use crate::util::{Checked, Progress};
 
 /// One image's outcome.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,23 +68,22 @@ pub fn score_images(
         .collect()
 }
 
-/// Scores every sample of `data` in batches of `batch_size` (one forward pass each): the rows
-/// in dataset order and, with a detector, its decision for each row (else none).
+/// Scores every sample of `data` in batches (one forward pass each): the rows in dataset order
+/// and, with a detector, its decision for each row (else none).
 pub fn score_dataset(
     model: &dyn Classifier,
     detector: Option<&Detector>,
     data: &Dataset,
-    batch_size: usize,
-    norm: Norm,
+    opts: &Checked<ScoreOptions>,
     progress: &dyn Progress,
 ) -> Result<(Vec<ScoreRow>, Vec<Decision>)> {
     let mut rows = Vec::with_capacity(data.len());
     let mut decisions = Vec::new();
     progress.set_length(data.len() as u64);
-    for_each_batch(data.len(), batch_size, progress, |r| {
+    for_each_batch(data.len(), opts.batch_size, progress, |r| {
         let (x, labels) = data.batch(r.start, r.end);
         let indices = &data.indices[r];
-        let scored = score_images(model, detector, &x, Some(norm))
+        let scored = score_images(model, detector, &x, Some(opts.norm))
             .map_err(|e| name_sample(e, indices, &data.source))?;
         for ((s, &index), &label) in scored.into_iter().zip(indices).zip(labels) {
             rows.push(ScoreRow {

@@ -12,7 +12,26 @@ use tch::{Kind, Tensor};
 
 use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
-use crate::util::to_vec_f64;
+use crate::util::{to_vec_f64, Check, OptionError};
+
+/// Settings of scoring a dataset (`brittle score`); the scoring takes them checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreOptions {
+    /// Samples per forward pass.
+    pub batch_size: usize,
+    /// The attack norm the feature margin is measured for.
+    pub norm: Norm,
+}
+
+impl Check for ScoreOptions {
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.batch_size > 0,
+            OptionError::new("batch_size", "the batch size must be positive")
+        );
+        Ok(())
+    }
+}
 
 /// The scores of one sample.
 #[derive(Debug, Clone, PartialEq)]
