@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use brittle::data::{DataFormat, DataSpec};
-use brittle::model::load::{load_classifier, ModelFormat, ModelSpec};
+use brittle::model::{load_classifier, ModelFormat, ModelSpec};
 
 #[global_allocator]
 static METER: Meter = Meter;

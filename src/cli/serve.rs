@@ -7,9 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::args::ModelArgs;
+use super::args::{load_model, ModelArgs};
 use crate::detector::Detector;
-use crate::model::load_classifier;
 use crate::serve::{
     bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
 };
@@ -174,7 +173,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         ..spec
     };
     let cfg = config(&a, shape)?;
-    let model = load_classifier(&spec, shape)?;
+    let model = load_model(&spec, shape)?;
     let name = model.info().name.clone();
     let service = router(model, detector, cfg)?;
     let listener = bind(a.addr)?;
