@@ -13,8 +13,6 @@ pub struct Normalizer {
     mean: Tensor,
     std: Tensor,
     channels: i64,
-    /// The values, for error messages.
-    pub values: (Vec<f64>, Vec<f64>),
 }
 
 impl Normalizer {
@@ -64,7 +62,6 @@ impl Normalizer {
             mean: t(&mean),
             std: t(&std),
             channels,
-            values: (mean, std),
         }))
     }
 
