@@ -99,10 +99,13 @@ fn every_success_flips_the_prediction_at_the_reported_distance() {
         c.arg(&adv);
         c
     });
-    let rows = brittle::attack::table::read_margins(&out).unwrap();
+    let rows = brittle::margins::read_margins(&out).unwrap();
     assert_eq!(rows.len(), 48);
     let model = CModule::load(fixture("tiny_cnn.pt")).unwrap();
-    let adv = Tensor::read_npy(&adv).unwrap();
+    // The examples as numpy reads them (written by npyz): [N, C, H, W] float32.
+    let npy = npyz::NpyFile::new(std::fs::File::open(&adv).unwrap()).unwrap();
+    assert_eq!(npy.shape(), &[48, 3, 32, 32]);
+    let adv = Tensor::from_slice(&npy.into_vec::<f32>().unwrap()).view([48, 3, 32, 32]);
     let mut data = std::fs::read(fixture("tiny.bin")).unwrap();
     let labels: Vec<u8> = data.chunks(3073).map(|r| r[0]).collect();
     data.retain({
@@ -375,7 +378,7 @@ fn save_adv_added_on_a_resume_gives_the_complete_file() {
         "adversarial examples differ"
     );
     let found = b.isnan().logical_not().flatten(1, -1).all_dim(1, false);
-    let rows = brittle::attack::table::read_margins(&csv).unwrap();
+    let rows = brittle::margins::read_margins(&csv).unwrap();
     for r in &rows {
         assert_eq!(found.int64_value(&[r.index as i64]) == 1, r.success == 1);
     }

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use brittle::attack::table::read_margins;
+use brittle::margins::read_margins;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;

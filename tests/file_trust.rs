@@ -67,7 +67,7 @@ fn l2_margins() -> &'static (PathBuf, f64) {
         args.push(csv.display().to_string());
         let o = brittle(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{}", stderr(&o));
-        let rows = brittle::attack::table::read_margins(&csv).unwrap();
+        let rows = brittle::margins::read_margins(&csv).unwrap();
         let mut d: Vec<f64> = rows
             .iter()
             .filter(|r| r.success == 1)
@@ -152,7 +152,7 @@ fn fit_refuses_a_norm_against_the_sidecar_an_eps_beyond_the_box_and_a_thin_class
         "{e}"
     );
     // Below the smallest margin no sample is non-robust: no detector, both counts named.
-    let rows = brittle::attack::table::read_margins(csv).unwrap();
+    let rows = brittle::margins::read_margins(csv).unwrap();
     let smallest = rows
         .iter()
         .filter(|r| r.success == 1)
@@ -232,7 +232,7 @@ fn fingerprinting_the_real_pool_costs_little_next_to_one_attack() {
     .load()
     .unwrap();
     let t0 = std::time::Instant::now();
-    let h = brittle::attack::job::data_sha256(&data).unwrap();
+    let h = brittle::margins::data_sha256(&data).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "data_sha256 of {} images ({} MB decoded): {:.1} ms",
@@ -241,7 +241,7 @@ fn fingerprinting_the_real_pool_costs_little_next_to_one_attack() {
         1e3 * secs
     );
     assert_eq!(h.len(), 64);
-    assert_eq!(h, brittle::attack::job::data_sha256(&data).unwrap());
+    assert_eq!(h, brittle::margins::data_sha256(&data).unwrap());
     // A margins run on these images takes minutes; the fingerprint must not be noticeable.
     assert!(secs < 2.0, "{secs} s");
 }

@@ -4,6 +4,7 @@
 pub mod analysis;
 pub mod figures;
 mod html;
+mod nan;
 
 use std::path::Path;
 
@@ -12,8 +13,20 @@ use plotters::prelude::SeriesLabelPosition;
 
 pub use analysis::{analyze, default_eps, Analysis, AnalyzeOptions};
 
-use crate::attack::table::MarginRow;
+use crate::margins::MarginRow;
 use figures::{render, Curves, MarginHistogram, MarginScatter, TauBars};
+
+/// File name of the numbers inside a report folder.
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Reads the numbers of a report folder (`null` in the file reads as NaN).
+pub fn read_metrics(dir: &Path) -> Result<Analysis> {
+    let path = dir.join(METRICS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not the metrics of a brittle report", path.display()))
+}
 
 /// Figures of a report: `(file stem, title, svg)`.
 pub type Figures = Vec<(&'static str, &'static str, String)>;
@@ -21,7 +34,7 @@ pub type Figures = Vec<(&'static str, &'static str, String)>;
 /// Writes `metrics.json`, the figures and `report.html` into `dir` (created if needed).
 pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("metrics.json");
+    let json = dir.join(METRICS_FILE);
     std::fs::write(&json, serde_json::to_string_pretty(a)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let used: Vec<&MarginRow> = rows.iter().filter(|r| r.success == 1).collect();
@@ -32,11 +45,7 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         .iter()
         .map(|d| (d.eps_label.clone(), d.eps))
         .collect();
-    let norm_label = match a.norm {
-        crate::norm::Norm::Linf => "L∞",
-        crate::norm::Norm::L2 => "L2",
-        crate::norm::Norm::L1 => "L1",
-    };
+    let norm_label = a.norm.symbol();
     let (wide, square) = ((760, 520), (530, 500));
     let mut figs: Figures = Vec::new();
     let scatter = MarginScatter {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use brittle::attack::table::MarginRow;
+use brittle::margins::MarginRow;
 use brittle::data::{DataSpec, Dataset};
 use brittle::model::load::ModelSpec;
 use brittle::model::{Classifier, ModelInfo};
