@@ -61,7 +61,9 @@ fn l2_margins() -> &'static Path {
             .args(["--arch", "small-cnn", "--data"])
             .arg(asset("mnist-test-1000-images-idx3-ubyte.gz"))
             .args(["--limit", "40", "--device", "cpu", "--threads", "1"])
-            .args(["--norm", "l2", "--attack", "fmn", "--steps", "30", "--seed", "1"])
+            .args([
+                "--norm", "l2", "--attack", "fmn", "--steps", "30", "--seed", "1",
+            ])
             .arg("--out")
             .arg(&csv)
             .env("BRITTLE_NO_PROGRESS", "1")
@@ -259,4 +261,48 @@ fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
         e.contains("sample index 5 appears twice (data rows 6 and 121)"),
         "{e}"
     );
+}
+
+/// Every key `scripts/results.py` reads from a sidecar (`side["settings"][…]`), a report
+/// (`metrics[…]`) or a detection row (`det[…]`) is one brittle writes.
+#[test]
+fn results_py_reads_only_fields_of_the_typed_schema() {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/results.py"))
+            .unwrap();
+    let keys = |prefix: &str| -> Vec<String> {
+        let keys: Vec<String> = script
+            .match_indices(prefix)
+            .map(|(i, _)| {
+                let rest = &script[i + prefix.len()..];
+                rest[..rest.find('"').unwrap()].to_string()
+            })
+            .collect();
+        assert!(!keys.is_empty(), "results.py reads no {prefix}…\"]");
+        keys
+    };
+    let csv = l2_margins();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    assert!(analyze(csv, &[], &out).status.success());
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let metrics = json(out.join("metrics.json"));
+    let side = json(PathBuf::from(format!("{}.meta.json", csv.display())));
+    for k in keys("metrics[\"") {
+        assert!(metrics.get(&k).is_some(), "metrics.json has no {k:?}");
+    }
+    for k in keys("det[\"") {
+        assert!(
+            metrics["detection"][0].get(&k).is_some(),
+            "a detection row has no {k:?}"
+        );
+    }
+    for k in keys("side[\"settings\"][\"") {
+        assert!(
+            side["settings"].get(&k).is_some(),
+            "the sidecar's settings have no {k:?}"
+        );
+    }
 }

@@ -81,47 +81,6 @@ fn l2_margins() -> &'static (PathBuf, f64) {
 }
 
 #[test]
-fn an_l2_margins_file_is_analysed_in_l2_and_a_contradicting_norm_is_refused() {
-    let (csv, _) = l2_margins();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("report");
-    let o = brittle(&[
-        "analyze",
-        csv.to_str().unwrap(),
-        "--bootstrap",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(m["norm"], "l2");
-    // The default L2 sweep, not L∞'s 2/255 …
-    let eps: Vec<f64> = m["detection"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["eps"].as_f64().unwrap())
-        .collect();
-    assert_eq!(eps, vec![0.25, 0.5, 1.0]);
-    let o = brittle(&[
-        "analyze",
-        csv.to_str().unwrap(),
-        "--norm",
-        "linf",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let e = stderr(&o);
-    assert!(
-        e.contains("--norm") && e.contains("(l2)") && e.contains("(linf)"),
-        "{e}"
-    );
-}
-
-#[test]
 fn fit_refuses_a_norm_against_the_sidecar_an_eps_beyond_the_box_and_a_thin_class() {
     let (csv, median) = l2_margins();
     let dir = tempfile::tempdir().unwrap();

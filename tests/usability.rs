@@ -6,10 +6,10 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use brittle::attack::best::Plan;
-use brittle::margins::{run_with_progress, MarginsOptions};
 use brittle::attack::AttackKind;
 use brittle::cli::{Cli, Command as Sub};
 use brittle::data::DataSpec;
+use brittle::margins::{run_with_progress, MarginsOptions};
 use brittle::model::{load_classifier, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
 use brittle::util::Progress;

@@ -207,11 +207,7 @@ fn print_headline(report: &Path, detector: &Path, eps: &str) -> Result<()> {
         }
         None => {
             for ra in &m.robust_accuracy {
-                println!(
-                    "robust accuracy at eps {}: {}",
-                    ra.eps_label,
-                    num(ra.value)
-                );
+                println!("robust accuracy at eps {}: {}", ra.eps_label, num(ra.value));
             }
         }
     }

@@ -6,10 +6,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use crate::margins::{find_sidecar, read_margins};
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
 use crate::detector::{ScoreKind, DETECTOR_FILE};
+use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{sidecar_path, Provenance};
 

@@ -138,7 +138,6 @@ impl AdvStore {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,7 +156,9 @@ mod tests {
         // A resumed store keeps what was appended and adds the rest.
         let mut store = AdvStore::open(&path, shape, false).unwrap();
         assert!(store.has(5) && store.has(4) && !store.has(6));
-        store.append(&[6], &(x.narrow(0, 0, 1) + 0.5), &[true]).unwrap();
+        store
+            .append(&[6], &(x.narrow(0, 0, 1) + 0.5), &[true])
+            .unwrap();
         store.finish(&path, &[4, 5, 6]).unwrap();
         assert!(!dir.path().join("adv.npy.part").exists());
 

@@ -127,7 +127,13 @@ mod tests {
                 },
                 "chunk",
             ),
-            (MarginsOptions { topk: 0, ..o.clone() }, "topk"),
+            (
+                MarginsOptions {
+                    topk: 0,
+                    ..o.clone()
+                },
+                "topk",
+            ),
             (
                 MarginsOptions {
                     shard: Some(Shard { index: 2, count: 2 }),

@@ -163,8 +163,16 @@ impl<W: Write> MarginWriter<W> {
                 bail!(
                     "sample {}: feature_margin is {}, but the file {} that column",
                     r.index,
-                    if r.feature_margin.is_some() { "set" } else { "absent" },
-                    if self.with_feature_margin { "has" } else { "lacks" },
+                    if r.feature_margin.is_some() {
+                        "set"
+                    } else {
+                        "absent"
+                    },
+                    if self.with_feature_margin {
+                        "has"
+                    } else {
+                        "lacks"
+                    },
                 );
             }
             self.w.serialize(r)?;
@@ -320,7 +328,9 @@ mod tests {
         failed.success = 0;
         assert_eq!(
             written(&[failed], true),
-            format!("{head},feature_margin\n7,3,3,1,1,inf,fmn,0,12,11,0.123457,0.25,,NaN,-12.5,0.5\n")
+            format!(
+                "{head},feature_margin\n7,3,3,1,1,inf,fmn,0,12,11,0.123457,0.25,,NaN,-12.5,0.5\n"
+            )
         );
     }
 
@@ -361,7 +371,6 @@ mod tests {
             assert_eq!(r, w);
         }
     }
-
 
     #[test]
     fn reads_rows_with_optional_columns_and_rejects_bad_ones() {

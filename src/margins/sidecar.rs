@@ -131,4 +131,3 @@ pub fn data_sha256(data: &Dataset) -> Result<String> {
     }
     Ok(hex::encode(h.finalize()))
 }
-
