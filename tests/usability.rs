@@ -9,7 +9,7 @@ use brittle::attack::best::Plan;
 use brittle::attack::AttackKind;
 use brittle::cli::{Cli, Command as Sub};
 use brittle::data::DataSpec;
-use brittle::margins::{run_with_progress, MarginsOptions};
+use brittle::margins::{run_with_progress, MarginsOptions, Output};
 use brittle::model::{load_classifier, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
 use brittle::util::Progress;
@@ -62,7 +62,7 @@ fn margins_progress_moves_per_attack_step() {
         steps: Some(steps),
         seed: 5,
         batch_size: 4,
-        chunk: Some(4),
+        chunk: 4,
         ..MarginsOptions::new(Norm::Linf, AttackKind::Fmn)
     }
     .check()
@@ -73,9 +73,11 @@ fn margins_progress_moves_per_attack_step() {
         model.as_ref(),
         &data,
         &options,
-        &dir.path().join("m.csv"),
-        None,
-        false,
+        Output {
+            margins: &dir.path().join("m.csv"),
+            save_adv: None,
+            restart_stale: false,
+        },
         &rec,
     )
     .unwrap();

@@ -100,7 +100,7 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         seed: a.seed,
         target_true: a.target_true,
         batch_size: a.batch_size,
-        chunk: a.chunk,
+        chunk: a.chunk.unwrap_or(4 * a.batch_size),
         shard,
     }
     .check()
@@ -110,9 +110,11 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         model.as_ref(),
         &data,
         &options,
-        &a.out,
-        a.save_adv.as_deref(),
-        a.restart_stale,
+        margins::Output {
+            margins: &a.out,
+            save_adv: a.save_adv.as_deref(),
+            restart_stale: a.restart_stale,
+        },
     )
     .with_context(|| format!("margins into --out {}", a.out.display()))?;
     if let Some(why) = &s.restarted {

@@ -14,11 +14,11 @@ use anyhow::{Context, Result};
 use tch::Tensor;
 
 use super::adv_store::AdvStore;
-use super::options::CheckedMarginsOptions;
+use super::options::{CheckedMarginsOptions, MarginsOptions};
 use super::resume::{resume, Job, Resume};
 use super::row::{write_margins, MarginRow, MarginWriter};
 use super::shard::shard_chunks;
-use super::sidecar::{data_sha256, Settings, Sidecar};
+use super::sidecar::{data_sha256, Sidecar};
 use crate::attack::best::Plan;
 use crate::attack::driver::Chunk;
 use crate::attack::sample_seed;
@@ -37,19 +37,27 @@ pub struct Summary {
     pub restarted: Option<String>,
 }
 
-/// Runs (or resumes) a margins job writing `out` (and `save_adv`, `.npy`). An `out` made by
-/// another version of the attack is refused, or started again with `restart_stale`. Shows a
-/// progress bar on stderr.
+/// Where a margins job writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Output<'a> {
+    /// The margins file (its sidecar goes beside it); resumed when it holds part of this job.
+    pub margins: &'a Path,
+    /// The adversarial examples (`.npy`), when wanted.
+    pub save_adv: Option<&'a Path>,
+    /// Start a margins file made by another version of the attack (or of brittle) again
+    /// instead of refusing it.
+    pub restart_stale: bool,
+}
+
+/// Runs (or resumes) a margins job into `output`. Shows a progress bar on stderr.
 pub fn run(
     model: &dyn Classifier,
     data: &Dataset,
     options: &CheckedMarginsOptions,
-    out: &Path,
-    save_adv: Option<&Path>,
-    restart_stale: bool,
+    output: Output,
 ) -> Result<Summary> {
     let pb = work_bar(options.options().attack.as_str());
-    let summary = run_with_progress(model, data, options, out, save_adv, restart_stale, &pb);
+    let summary = run_with_progress(model, data, options, output, &pb);
     pb.finish_and_clear();
     summary
 }
@@ -60,21 +68,19 @@ pub fn run_with_progress(
     model: &dyn Classifier,
     data: &Dataset,
     options: &CheckedMarginsOptions,
-    out: &Path,
-    save_adv: Option<&Path>,
-    restart_stale: bool,
+    output: Output,
     progress: &dyn Progress,
 ) -> Result<Summary> {
+    let Output {
+        margins: out,
+        save_adv,
+        restart_stale,
+    } = output;
     let settings = options.settings(model.info(), data);
-    let plan = Plan::new(
-        settings.attack,
-        settings.norm,
-        settings.steps,
-        settings.topk,
-        model.info().num_classes,
-    )?;
+    let o = options.options();
+    let plan = Plan::new(o.attack, o.norm, o.steps, o.topk, model.info().num_classes)?;
     let plan_text = plan.describe();
-    let chunks = shard_chunks(data.len(), settings.chunk, settings.shard);
+    let chunks = shard_chunks(data.len(), o.chunk, o.shard);
     let data_sha = data_sha256(data)?;
     let Resume {
         mut done,
@@ -92,7 +98,7 @@ pub fn run_with_progress(
     )?;
     let resumed = done.len();
     let side = Sidecar {
-        provenance: Provenance::current(Some(settings.seed)),
+        provenance: Provenance::current(Some(o.seed)),
         settings: settings.clone(),
         model: model.info().clone(),
         plan: plan_text,
@@ -136,15 +142,7 @@ pub fn run_with_progress(
             progress.set_message(format!("{finished}/{total} samples"));
             continue;
         }
-        let rows = attack_chunk(
-            model,
-            data,
-            &settings,
-            &plan,
-            range.clone(),
-            adv.as_mut(),
-            progress,
-        )?;
+        let rows = attack_chunk(model, data, o, &plan, range.clone(), adv.as_mut(), progress)?;
         let new: Vec<MarginRow> = rows
             .into_iter()
             .filter(|r| !done.contains_key(&r.index))
@@ -185,7 +183,7 @@ pub fn run_with_progress(
 fn attack_chunk(
     model: &dyn Classifier,
     data: &Dataset,
-    settings: &Settings,
+    options: &MarginsOptions,
     plan: &Plan,
     range: std::ops::Range<usize>,
     adv: Option<&mut AdvStore>,
@@ -194,9 +192,9 @@ fn attack_chunk(
     let t0 = std::time::Instant::now();
     let (x, labels) = data.batch(range.start, range.end);
     let x0 = x.to_device(model.device());
-    let scores = score_batch(model, &x0, settings.norm)?;
+    let scores = score_batch(model, &x0, options.norm)?;
     let score_secs = t0.elapsed().as_secs_f64() / range.len() as f64;
-    let attacked: Vec<i64> = if settings.target_true {
+    let attacked: Vec<i64> = if options.target_true {
         labels.to_vec()
     } else {
         scores.iter().map(|s| s.pred).collect()
@@ -209,28 +207,28 @@ fn attack_chunk(
     let indices = &data.indices[range.clone()];
     let seeds = indices
         .iter()
-        .map(|&i| sample_seed(settings.seed, i))
+        .map(|&i| sample_seed(options.seed, i))
         .collect();
     let label = Tensor::from_slice(&attacked).to_device(model.device());
     let mut chunk = Chunk::new(x0, label, seeds, &already);
     for pass in &plan.passes {
         chunk.run_with(
             model,
-            settings.norm,
+            options.norm,
             pass.as_ref(),
-            settings.batch_size,
+            options.batch_size,
             progress,
         )?;
     }
     // Always: with no bisection steps it still pushes weakly adversarial points past the gap.
     chunk.refine_with(
         model,
-        settings.norm,
+        options.norm,
         plan.refine,
-        settings.batch_size,
+        options.batch_size,
         progress,
     )?;
-    let verified = chunk.verify(model, settings.norm, settings.batch_size)?;
+    let verified = chunk.verify(model, options.norm, options.batch_size)?;
     if let Some(store) = adv {
         store.append(
             indices,
@@ -245,7 +243,7 @@ fn attack_chunk(
             row.success = u8::from(verified[k].success);
             row.attack = match chunk.winner[k] {
                 "none" if already[k] => "none".to_string(),
-                "none" => settings.attack.as_str().to_string(),
+                "none" => options.attack.as_str().to_string(),
                 w => w.to_string(),
             };
             row.forwards = chunk.forwards[k] + 1;

@@ -27,7 +27,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             );
         }
         let mut s = side.settings.clone();
-        s.shard = None;
+        s.options.shard = None;
         match &settings {
             None => settings = Some((s, side.plan.clone(), p)),
             Some((s0, plan0, p0)) if *s0 != s || *plan0 != side.plan => {
@@ -86,7 +86,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
     write_sidecar(
         out,
         &Sidecar {
-            provenance: Provenance::current(Some(settings.seed)),
+            provenance: Provenance::current(Some(settings.options.seed)),
             settings,
             model: side.model,
             plan,

@@ -16,7 +16,7 @@ mod shard;
 mod sidecar;
 
 pub use adv_store::AdvStore;
-pub use job::{run, run_with_progress, Summary};
+pub use job::{run, run_with_progress, Output, Summary};
 pub use merge::merge;
 pub use options::{CheckedMarginsOptions, MarginsOptions};
 pub use resume::{resume, Job, Resume};

@@ -2,6 +2,7 @@
 //! [`MarginsOptions`] is what a caller asks for, [`CheckedMarginsOptions`] what the job runs.
 
 use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
 
 use super::sidecar::Settings;
 use super::Shard;
@@ -10,8 +11,9 @@ use crate::data::Dataset;
 use crate::model::ModelInfo;
 use crate::norm::Norm;
 
-/// A margins job as asked for, before [`MarginsOptions::check`].
-#[derive(Debug, Clone, PartialEq)]
+/// A margins job as asked for, before [`MarginsOptions::check`]; a margins file records the
+/// options that made it (in [`Settings`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarginsOptions {
     pub norm: Norm,
     pub attack: AttackKind,
@@ -24,13 +26,14 @@ pub struct MarginsOptions {
     pub target_true: bool,
     /// Samples attacked together.
     pub batch_size: usize,
-    /// Samples per chunk, the unit of refill, resumption and sharding (`None`: 4 batches).
-    pub chunk: Option<usize>,
+    /// Samples per chunk, the unit of refill, resumption and sharding (`brittle margins`'
+    /// default: 4 batches).
+    pub chunk: usize,
     pub shard: Option<Shard>,
 }
 
 impl MarginsOptions {
-    /// `brittle margins`' defaults (seed 0, batches of 128, chunks of 4 batches) for a norm
+    /// `brittle margins`' defaults (topk 9, seed 0, batches of 128, chunks of 4 batches) for a norm
     /// and an attack.
     pub fn new(norm: Norm, attack: AttackKind) -> Self {
         MarginsOptions {
@@ -41,16 +44,15 @@ impl MarginsOptions {
             seed: 0,
             target_true: false,
             batch_size: 128,
-            chunk: None,
+            chunk: 512,
             shard: None,
         }
     }
 
-    /// Refuses options no job can run with and fills in the default chunk.
+    /// Refuses options no job can run with.
     pub fn check(self) -> Result<CheckedMarginsOptions> {
         ensure!(self.batch_size > 0, "batch_size must be positive");
-        let chunk = self.chunk.unwrap_or(4 * self.batch_size);
-        ensure!(chunk > 0, "chunk must be positive (samples per chunk)");
+        ensure!(self.chunk > 0, "chunk must be positive (samples per chunk)");
         ensure!(
             self.topk >= 1,
             "topk = {} must be at least 1 (classes the targeted attacks consider)",
@@ -59,28 +61,21 @@ impl MarginsOptions {
         if let Some(s) = self.shard {
             Shard::new(s.index, s.count)?;
         }
-        Ok(CheckedMarginsOptions {
-            chunk,
-            options: self,
-        })
+        Ok(CheckedMarginsOptions(self))
     }
 }
 
 /// Options that passed [`MarginsOptions::check`]; the only form [`super::run`] takes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct CheckedMarginsOptions {
-    options: MarginsOptions,
-    chunk: usize,
-}
+pub struct CheckedMarginsOptions(MarginsOptions);
 
 impl CheckedMarginsOptions {
     pub fn options(&self) -> &MarginsOptions {
-        &self.options
+        &self.0
     }
 
     /// The settings a job with these options records for `model` on `data`.
     pub fn settings(&self, model: &ModelInfo, data: &Dataset) -> Settings {
-        let o = &self.options;
         Settings {
             model_fingerprint: model.fingerprint.clone(),
             data: data.source.clone(),
@@ -88,15 +83,7 @@ impl CheckedMarginsOptions {
                 data.indices.first().copied().unwrap_or(0),
                 data.indices.last().map_or(0, |i| i + 1),
             ),
-            norm: o.norm,
-            attack: o.attack,
-            steps: o.steps,
-            topk: o.topk,
-            seed: o.seed,
-            target_true: o.target_true,
-            batch_size: o.batch_size,
-            chunk: self.chunk,
-            shard: o.shard,
+            options: self.0.clone(),
         }
     }
 }
@@ -106,12 +93,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn check_fills_the_chunk_and_refuses_what_no_job_runs() {
+    fn check_refuses_what_no_job_runs() {
         let o = MarginsOptions {
             batch_size: 16,
+            chunk: 64,
             ..MarginsOptions::new(Norm::L2, AttackKind::Fmn)
         };
-        assert_eq!(o.clone().check().unwrap().chunk, 64);
+        assert_eq!(o.clone().check().unwrap().options(), &o);
         for (bad, field) in [
             (
                 MarginsOptions {
@@ -122,7 +110,7 @@ mod tests {
             ),
             (
                 MarginsOptions {
-                    chunk: Some(0),
+                    chunk: 0,
                     ..o.clone()
                 },
                 "chunk",

@@ -9,8 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
-use super::Shard;
-use crate::attack::AttackKind;
+use super::MarginsOptions;
 use crate::data::Dataset;
 use crate::norm::Norm;
 use crate::provenance::{sidecar_path, Provenance};
@@ -23,16 +22,9 @@ pub struct Settings {
     pub data: String,
     /// Dataset indices `start..end` of the window attacked (before sharding).
     pub window: (usize, usize),
-    pub norm: Norm,
-    pub attack: AttackKind,
-    pub steps: Option<usize>,
-    pub topk: i64,
-    pub seed: u64,
-    pub target_true: bool,
-    pub batch_size: usize,
-    /// Samples per chunk (the unit of refill, resumption and sharding).
-    pub chunk: usize,
-    pub shard: Option<Shard>,
+    /// The options of the job (flattened: the sidecar lists them beside the fields above).
+    #[serde(flatten)]
+    pub options: MarginsOptions,
 }
 
 /// The sidecar of a margins file.
@@ -84,7 +76,7 @@ impl Sidecar {
     /// The norm of the file's margins; `asked` (a caller's explicit choice) must agree, since
     /// margins measured in one norm analysed as another give wrong numbers, not an error.
     pub fn norm(&self, csv: &Path, asked: Option<Norm>) -> Result<Norm> {
-        let n = self.settings.norm;
+        let n = self.settings.options.norm;
         match asked {
             Some(a) if a != n => bail!(
                 "{}: the margins were measured in the {} norm ({}), not in {} ({})",
