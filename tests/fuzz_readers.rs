@@ -574,8 +574,8 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", b);
             put(d, "m.csv.meta.json", &side_fixed);
-            let rows = brittle::attack::table::read_margins(&p);
-            let partial = brittle::attack::table::read_partial_margins(&p);
+            let rows = brittle::margins::read_margins(&p);
+            let partial = brittle::margins::read_partial_margins(&p);
             rows.and(partial).map(drop)
         }),
     );
@@ -587,7 +587,7 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", &csv);
             put(d, "m.csv.meta.json", b);
-            brittle::attack::job::read_sidecar(&p).map(drop)
+            brittle::margins::read_sidecar(&p).map(drop)
         }),
     );
 

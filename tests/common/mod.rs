@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use brittle::attack::table::MarginRow;
 use brittle::data::{DataSpec, Dataset};
+use brittle::margins::MarginRow;
 use brittle::model::ModelSpec;
 use brittle::model::{Classifier, ModelInfo};
 use brittle::norm::Norm;
