@@ -16,7 +16,7 @@ use common::{inconsistent_model, synthetic_set};
 fn fit(
     model: &dyn brittle::model::Classifier,
     data: &brittle::data::Dataset,
-    rows: &[brittle::attack::table::MarginRow],
+    rows: &[brittle::margins::MarginRow],
     opts: &FitOptions,
     provenance: Provenance,
 ) -> anyhow::Result<Detector> {

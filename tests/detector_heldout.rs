@@ -8,11 +8,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use brittle::attack::table::read_margins;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::ScoreKind;
+use brittle::margins::read_margins;
 use brittle::model::load_classifier;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;

@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use brittle::data::{DataFormat, DataSpec};
-use brittle::model::load::{load_classifier, ModelFormat, ModelSpec};
+use brittle::model::{load_classifier, ModelFormat, ModelSpec};
 
 #[global_allocator]
 static METER: Meter = Meter;
@@ -575,8 +575,8 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", b);
             put(d, "m.csv.meta.json", &side_fixed);
-            let rows = brittle::attack::table::read_margins(&p);
-            let partial = brittle::attack::table::read_partial_margins(&p);
+            let rows = brittle::margins::read_margins(&p);
+            let partial = brittle::margins::read_partial_margins(&p);
             rows.and(partial).map(drop)
         }),
     );
@@ -588,7 +588,7 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", &csv);
             put(d, "m.csv.meta.json", b);
-            brittle::attack::job::read_sidecar(&p).map(drop)
+            brittle::margins::read_sidecar(&p).map(drop)
         }),
     );
 

@@ -6,10 +6,10 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use brittle::attack::best::Plan;
-use brittle::attack::job::{run_with_progress, Settings};
 use brittle::attack::AttackKind;
 use brittle::cli::{Cli, Command as Sub};
 use brittle::data::DataSpec;
+use brittle::margins::{run_with_progress, MarginsOptions, Output};
 use brittle::model::{load_classifier, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
 use brittle::util::Progress;
@@ -58,29 +58,26 @@ fn margins_progress_moves_per_attack_step() {
     .unwrap();
     let spec = ModelSpec::new(fixture("tiny_cnn.pt"), DeviceChoice::Cpu.resolve().unwrap());
     let model = load_classifier(&spec, data.input_shape()).unwrap();
-    let settings = Settings {
-        model_fingerprint: model.info().fingerprint.clone(),
-        data: data.source.clone(),
-        window: (0, data.len()),
-        norm: Norm::Linf,
-        attack: AttackKind::Fmn,
+    let options = MarginsOptions {
         steps: Some(steps),
-        topk: 9,
         seed: 5,
-        target_true: false,
         batch_size: 4,
         chunk: 4,
-        shard: None,
-    };
+        ..MarginsOptions::new(Norm::Linf, AttackKind::Fmn)
+    }
+    .check()
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rec = Recorder::default();
     let summary = run_with_progress(
         model.as_ref(),
         &data,
-        &settings,
-        &dir.path().join("m.csv"),
-        None,
-        false,
+        &options,
+        Output {
+            margins: &dir.path().join("m.csv"),
+            save_adv: None,
+            restart_stale: false,
+        },
         &rec,
     )
     .unwrap();

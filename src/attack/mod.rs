@@ -15,11 +15,9 @@ pub mod ddn;
 pub mod driver;
 pub mod fab;
 pub mod fmn;
-pub mod job;
 pub mod pgd;
 pub mod project;
 pub mod shrink;
-pub mod table;
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};

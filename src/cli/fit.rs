@@ -8,11 +8,10 @@ use clap::Args;
 use super::args::{DataArgs, ModelArgs};
 use super::hints::{FlagHint, Flags};
 use super::values::enum_parser;
-use crate::attack::job::find_sidecar;
-use crate::attack::table::read_margins;
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
 use crate::detector::{ScoreKind, DETECTOR_FILE};
+use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{sidecar_path, Provenance};
 use crate::util::{Check, Checked};
@@ -91,6 +90,14 @@ fn check_sidecar(margins: &Path, norm: Option<Norm>, fingerprint: &str) -> Resul
         .context("--norm contradicts the margins file")
 }
 
+/// The column name of a detector's score, as `detector.json` and `scores.csv` write it.
+pub(super) fn score_name(s: ScoreKind) -> &'static str {
+    match s {
+        ScoreKind::LogitMargin => "logit_margin",
+        ScoreKind::PseudoMargin => "pseudo_margin",
+    }
+}
+
 /// The flags of [`FitOptions`]' fields.
 const FIT_FLAGS: Flags = &[
     ("eps", "--eps"),
@@ -167,10 +174,7 @@ pub fn run(a: FitArgs) -> Result<()> {
     );
     println!(
         "score {}: flag when <= {:.6}; on the {} set: TPR {:.3} of {} non-robust, FPR {} of {} robust",
-        match s.score {
-            ScoreKind::LogitMargin => "logit_margin",
-            ScoreKind::PseudoMargin => "pseudo_margin",
-        },
+        score_name(s.score),
         s.lambda,
         s.calibrated_on,
         s.calibration.tpr,

@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::args::ModelArgs;
+use super::args::{load_model, ModelArgs};
 use super::hints::{FlagHint, Flags};
 use crate::detector::Detector;
-use crate::model::load_classifier;
 use crate::serve::{
     bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
 };
@@ -187,7 +186,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         ..spec
     };
     let cfg = config(&a, shape)?;
-    let model = load_classifier(&spec, shape)?;
+    let model = load_model(&spec, shape)?;
     let name = model.info().name.clone();
     let service = router(model, detector, cfg)?;
     let listener = bind(a.addr)?;

@@ -15,8 +15,8 @@ use super::{
     net_inputs, Detector, DetectorSpec, PseudoSpec, ScoreKind, ScoreQuality, Validation,
     FORMAT_VERSION, WEIGHTS_FILE,
 };
-use crate::attack::table::{check_unique_indices, MarginRow};
 use crate::data::Dataset;
+use crate::margins::{check_unique_indices, MarginRow};
 use crate::metrics::detection::{auroc, fpr_at_tpr};
 use crate::metrics::rank::kendall_tau_b;
 use crate::model::Classifier;

@@ -172,7 +172,7 @@ impl Trainer {
     ) -> Result<Self> {
         check_attack_eps(&config.attack, input_shape)?;
         let model = with_torch_seed(config.seed, || {
-            NativeClassifier::new(&config.arch, input_shape, num_classes, None, device)
+            NativeClassifier::new(&config.arch, input_shape, num_classes, device)
         })?;
         let mut params = model.var_store().variables();
         // BatchNorm running statistics are buffers, not parameters.
