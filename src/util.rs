@@ -196,11 +196,16 @@ fn join_condensed(head: &[&str], tail: &str) -> String {
 
 /// An error about one option of a library call, naming the option by its field in the options
 /// struct (`batch_size`), so that a front end names it its own way: the CLI adds its flag
-/// (`--batch-size`, see `cli::hints`), a Python binding would add its keyword.
+/// (`--batch-size`, see `cli::hints`), a Python binding would add its keyword. The one option
+/// error of the crate: model, data, scoring, margins, detector, training, serving and analysis
+/// options all report through it.
 #[derive(Debug)]
 pub struct OptionError {
     /// The field of the options struct (or the argument) the error is about.
     pub field: &'static str,
+    /// The value as the caller wrote it, when one of several values is at fault (one ε of a
+    /// sweep), so that the front end can show which.
+    pub value: Option<String>,
     pub message: String,
 }
 
@@ -208,7 +213,16 @@ impl OptionError {
     pub fn new(field: &'static str, message: impl Into<String>) -> Self {
         OptionError {
             field,
+            value: None,
             message: message.into(),
+        }
+    }
+
+    /// Names the value at fault.
+    pub fn with_value(self, value: impl Into<String>) -> Self {
+        OptionError {
+            value: Some(value.into()),
+            ..self
         }
     }
 
@@ -228,7 +242,8 @@ impl std::error::Error for OptionError {}
 
 /// Options checked once before any work, in the manner of linfa's `ParamGuard`: the library's
 /// work takes a [`Checked`] value, which only [`Check::check`] makes, so it never meets an
-/// option out of range halfway through (nor checks it a second time).
+/// option out of range halfway through (nor checks it a second time). Every options struct of
+/// the crate (scoring, margins, analysis, detector, training, serving) checks this way.
 pub trait Check: Sized {
     /// Every field in range; an error is an [`OptionError`] naming the field.
     fn validate(&self) -> Result<()>;

@@ -4,8 +4,9 @@
 
 use std::path::PathBuf;
 
+use brittle::model::InputLayout;
 use brittle::model::{load_classifier, logits_and_grad, logits_no_grad, Classifier, ModelSpec};
-use brittle::model::{InputLayout, ModelOption, OptionError};
+use brittle::util::OptionError;
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -145,7 +146,7 @@ fn nhwc_layout_is_permuted_before_the_graph() {
         "{err:#}"
     );
     let option = err.chain().find_map(|e| e.downcast_ref::<OptionError>());
-    assert_eq!(option.map(|e| e.option), Some(ModelOption::InputLayout));
+    assert_eq!(option.map(|e| e.field), Some("input_layout"));
 }
 
 #[test]

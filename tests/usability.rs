@@ -12,7 +12,7 @@ use brittle::data::DataSpec;
 use brittle::margins::{run_with_progress, MarginsOptions, Output};
 use brittle::model::{load_classifier, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
-use brittle::util::Progress;
+use brittle::util::{Check, Progress};
 use clap::Parser;
 
 fn fixture(name: &str) -> PathBuf {

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
+use super::hints::{self, FlagHint};
 use crate::margins::{find_sidecar, read_margins};
-use crate::norm::{parse_eps, Norm};
+use crate::norm::Norm;
 use crate::provenance::Provenance;
-use crate::report::{analyze, default_eps, write_report, AnalyzeOptions};
+use crate::report::{analyze, write_report, AnalyzeOptions};
+use crate::util::Check;
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
@@ -49,30 +51,18 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
             .context("--norm contradicts the margins file")?,
         None => a.norm.unwrap_or(Norm::Linf),
     };
-    let shape = side.as_ref().map(|s| s.model.input_shape);
-    let eps = if a.eps.is_empty() {
-        default_eps(norm)
-    } else {
-        a.eps
-            .iter()
-            .map(|s| {
-                let v = parse_eps(s).context("--eps")?;
-                norm.check_eps(v, shape)
-                    .with_context(|| format!("--eps {s}"))?;
-                Ok((s.clone(), v))
-            })
-            .collect::<Result<Vec<_>>>()?
-    };
-    anyhow::ensure!(a.subset != Some(0), "--subset must be positive");
     let opts = AnalyzeOptions {
         norm,
-        eps,
+        eps: a.eps.clone(),
+        input_shape: side.as_ref().map(|s| s.model.input_shape),
         seed: a.seed,
         bootstrap: a.bootstrap,
         subset: a.subset,
         repeats: a.repeats,
         provenance: Provenance::current(Some(a.seed)),
-    };
+    }
+    .check()
+    .flag_hint(hints::ANALYZE)?;
     let analysis = analyze(&rows, &opts);
     write_report(&rows, &analysis, &a.out)?;
     println!(

@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::hints::{FlagHint, Flags};
+use super::hints::{self, FlagHint};
 use super::values::enum_parser;
 use crate::data::{DataFormat, DataSpec, Dataset};
 use crate::model::normalize::parse_channel_values;
 use crate::model::sanity::{self, Configured, SanityError};
 use crate::model::{
-    device, load_classifier, Classifier, DeviceChoice, InputLayout, ModelFormat, ModelOption,
-    ModelSpec, OptionError,
+    device, load_classifier, Classifier, DeviceChoice, InputLayout, ModelFormat, ModelSpec,
 };
 
 /// One value per channel; an alias so that clap parses `0.1,0.2,0.3` as one value, not as a
@@ -58,21 +57,7 @@ pub struct ModelArgs {
 
 /// [`load_classifier`], naming the flag of the model option an error is about.
 pub fn load_model(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dyn Classifier>> {
-    load_classifier(spec, input_shape).map_err(|err| {
-        let option = err
-            .chain()
-            .find_map(|e| e.downcast_ref::<OptionError>())
-            .map(|e| e.option);
-        let flag = match option {
-            None => return err,
-            Some(ModelOption::Format) => "--model-format",
-            Some(ModelOption::Arch) => "--arch",
-            Some(ModelOption::Mean) => "--mean",
-            Some(ModelOption::Std) => "--std",
-            Some(ModelOption::InputLayout) => "--input-layout",
-        };
-        err.context(format!("check {flag}"))
-    })
+    load_classifier(spec, input_shape).flag_hint(hints::MODEL)
 }
 
 impl ModelArgs {
@@ -171,14 +156,6 @@ pub struct DataArgs {
     pub limit: Option<usize>,
 }
 
-/// The flags of [`DataSpec`]'s fields.
-const DATA_FLAGS: Flags = &[
-    ("labels", "--labels"),
-    ("format", "--data-format"),
-    ("offset", "--offset"),
-    ("limit", "--limit"),
-];
-
 impl DataArgs {
     pub fn load(&self) -> Result<Dataset> {
         DataSpec {
@@ -189,7 +166,7 @@ impl DataArgs {
             limit: self.limit,
         }
         .load()
-        .flag_hint(DATA_FLAGS)
+        .flag_hint(hints::DATA)
     }
 }
 

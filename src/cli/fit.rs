@@ -6,15 +6,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use super::hints::{FlagHint, Flags};
+use super::hints::{self, FlagHint};
 use super::values::enum_parser;
-use crate::detector::fit::{fit, FitOptions, PseudoMode};
+use crate::detector::fit::{fit_with_progress, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
 use crate::detector::{ScoreKind, DETECTOR_FILE};
 use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{sidecar_path, Provenance};
-use crate::util::{Check, Checked};
+use crate::util::{progress_bar, Check, Checked};
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
@@ -98,24 +98,6 @@ pub(super) fn score_name(s: ScoreKind) -> &'static str {
     }
 }
 
-/// The flags of [`FitOptions`]' fields.
-const FIT_FLAGS: Flags = &[
-    ("eps", "--eps"),
-    ("target_tpr", "--target-tpr"),
-    ("val_fraction", "--val-fraction"),
-    ("batch_size", "--batch-size"),
-    ("window", "--offset/--limit"),
-];
-
-/// The flags of the pseudo-margin's [`TrainConfig`] fields.
-const PSEUDO_FLAGS: Flags = &[
-    ("hidden", "--hidden"),
-    ("depth", "--depth"),
-    ("lr", "--lr"),
-    ("max_epochs", "--epochs"),
-    ("batch_size", "--mlp-batch-size"),
-];
-
 /// The checked options of `fit`, each error naming its flag.
 fn options(a: &FitArgs, norm: Norm) -> Result<Checked<FitOptions>> {
     let train = TrainConfig {
@@ -129,7 +111,7 @@ fn options(a: &FitArgs, norm: Norm) -> Result<Checked<FitOptions>> {
         ..TrainConfig::default()
     }
     .check()
-    .flag_hint(PSEUDO_FLAGS)?;
+    .flag_hint(hints::PSEUDO)?;
     FitOptions {
         eps: a.eps,
         norm,
@@ -142,7 +124,7 @@ fn options(a: &FitArgs, norm: Norm) -> Result<Checked<FitOptions>> {
         margins_name: a.margins.display().to_string(),
     }
     .check()
-    .flag_hint(FIT_FLAGS)
+    .flag_hint(hints::FIT)
 }
 
 pub fn run(a: FitArgs) -> Result<()> {
@@ -151,15 +133,19 @@ pub fn run(a: FitArgs) -> Result<()> {
     let model = a.model.load_for(&data)?;
     let norm = check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
     let opts = options(&a, norm)?;
-    let det = fit(
+    let pb = progress_bar(0, "forward");
+    let det = fit_with_progress(
         model.as_ref(),
         &data,
         &rows,
         &opts,
         Provenance::current(Some(a.seed)),
-    )
-    .with_context(|| format!("fitting a detector on {}", a.margins.display()))
-    .flag_hint(FIT_FLAGS)?;
+        &pb,
+    );
+    pb.finish_and_clear();
+    let det = det
+        .with_context(|| format!("fitting a detector on {}", a.margins.display()))
+        .flag_hint(hints::FIT)?;
     det.save(&a.out)?;
     let s = &det.spec;
     let v = &s.validation;

@@ -6,9 +6,11 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use super::hints::{self, FlagHint};
 use crate::attack::AttackKind;
 use crate::margins::{self, MarginsOptions, Shard};
 use crate::norm::Norm;
+use crate::util::{work_bar, Check};
 
 #[derive(Debug, Args)]
 pub struct MarginsArgs {
@@ -104,9 +106,10 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         shard,
     }
     .check()
-    .context("margins options (batch_size: --batch-size, chunk: --chunk, topk: --topk, shard: --shard or the SLURM/JOB_COMPLETION_INDEX variables)")?;
+    .flag_hint(hints::MARGINS)?;
     let t0 = std::time::Instant::now();
-    let s = margins::run(
+    let pb = work_bar(options.attack.as_str());
+    let s = margins::run_with_progress(
         model.as_ref(),
         &data,
         &options,
@@ -115,8 +118,10 @@ pub fn run(a: MarginsArgs) -> Result<()> {
             save_adv: a.save_adv.as_deref(),
             restart_stale: a.restart_stale,
         },
-    )
-    .with_context(|| format!("margins into --out {}", a.out.display()))?;
+        &pb,
+    );
+    pb.finish_and_clear();
+    let s = s.with_context(|| format!("margins into --out {}", a.out.display()))?;
     if let Some(why) = &s.restarted {
         eprintln!("warning: started {} again: {why}", a.out.display());
     }

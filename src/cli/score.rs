@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use super::hints::FlagHint;
+use super::hints::{self, FlagHint};
 use crate::detector::apply::score_dataset;
 use crate::detector::Detector;
 use crate::norm::Norm;
@@ -43,7 +43,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         norm: a.norm,
     }
     .check()
-    .flag_hint(&[("batch_size", "--batch-size")])?;
+    .flag_hint(hints::SCORE)?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
     let detector = match &a.detector {

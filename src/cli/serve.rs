@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{load_model, ModelArgs};
-use super::hints::{FlagHint, Flags};
+use super::hints::{self, FlagHint};
 use crate::detector::Detector;
 use crate::serve::{
     bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
@@ -124,21 +124,6 @@ pub fn parse_shape(s: &str) -> Result<[i64; 3]> {
     }
 }
 
-/// The flags of [`ServeConfig`]'s fields.
-const SERVE_FLAGS: Flags = &[
-    ("input_shape", "--input-shape"),
-    ("max_batch", "--max-batch"),
-    ("max_wait", "--max-wait-us"),
-    ("max_images", "--max-images"),
-    ("max_body_bytes", "--max-body-mib"),
-    ("queue", "--queue"),
-    ("spin", "--spin-us"),
-    ("header_timeout", "--header-timeout"),
-    ("body_timeout", "--body-timeout"),
-    ("max_connections", "--max-connections"),
-    ("shutdown_timeout", "--shutdown-timeout"),
-];
-
 /// The service's configuration from the flags; checked before the model loads.
 fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<Checked<ServeConfig>> {
     ServeConfig {
@@ -155,7 +140,7 @@ fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<Checked<ServeConfig>> {
         ..ServeConfig::new(shape)
     }
     .check()
-    .flag_hint(SERVE_FLAGS)
+    .flag_hint(hints::SERVE)
 }
 
 pub fn run(mut a: ServeArgs) -> Result<()> {

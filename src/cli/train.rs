@@ -8,18 +8,18 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use super::hints::{FlagHint, Flags};
+use super::hints::{self, FlagHint};
 use super::values::enum_parser;
 use crate::data::{DataSpec, Dataset};
 use crate::model::native::small_cnn;
 use crate::model::{Classifier, DeviceChoice};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{write_sidecar, Provenance};
-use crate::train::eval::{accuracy, Accuracy};
+use crate::train::eval::{accuracy_with_progress, Accuracy};
 use crate::train::pgd::PgdConfig;
 use crate::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
-use crate::util::sha256_file;
 use crate::util::Check;
+use crate::util::{sha256_file, work_bar};
 
 /// The PGD attack options shared by `train` and `eval-pgd`.
 #[derive(Debug, Clone, Args)]
@@ -37,18 +37,6 @@ pub struct AttackArgs {
     #[arg(long, default_value = "0.01", value_parser = parse_eps)]
     pub step_size: f64,
 }
-
-/// The flags of [`TrainConfig`]'s and [`PgdConfig`]'s fields.
-const TRAIN_FLAGS: Flags = &[
-    ("norm", "--norm"),
-    ("eps", "--eps"),
-    ("step_size", "--step-size"),
-    ("epochs", "--epochs"),
-    ("batch_size", "--batch-size"),
-    ("lr", "--lr"),
-    ("eps_warmup_epochs", "--eps-warmup-epochs"),
-    ("checkpoint_dir", "--checkpoint-dir"),
-];
 
 impl AttackArgs {
     fn config(&self) -> PgdConfig {
@@ -169,7 +157,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 limit: a.test_limit,
             }
             .load()
-            .flag_hint(&[("labels", "--test-labels"), ("limit", "--test-limit")])
+            .flag_hint(hints::TEST_DATA)
         })
         .transpose()?;
     let config = TrainConfig {
@@ -190,14 +178,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .map(|p| Ok::<_, anyhow::Error>(format!("{} sha256={}", p.display(), sha256_file(p)?)))
             .transpose()?,
     };
-    let config = config.check().flag_hint(TRAIN_FLAGS)?;
+    let config = config.check().flag_hint(hints::TRAIN)?;
     let mut trainer = Trainer::new(config, data.input_shape(), data.num_classes, device)
-        .flag_hint(TRAIN_FLAGS)?;
+        .flag_hint(hints::TRAIN)?;
     if let Some(p) = &a.init {
         trainer.init_from(p)?;
     }
     if let Some(dir) = &a.checkpoint_dir {
-        if checkpoint::resume(&mut trainer, dir).flag_hint(TRAIN_FLAGS)? {
+        if checkpoint::resume(&mut trainer, dir).flag_hint(hints::TRAIN)? {
             eprintln!(
                 "resumed from {} after epoch {}",
                 dir.display(),
@@ -208,7 +196,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut test_clean = None;
     while trainer.epoch < a.epochs {
-        let s = trainer.train_epoch(&data)?;
+        let pb = work_bar(&format!("epoch {}", trainer.epoch + 1));
+        let s = trainer.train_epoch_with_progress(&data, &pb);
+        pb.finish_and_clear();
+        let s = s?;
         if let Some(t) = &test {
             test_clean = Some(accuracy(&trainer.model, t, None, 500, a.seed)?.clean);
         }
@@ -298,13 +289,27 @@ pub struct EvalPgdArgs {
     pub out: Option<PathBuf>,
 }
 
+/// [`accuracy_with_progress`] with a bar on stderr while it runs.
+fn accuracy(
+    model: &dyn Classifier,
+    data: &Dataset,
+    attack: Option<&PgdConfig>,
+    batch_size: usize,
+    seed: u64,
+) -> Result<Accuracy> {
+    let pb = work_bar(if attack.is_some() { "pgd eval" } else { "eval" });
+    let acc = accuracy_with_progress(model, data, attack, batch_size, seed, &pb);
+    pb.finish_and_clear();
+    acc
+}
+
 pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
     let data = a.data.load()?;
     let cfg = a.attack.config();
     let model = a.model.load_for(&data)?;
     let t0 = Instant::now();
-    let acc =
-        accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed).flag_hint(TRAIN_FLAGS)?;
+    let acc = accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed)
+        .flag_hint(hints::TRAIN)?;
     println!(
         "{} on {} ({} samples): clean {:.2}%, PGD-{} {} eps={} robust {:.2}% ({:.0} s)",
         model.info().name,

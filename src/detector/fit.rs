@@ -24,7 +24,7 @@ use crate::norm::Norm;
 use crate::provenance::Provenance;
 use crate::score::batched::for_each_batch;
 use crate::score::free_scores;
-use crate::util::{progress_bar, Check, Checked, OptionError};
+use crate::util::{Check, Checked, NoProgress, OptionError, Progress};
 
 /// Whether to train a pseudo-margin and use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,10 +145,11 @@ fn forward_positions(
     positions: &[usize],
     input: PseudoInput,
     batch_size: usize,
+    progress: &dyn Progress,
 ) -> Result<(Tensor, Tensor)> {
-    let pb = progress_bar(positions.len() as u64, "forward");
+    progress.set_length(positions.len() as u64);
     let (mut logits, mut inputs) = (Vec::new(), Vec::new());
-    for_each_batch(positions.len(), batch_size, &pb, |r| {
+    for_each_batch(positions.len(), batch_size, progress, |r| {
         let chunk = &positions[r];
         let idx = Tensor::from_slice(&chunk.iter().map(|&p| p as i64).collect::<Vec<_>>());
         let x = data.images.index_select(0, &idx);
@@ -157,7 +158,6 @@ fn forward_positions(
         inputs.push(f.to_device(tch::Device::Cpu));
         Ok(())
     })?;
-    pb.finish_and_clear();
     Ok((Tensor::cat(&logits, 0), Tensor::cat(&inputs, 0)))
 }
 
@@ -189,6 +189,18 @@ pub fn fit(
     opts: &Checked<FitOptions>,
     provenance: Provenance,
 ) -> Result<Detector> {
+    fit_with_progress(model, data, rows, opts, provenance, &NoProgress)
+}
+
+/// [`fit`] reporting its forward pass over the matched samples to `progress`, a unit a sample.
+pub fn fit_with_progress(
+    model: &dyn Classifier,
+    data: &Dataset,
+    rows: &[MarginRow],
+    opts: &Checked<FitOptions>,
+    provenance: Provenance,
+    progress: &dyn Progress,
+) -> Result<Detector> {
     ensure!(
         rows.len() >= 4,
         "the margins file has {} rows; fitting needs at least 4",
@@ -204,7 +216,8 @@ pub fn fit(
     } else {
         PseudoInput::Logits
     };
-    let (logits, inputs) = forward_positions(model, data, &positions, input, opts.batch_size)?;
+    let (logits, inputs) =
+        forward_positions(model, data, &positions, input, opts.batch_size, progress)?;
     let lm: Vec<f64> = free_scores(&logits)?
         .iter()
         .map(|s| s.logit_margin)

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use tch::Tensor;
 
 use super::adv_store::AdvStore;
-use super::options::{CheckedMarginsOptions, MarginsOptions};
+use super::options::MarginsOptions;
 use super::resume::{resume, Job, Resume};
 use super::row::{write_margins, MarginRow, MarginWriter};
 use super::shard::shard_chunks;
@@ -26,7 +26,7 @@ use crate::data::Dataset;
 use crate::model::Classifier;
 use crate::provenance::{write_sidecar, Provenance};
 use crate::score::score_batch;
-use crate::util::{work_bar, Progress};
+use crate::util::{Checked, NoProgress, Progress};
 
 /// What a finished job reports.
 pub struct Summary {
@@ -49,17 +49,14 @@ pub struct Output<'a> {
     pub restart_stale: bool,
 }
 
-/// Runs (or resumes) a margins job into `output`. Shows a progress bar on stderr.
+/// Runs (or resumes) a margins job into `output`, reporting to nobody.
 pub fn run(
     model: &dyn Classifier,
     data: &Dataset,
-    options: &CheckedMarginsOptions,
+    options: &Checked<MarginsOptions>,
     output: Output,
 ) -> Result<Summary> {
-    let pb = work_bar(options.options().attack.as_str());
-    let summary = run_with_progress(model, data, options, output, &pb);
-    pb.finish_and_clear();
-    summary
+    run_with_progress(model, data, options, output, &NoProgress)
 }
 
 /// [`run`] reporting to `progress` per attack step: a sample counts one unit per step of each
@@ -67,7 +64,7 @@ pub fn run(
 pub fn run_with_progress(
     model: &dyn Classifier,
     data: &Dataset,
-    options: &CheckedMarginsOptions,
+    options: &Checked<MarginsOptions>,
     output: Output,
     progress: &dyn Progress,
 ) -> Result<Summary> {
@@ -77,7 +74,7 @@ pub fn run_with_progress(
         restart_stale,
     } = output;
     let settings = options.settings(model.info(), data);
-    let o = options.options();
+    let o: &MarginsOptions = options;
     let plan = Plan::new(o.attack, o.norm, o.steps, o.topk, model.info().num_classes)?;
     let plan_text = plan.describe();
     let chunks = shard_chunks(data.len(), o.chunk, o.shard);

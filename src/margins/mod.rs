@@ -18,7 +18,7 @@ mod sidecar;
 pub use adv_store::AdvStore;
 pub use job::{run, run_with_progress, Output, Summary};
 pub use merge::merge;
-pub use options::{CheckedMarginsOptions, MarginsOptions};
+pub use options::MarginsOptions;
 pub use resume::{resume, Job, Resume};
 pub use row::{
     check_unique_indices, read_margins, read_partial_margins, write_margins, MarginRow,

@@ -1,5 +1,5 @@
 //! The options of a margins job, checked once (in the manner of linfa's `ParamGuard`):
-//! [`MarginsOptions`] is what a caller asks for, [`CheckedMarginsOptions`] what the job runs.
+//! [`MarginsOptions`] is what a caller asks for, `Checked<MarginsOptions>` what the job runs.
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,7 @@ use crate::attack::AttackKind;
 use crate::data::Dataset;
 use crate::model::ModelInfo;
 use crate::norm::Norm;
+use crate::util::{Check, Checked, OptionError};
 
 /// A margins job as asked for, before [`MarginsOptions::check`]; a margins file records the
 /// options that made it (in [`Settings`]).
@@ -48,32 +49,37 @@ impl MarginsOptions {
             shard: None,
         }
     }
+}
 
+impl Check for MarginsOptions {
     /// Refuses options no job can run with.
-    pub fn check(self) -> Result<CheckedMarginsOptions> {
-        ensure!(self.batch_size > 0, "batch_size must be positive");
-        ensure!(self.chunk > 0, "chunk must be positive (samples per chunk)");
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch_size > 0,
+            OptionError::new("batch_size", "the batch size must be positive")
+        );
+        ensure!(
+            self.chunk > 0,
+            OptionError::new("chunk", "the chunk must be positive (samples per chunk)")
+        );
         ensure!(
             self.topk >= 1,
-            "topk = {} must be at least 1 (classes the targeted attacks consider)",
-            self.topk
+            OptionError::new(
+                "topk",
+                format!(
+                    "topk = {} must be at least 1 (classes the targeted attacks consider)",
+                    self.topk
+                )
+            )
         );
         if let Some(s) = self.shard {
-            Shard::new(s.index, s.count)?;
+            Shard::new(s.index, s.count).map_err(|e| OptionError::about("shard", e))?;
         }
-        Ok(CheckedMarginsOptions(self))
+        Ok(())
     }
 }
 
-/// Options that passed [`MarginsOptions::check`]; the only form [`super::run`] takes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckedMarginsOptions(MarginsOptions);
-
-impl CheckedMarginsOptions {
-    pub fn options(&self) -> &MarginsOptions {
-        &self.0
-    }
-
+impl Checked<MarginsOptions> {
     /// The settings a job with these options records for `model` on `data`.
     pub fn settings(&self, model: &ModelInfo, data: &Dataset) -> Settings {
         Settings {
@@ -83,7 +89,7 @@ impl CheckedMarginsOptions {
                 data.indices.first().copied().unwrap_or(0),
                 data.indices.last().map_or(0, |i| i + 1),
             ),
-            options: self.0.clone(),
+            options: (**self).clone(),
         }
     }
 }
@@ -99,14 +105,15 @@ mod tests {
             chunk: 64,
             ..MarginsOptions::new(Norm::L2, AttackKind::Fmn)
         };
-        assert_eq!(o.clone().check().unwrap().options(), &o);
-        for (bad, field) in [
+        assert_eq!(*o.clone().check().unwrap(), o);
+        for (bad, field, text) in [
             (
                 MarginsOptions {
                     batch_size: 0,
                     ..o.clone()
                 },
                 "batch_size",
+                "batch size must be positive",
             ),
             (
                 MarginsOptions {
@@ -114,6 +121,7 @@ mod tests {
                     ..o.clone()
                 },
                 "chunk",
+                "chunk must be positive",
             ),
             (
                 MarginsOptions {
@@ -121,17 +129,22 @@ mod tests {
                     ..o.clone()
                 },
                 "topk",
+                "topk = 0 must be at least 1",
             ),
             (
                 MarginsOptions {
                     shard: Some(Shard { index: 2, count: 2 }),
                     ..o.clone()
                 },
+                "shard",
                 "shard 2/2",
             ),
         ] {
-            let e = bad.check().unwrap_err().to_string();
-            assert!(e.contains(field) && !e.contains("--"), "{e}");
+            let e = bad.check().unwrap_err();
+            let option = e.downcast_ref::<OptionError>().map(|o| o.field);
+            let e = e.to_string();
+            assert!(e.contains(text) && !e.contains("--"), "{e}");
+            assert_eq!(option, Some(field), "{e}");
         }
     }
 }

@@ -13,6 +13,8 @@ use super::MarginsOptions;
 use crate::data::Dataset;
 use crate::norm::Norm;
 use crate::provenance::{sidecar_path, Provenance};
+use crate::score::batched::for_each_batch;
+use crate::util::NoProgress;
 
 /// Everything that changes the numbers in a margins file; a resumed run or a merged shard must
 /// have the same settings.
@@ -104,9 +106,8 @@ pub fn data_sha256(data: &Dataset) -> Result<String> {
         h.update(i.to_le_bytes());
     }
     // Batches bound the copy out of the tensor; the hash streams.
-    let step = 256;
-    for start in (0..n).step_by(step) {
-        let (x, _) = data.batch(start, (start + step).min(n));
+    for_each_batch(n, 256, &NoProgress, |r| {
+        let (x, _) = data.batch(r.start, r.end);
         // The f32 bytes as libtorch holds them (little-endian on every platform it supports).
         let bytes = Vec::<u8>::try_from(
             x.to_kind(Kind::Float)
@@ -116,7 +117,8 @@ pub fn data_sha256(data: &Dataset) -> Result<String> {
         )
         .with_context(|| format!("{}: reading the images to fingerprint them", data.source))?;
         h.update(&bytes);
-    }
+        Ok(())
+    })?;
     for (&l, &i) in data.labels.iter().zip(&data.indices) {
         h.update(l.to_le_bytes());
         h.update((i as u64).to_le_bytes());

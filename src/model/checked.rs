@@ -3,7 +3,7 @@
 //! A model that returns NaN logits would otherwise score `pred = 0` (every comparison with NaN
 //! is false, so the first class wins), and one that returns integer logits makes libtorch
 //! operations downstream fail deep inside the attacks. [`load_classifier`](super::load_classifier)
-//! wraps every format in [`Checked`], so the check lives in one place for all of them.
+//! wraps every format in [`Guarded`], so the check lives in one place for all of them.
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -65,10 +65,11 @@ pub fn check_logits(info: &ModelInfo, logits: &Tensor) -> Result<(), LogitError>
 }
 
 /// A classifier whose logits (from [`Classifier::logits`] and
-/// [`Classifier::features_and_logits`]) pass [`check_logits`].
-pub struct Checked(pub Box<dyn Classifier>);
+/// [`Classifier::features_and_logits`]) pass [`check_logits`]. (Checked options are
+/// [`crate::util::Checked`], another concept.)
+pub struct Guarded(pub Box<dyn Classifier>);
 
-impl Classifier for Checked {
+impl Classifier for Guarded {
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let z = self.0.logits(x)?;
         check_logits(self.0.info(), &z)?;

@@ -1,15 +1,15 @@
 //! Builds the [`Classifier`] a [`ModelSpec`] names: picks the format's loader, puts the
-//! normalisation in front ([`Normalized`]) and the logit check around ([`Checked`]).
+//! normalisation in front ([`Normalized`]) and the logit check around ([`Guarded`]).
 
 use anyhow::{bail, Context, Result};
 
-use super::checked::Checked;
+use super::checked::Guarded;
 use super::normalize::{Normalized, Normalizer};
 use super::spec::{ModelFormat, ModelSpec};
 use super::{native, onnx, torchscript::TorchScriptClassifier, Classifier};
 
 /// Builds the classifier for inputs of shape `[C, H, W]` (models are probed once at load, on
-/// the normalised probe batch), wrapped in [`Checked`] so that no format's NaN or integer
+/// the normalised probe batch), wrapped in [`Guarded`] so that no format's NaN or integer
 /// logits reach a caller.
 pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dyn Classifier>> {
     if !spec.path.exists() {
@@ -40,7 +40,7 @@ pub fn load_classifier(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dy
         }
     };
     let model = model.with_context(|| format!("loading model {}", path.display()))?;
-    Ok(Box::new(Checked(model)))
+    Ok(Box::new(Guarded(model)))
 }
 
 /// `model` behind its normalisation, when there is one.

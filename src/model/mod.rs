@@ -2,7 +2,7 @@
 //!
 //! Formats: TorchScript ([`torchscript`]), native Rust architectures with PyTorch or
 //! safetensors weights ([`native`], [`weights`]), ONNX ([`onnx`]). [`load`] picks one from a
-//! [`spec::ModelSpec`], puts [`normalize::Normalized`] in front and [`checked::Checked`]
+//! [`spec::ModelSpec`], puts [`normalize::Normalized`] in front and [`checked::Guarded`]
 //! around; [`sanity`] checks the first batch of labelled data before a command trusts the
 //! model's answers.
 
@@ -24,7 +24,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use device::DeviceChoice;
 pub use load::load_classifier;
-pub use spec::{InputLayout, ModelFormat, ModelOption, ModelSpec, OptionError};
+pub use spec::{InputLayout, ModelFormat, ModelSpec};
 
 /// What a model is, for provenance and for refusing a detector fitted on another model.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]

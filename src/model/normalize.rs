@@ -4,8 +4,8 @@
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::spec::{ModelOption, OptionError};
 use super::{Classifier, ModelInfo};
+use crate::util::OptionError;
 
 /// Mean and std per channel, kept on the model's device.
 #[derive(Debug)]
@@ -30,24 +30,23 @@ impl Normalizer {
                 s.map(<[f64]>::to_vec).unwrap_or_else(|| vec![1.0]),
             ),
         };
-        let widen = |v: Vec<f64>, option: ModelOption| -> Result<Vec<f64>, OptionError> {
+        let widen = |v: Vec<f64>, option: &'static str| -> Result<Vec<f64>, OptionError> {
             match v.len() as i64 {
                 1 => Ok(vec![v[0]; channels as usize]),
                 n if n == channels => Ok(v),
                 n => Err(OptionError::new(
                     option,
                     format!(
-                        "the {} has {n} values but the model input has {channels} channels",
-                        option.name()
+                        "the {option} has {n} values but the model input has {channels} channels"
                     ),
                 )),
             }
         };
-        let mean = widen(mean, ModelOption::Mean)?;
-        let std = widen(std, ModelOption::Std)?;
+        let mean = widen(mean, "mean")?;
+        let std = widen(std, "std")?;
         if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(OptionError::new(
-                ModelOption::Std,
+                "std",
                 format!("the std values must be positive, got {s}"),
             )
             .into());

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use tch::Device;
 
-use crate::util::sha256_file;
+use crate::util::{sha256_file, OptionError};
 
 /// The model formats brittle reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -40,44 +40,6 @@ impl InputLayout {
             InputLayout::Nchw => "nchw",
             InputLayout::Nhwc => "nhwc",
         }
-    }
-}
-
-/// The model options a caller sets; errors name the one at fault so that a front end can name
-/// its own setting for it (a command-line flag, a keyword argument).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModelOption {
-    Format,
-    Arch,
-    Mean,
-    Std,
-    InputLayout,
-}
-
-impl ModelOption {
-    /// The concept, for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelOption::Format => "model format",
-            ModelOption::Arch => "architecture",
-            ModelOption::Mean => "mean",
-            ModelOption::Std => "std",
-            ModelOption::InputLayout => "input layout",
-        }
-    }
-}
-
-/// A model option that does not fit the model file or the data.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct OptionError {
-    pub option: ModelOption,
-    pub message: String,
-}
-
-impl OptionError {
-    pub fn new(option: ModelOption, message: String) -> Self {
-        OptionError { option, message }
     }
 }
 
@@ -130,7 +92,7 @@ impl ModelSpec {
             "onnx" => Ok(ModelFormat::Onnx),
             "pt" | "pth" | "ts" | "jit" => Ok(ModelFormat::Torchscript),
             "safetensors" => Err(OptionError::new(
-                ModelOption::Arch,
+                "arch",
                 format!(
                     "{}: safetensors holds weights only; name the architecture",
                     self.path.display()
@@ -138,7 +100,7 @@ impl ModelSpec {
             )
             .into()),
             _ => Err(OptionError::new(
-                ModelOption::Format,
+                "format",
                 format!(
                     "{}: cannot tell the model format from the extension; name the model format",
                     self.path.display()

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use anyhow::{ensure, Result};
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -11,22 +12,68 @@ use super::nan::null_is_nan;
 use crate::margins::MarginRow;
 use crate::metrics::robust::{self, Calibration};
 use crate::metrics::{bootstrap, detection, rank};
-use crate::norm::Norm;
+use crate::norm::{parse_eps, Norm};
 use crate::provenance::Provenance;
+use crate::util::{Check, Checked, OptionError};
 
-/// What `analyze` computes and how.
+/// What `analyze` computes and how, before [`Check::check`]; [`analyze`] takes it checked.
 #[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     pub norm: Norm,
-    /// `(label as written, value)`, e.g. `("8/255", 0.0314)`.
-    pub eps: Vec<(String, f64)>,
+    /// ε values as written (`8/255`, `0.5`), which label the output; empty: [`default_eps`].
+    pub eps: Vec<String>,
+    /// Input shape of the attacked images (from the margins sidecar): bounds ε in L2 and L1
+    /// (`None`: only L∞'s bound of 1 is known).
+    pub input_shape: Option<[i64; 3]>,
     pub seed: u64,
     /// Bootstrap resamples for the 95% intervals (0: no intervals).
     pub bootstrap: usize,
     /// Attacked-subset size for the robust-accuracy estimate (`None`: no estimate).
     pub subset: Option<usize>,
+    /// Repeats of the subset estimate.
     pub repeats: usize,
     pub provenance: Provenance,
+}
+
+impl Check for AnalyzeOptions {
+    /// Every ε parses and lies inside the pixel box for the norm; the subset, the repeats and
+    /// the bootstrap can give a number.
+    fn validate(&self) -> Result<()> {
+        for text in &self.eps {
+            parse_eps(text)
+                .and_then(|v| self.norm.check_eps(v, self.input_shape))
+                .map_err(|e| OptionError::new("eps", format!("{e:#}")).with_value(text.as_str()))?;
+        }
+        ensure!(
+            self.subset != Some(0),
+            OptionError::new("subset", "the subset size must be positive")
+        );
+        ensure!(
+            self.repeats > 0,
+            OptionError::new("repeats", "the repeats must be positive")
+        );
+        ensure!(
+            self.bootstrap != 1,
+            OptionError::new(
+                "bootstrap",
+                "one resample has no spread: ask for 0 (no intervals) or at least 2"
+            )
+        );
+        Ok(())
+    }
+}
+
+impl Checked<AnalyzeOptions> {
+    /// The ε sweep: `(label as written, value)`, e.g. `("8/255", 0.0314)`.
+    pub fn sweep(&self) -> Vec<(String, f64)> {
+        if self.eps.is_empty() {
+            return default_eps(self.norm);
+        }
+        self.eps
+            .iter()
+            .map(|t| (t.clone(), parse_eps(t).expect("checked")))
+            .collect()
+    }
 }
 
 /// The default ε sweep of a norm: L∞ 2,4,8,12,16,32 /255; L2 0.25, 0.5, 1.0; L1 as the
@@ -319,7 +366,8 @@ fn spread(v: &[f64]) -> Spread {
 
 /// Computes the report's numbers. Never panics on data: undefined statistics are `NaN`
 /// (`null` in JSON).
-pub fn analyze(rows: &[MarginRow], opts: &AnalyzeOptions) -> Analysis {
+pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
+    let sweep = opts.sweep();
     let used: Vec<&MarginRow> = rows.iter().filter(|r| r.success == 1).collect();
     let d_in: Vec<f64> = used.iter().map(|r| r.input_margin).collect();
     let columns = score_columns(&used);
@@ -335,8 +383,7 @@ pub fn analyze(rows: &[MarginRow], opts: &AnalyzeOptions) -> Analysis {
         .collect();
     let lm: Vec<f64> = used.iter().map(|r| r.logit_margin).collect();
     let neg_lm: Vec<f64> = lm.iter().map(|v| -v).collect();
-    let detection = opts
-        .eps
+    let detection = sweep
         .iter()
         .map(|(label, eps)| {
             let pos: Vec<bool> = d_in.iter().map(|&d| d <= *eps).collect();
@@ -376,8 +423,7 @@ pub fn analyze(rows: &[MarginRow], opts: &AnalyzeOptions) -> Analysis {
     let correct: Vec<bool> = rows.iter().map(|r| r.correct == 1).collect();
     let all_d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
     let all_lm: Vec<f64> = rows.iter().map(|r| r.logit_margin).collect();
-    let robust_accuracy = opts
-        .eps
+    let robust_accuracy = sweep
         .iter()
         .map(|(label, eps)| EpsValue {
             eps: *eps,
@@ -388,7 +434,7 @@ pub fn analyze(rows: &[MarginRow], opts: &AnalyzeOptions) -> Analysis {
     let robust_accuracy_estimate = opts
         .subset
         .filter(|&n| n > 0 && !rows.is_empty())
-        .map(|n| estimate_all(&correct, &all_d, &all_lm, n.min(rows.len()), opts));
+        .map(|n| estimate_all(&correct, &all_d, &all_lm, n.min(rows.len()), &sweep, opts));
     let head = &scores.get("logit_margin");
     let pick = |f: fn(&Consistency) -> f64| head.map_or(f64::NAN, f);
     let pick_ci = |f: fn(&Consistency) -> [f64; 2]| head.map_or([f64::NAN; 2], f);
@@ -420,14 +466,15 @@ fn estimate_all(
     d_in: &[f64],
     lm: &[f64],
     n: usize,
+    sweep: &[(String, f64)],
     opts: &AnalyzeOptions,
 ) -> Vec<RobustEstimate> {
-    let repeats = opts.repeats.max(1);
+    let repeats = opts.repeats;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(0x5eed));
     let subsets: Vec<Vec<usize>> = (0..repeats)
         .map(|_| sample(&mut rng, lm.len(), n).into_vec())
         .collect();
-    opts.eps
+    sweep
         .iter()
         .map(|(label, eps)| {
             let (mut est, mut lam, mut bal, mut sub) = (vec![], vec![], vec![], vec![]);

@@ -137,6 +137,7 @@ mod tests {
     use super::*;
     use crate::norm::Norm;
     use crate::provenance::Provenance;
+    use crate::util::Check;
 
     /// `metrics.json` reads back as the analysis that wrote it, its undefined statistics
     /// (written as `null`) as NaN.
@@ -166,13 +167,16 @@ mod tests {
         let opts = AnalyzeOptions {
             norm: Norm::L2,
             // No sample is within 0.01: AUROC and the rest are undefined.
-            eps: vec![("0.01".into(), 0.01), ("0.2".into(), 0.2)],
+            eps: vec!["0.01".into(), "0.2".into()],
+            input_shape: None,
             seed: 0,
             bootstrap: 0,
             subset: Some(4),
             repeats: 3,
             provenance: Provenance::current(Some(0)),
-        };
+        }
+        .check()
+        .unwrap();
         let a = analyze(&rows, &opts);
         assert!(a.detection[0].auroc.is_nan() && a.kendall_tau_ci[0].is_nan());
         let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use crate::attack::sample_seed;
 use crate::data::Dataset;
 use crate::model::{logits_no_grad, Classifier};
 use crate::score::batched::for_each_batch;
-use crate::util::{work_bar, NoProgress};
+use crate::util::{NoProgress, Progress};
 
 /// Accuracies measured on a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -29,16 +29,27 @@ pub fn accuracy(
     batch_size: usize,
     seed: u64,
 ) -> Result<Accuracy> {
+    accuracy_with_progress(model, data, attack, batch_size, seed, &NoProgress)
+}
+
+/// [`accuracy`] reporting to `progress`: one unit per sample for the clean pass and one per
+/// sample and PGD step, with the running accuracies as the message.
+pub fn accuracy_with_progress(
+    model: &dyn Classifier,
+    data: &Dataset,
+    attack: Option<&PgdConfig>,
+    batch_size: usize,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<Accuracy> {
     ensure!(!data.is_empty(), "{}: no samples to evaluate", data.source);
     // PGD checks its other settings itself; the ε bound needs the data's shape.
     if let Some(cfg) = attack {
         super::check_attack_eps(cfg, data.input_shape())?;
     }
     let device = model.device();
-    // One unit per sample for the clean pass and one per sample and PGD step.
     let units = 1 + attack.map_or(0, |c| c.steps);
-    let pb = work_bar(if attack.is_some() { "pgd eval" } else { "eval" });
-    pb.set_length((data.len() * units) as u64);
+    progress.set_length((data.len() * units) as u64);
     let (mut clean_ok, mut robust_ok) = (0i64, 0i64);
     // The clean pass of a batch counts before its PGD steps, which count as they run.
     for_each_batch(data.len(), batch_size, &NoProgress, |r| {
@@ -47,15 +58,15 @@ pub fn accuracy(
         let y = Tensor::from_slice(labels).to_device(device);
         let clean = logits_no_grad(model, &x)?.argmax(-1, false).eq_tensor(&y);
         clean_ok += clean.sum(Kind::Int64).int64_value(&[]);
-        pb.inc(r.len() as u64);
+        progress.inc(r.len() as u64);
         if let Some(cfg) = attack {
             let seeds: Vec<u64> = r.clone().map(|i| sample_seed(seed, i)).collect();
-            let adv = pgd_with_progress(model, &x, &seeds, cfg, cross_entropy(&y), &pb)?;
+            let adv = pgd_with_progress(model, &x, &seeds, cfg, cross_entropy(&y), progress)?;
             let adv_ok = logits_no_grad(model, &adv)?.argmax(-1, false).eq_tensor(&y);
             robust_ok += adv_ok.logical_and(&clean).sum(Kind::Int64).int64_value(&[]);
         }
         let seen = r.end as f64;
-        pb.set_message(match attack {
+        progress.set_message(match attack {
             Some(_) => format!(
                 "clean {:.2}% robust {:.2}%",
                 100.0 * clean_ok as f64 / seen,
@@ -65,7 +76,6 @@ pub fn accuracy(
         });
         Ok(())
     })?;
-    pb.finish_and_clear();
     let n = data.len() as f64;
     Ok(Accuracy {
         samples: data.len(),

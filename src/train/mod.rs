@@ -19,7 +19,7 @@ use crate::data::Dataset;
 use crate::model::native::NativeClassifier;
 use crate::model::weights;
 use crate::model::Classifier;
-use crate::util::{with_torch_seed, work_bar, Check, Checked, OptionError};
+use crate::util::{with_torch_seed, Check, Checked, NoProgress, OptionError, Progress};
 use adam::Adam;
 use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
 
@@ -197,6 +197,16 @@ impl Trainer {
     /// Trains one epoch over `data`; every random choice derives from `(seed, epoch)`, so a
     /// run resumed at an epoch boundary matches an uninterrupted one.
     pub fn train_epoch(&mut self, data: &Dataset) -> Result<EpochStats> {
+        self.train_epoch_with_progress(data, &NoProgress)
+    }
+
+    /// [`Self::train_epoch`] reporting to `progress`: one unit per sample for the training step
+    /// and one per sample and PGD step (the CLI shows it as a bar per epoch).
+    pub fn train_epoch_with_progress(
+        &mut self,
+        data: &Dataset,
+        progress: &dyn Progress,
+    ) -> Result<EpochStats> {
         let c = self.config.clone();
         let epoch_seed = c
             .seed
@@ -208,14 +218,12 @@ impl Trainer {
         let steps_per_epoch = n.div_ceil(c.batch_size);
         let total = steps_per_epoch * c.epochs;
         let device = self.model.device();
-        // One unit per sample for the training step and one per sample and PGD step.
         let units = 1 + if c.mode == Mode::Standard {
             0
         } else {
             c.attack.steps
         };
-        let pb = work_bar(&format!("epoch {}", self.epoch + 1));
-        pb.set_length((n * units) as u64);
+        progress.set_length((n * units) as u64);
         let (mut loss_sum, mut clean_ok, mut adv_ok) = (0.0, 0i64, 0i64);
         for (b, chunk) in order.chunks(c.batch_size).enumerate() {
             let t = self.epoch * steps_per_epoch + b;
@@ -241,7 +249,7 @@ impl Trainer {
                         &seeds,
                         &attack,
                         cross_entropy(&y),
-                        &pb,
+                        progress,
                     )?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let loss = adv_logits.cross_entropy_for_logits(&y);
@@ -251,8 +259,14 @@ impl Trainer {
                 Mode::Trades => {
                     let log_p =
                         tch::no_grad(|| self.model.logits(&x))?.log_softmax(-1, Kind::Float);
-                    let adv =
-                        pgd_with_progress(&self.model, &x, &seeds, &attack, kl_from(&log_p), &pb)?;
+                    let adv = pgd_with_progress(
+                        &self.model,
+                        &x,
+                        &seeds,
+                        &attack,
+                        kl_from(&log_p),
+                        progress,
+                    )?;
                     let clean = self.model.logits_t(&x, true)?;
                     let adv_logits = self.model.logits_t(&adv, true)?;
                     let kl = adv_logits.log_softmax(-1, Kind::Float).kl_div(
@@ -276,15 +290,14 @@ impl Trainer {
             clean_ok += correct(&clean_logits, &y);
             adv_ok += correct(&adv_logits, &y);
             let seen = (b * c.batch_size + chunk.len()) as f64;
-            pb.set_message(format!(
+            progress.set_message(format!(
                 "loss {:.3} clean {:.1}% adv {:.1}%",
                 loss_sum / seen,
                 100.0 * clean_ok as f64 / seen,
                 100.0 * adv_ok as f64 / seen
             ));
-            pb.inc(chunk.len() as u64);
+            progress.inc(chunk.len() as u64);
         }
-        pb.finish_and_clear();
         self.epoch += 1;
         let stats = EpochStats {
             epoch: self.epoch,

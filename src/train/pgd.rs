@@ -11,7 +11,7 @@ use crate::attack::{
 };
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
-use crate::util::{NoProgress, OptionError, Progress};
+use crate::util::{Check, NoProgress, OptionError, Progress};
 
 /// One PGD attack.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -24,9 +24,10 @@ pub struct PgdConfig {
     pub random_start: bool,
 }
 
-impl PgdConfig {
-    /// Checks the settings once, so the attack loop cannot fail on them.
-    pub fn validate(&self) -> Result<()> {
+/// PGD's settings, checked like every options struct (see [`Check`]); [`pgd_with_progress`]
+/// runs the check itself, once per call, so that the attack loop cannot fail on them.
+impl Check for PgdConfig {
+    fn validate(&self) -> Result<()> {
         if !matches!(self.norm, Norm::Linf | Norm::L2) {
             bail!(OptionError::new(
                 "norm",
@@ -50,7 +51,9 @@ impl PgdConfig {
         }
         Ok(())
     }
+}
 
+impl PgdConfig {
     /// The same attack with ε and step size scaled by `factor` (ε warm-up).
     pub fn scaled(&self, factor: f64) -> PgdConfig {
         PgdConfig {

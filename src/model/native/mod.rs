@@ -20,8 +20,9 @@ use anyhow::{ensure, Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use super::spec::{ModelOption, ModelSpec, OptionError};
+use super::spec::ModelSpec;
 use super::{weights, Classifier, ModelInfo};
+use crate::util::OptionError;
 
 /// What a builder needs to size its layers.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +80,7 @@ pub fn build_network(
             n,
             Some(w.parse::<i64>().ok().filter(|w| *w > 0).ok_or_else(|| {
                 OptionError::new(
-                    ModelOption::Arch,
+                    "arch",
                     format!("architecture {arch}: width after '@' must be a positive integer"),
                 )
             })?),
@@ -98,7 +99,7 @@ pub fn build_network(
         return wide_resnet::build(p, &cfg, depth, widen);
     }
     Err(OptionError::new(
-        ModelOption::Arch,
+        "arch",
         format!("unknown architecture {name:?}; known: {}", known_names()),
     )
     .into())
@@ -322,7 +323,7 @@ pub fn load_native(
 ) -> Result<NativeClassifier> {
     let arch = spec.arch.as_deref().ok_or_else(|| {
         OptionError::new(
-            ModelOption::Arch,
+            "arch",
             format!(
                 "a native model needs an architecture (one of {})",
                 known_names()

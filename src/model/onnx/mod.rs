@@ -44,8 +44,9 @@ use anyhow::{ensure, Context, Result};
 use tch::{Device, Tensor};
 
 use self::graph::Graph;
-use super::spec::{InputLayout, ModelOption, ModelSpec, OptionError};
+use super::spec::{InputLayout, ModelSpec};
 use super::{is_last_linear, rel_diff, Classifier, ModelInfo, PROBE_TOL};
+use crate::util::OptionError;
 
 /// How the graph's input is produced from NCHW pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -142,7 +143,7 @@ fn feed_for(graph: &Graph, [c, h, w]: [i64; 3], layout: InputLayout) -> Result<F
         (4, InputLayout::Nchw) if fits(&[c, h, w]) => Ok(Feed::Nchw),
         (4, InputLayout::Nhwc) if fits(&[h, w, c]) => Ok(Feed::Nhwc),
         (4, InputLayout::Nchw) if fits(&[h, w, c]) => Err(OptionError::new(
-            ModelOption::InputLayout,
+            "input_layout",
             format!(
                 "input {name:?} is [{}], NHWC for images [C, H, W] = [{c}, {h}, {w}]: the input layout must be nhwc",
                 show(dims)
@@ -150,7 +151,7 @@ fn feed_for(graph: &Graph, [c, h, w]: [i64; 3], layout: InputLayout) -> Result<F
         )
         .into()),
         _ => Err(OptionError::new(
-            ModelOption::InputLayout,
+            "input_layout",
             format!(
                 "input {name:?} has shape [{}], which does not fit images [C, H, W] = [{c}, {h}, {w}] with input layout {}",
                 show(dims),
