@@ -1,10 +1,10 @@
-//! Small helpers shared by several stages: hashing, progress bars, tensor conversion.
+//! Small helpers shared by several stages: hashing, progress reports, tensor conversion,
+//! checked options.
 
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
 /// sha256 of a file, hex.
@@ -36,8 +36,8 @@ pub fn sha256_hex<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
 
 /// Where long-running library work reports how far it has got. The work is counted in units
 /// of roughly equal cost (an attack step of one sample, a sample of a forward pass) so that the
-/// rate, and with it the ETA, holds from the first unit on. The CLI's implementation is
-/// indicatif's bar; tests record the calls.
+/// rate, and with it the ETA, holds from the first unit on. The CLI draws it as indicatif's bar
+/// (`cli/progress.rs`); tests record the calls.
 pub trait Progress {
     /// The total number of units (set once the work is planned).
     fn set_length(&self, units: u64);
@@ -53,54 +53,6 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn set_length(&self, _: u64) {}
     fn inc(&self, _: u64) {}
-}
-
-impl Progress for ProgressBar {
-    fn set_length(&self, units: u64) {
-        ProgressBar::set_length(self, units);
-    }
-    fn inc(&self, units: u64) {
-        ProgressBar::inc(self, units);
-    }
-    fn set_message(&self, msg: String) {
-        ProgressBar::set_message(self, msg);
-    }
-}
-
-/// A progress bar over `len` samples showing rate and ETA; hidden when stderr is not a terminal
-/// or `BRITTLE_NO_PROGRESS` is set.
-pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
-    styled_bar(
-        Some(len),
-        what,
-        "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta} {msg}",
-    )
-}
-
-/// A bar over units of work that are not samples (attack steps): shows the percentage and ETA,
-/// and the message (samples finished) instead of the raw count.
-pub fn work_bar(what: &str) -> ProgressBar {
-    styled_bar(
-        None,
-        what,
-        "{prefix:>10} [{elapsed_precise}] {wide_bar} {percent:>3}% ETA {eta} {msg}",
-    )
-}
-
-/// `len: None`: set later ([`Progress::set_length`]); until then the bar shows 0%, not 100%.
-fn styled_bar(len: Option<u64>, what: &str, template: &str) -> ProgressBar {
-    let pb = if std::env::var_os("BRITTLE_NO_PROGRESS").is_some() {
-        ProgressBar::hidden()
-    } else {
-        len.map_or_else(ProgressBar::no_length, ProgressBar::new)
-    };
-    pb.set_style(
-        ProgressStyle::with_template(template)
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(what.to_string());
-    pb
 }
 
 /// A float tensor's values, flattened, as `Vec<f64>`. A contiguous float32 CPU tensor (logits,

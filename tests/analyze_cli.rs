@@ -248,6 +248,24 @@ fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
         "{e}"
     );
     assert!(analyze(l2, &["--eps", "27"], &out).status.success());
+    // The library checks the options; the command line names the flag.
+    for (args, want) in [
+        (
+            ["--subset", "0"],
+            "--subset: the subset size must be positive",
+        ),
+        (
+            ["--repeats", "0"],
+            "--repeats: the repeats must be positive",
+        ),
+        (
+            ["--bootstrap", "1"],
+            "--bootstrap: one resample has no spread",
+        ),
+    ] {
+        let e = String::from_utf8_lossy(&analyze(l2, &args, &out).stderr).into_owned();
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
 
     let mut text = std::fs::read_to_string(&csv).unwrap();
     let row5 = text.lines().nth(6).unwrap().to_string();

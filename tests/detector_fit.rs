@@ -340,3 +340,42 @@ fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
         assert_eq!(plain[17].scores, scored[17].scores);
     }
 }
+
+/// Records what the library reports, as the CLI's bar would show it.
+#[derive(Default)]
+struct Recorded {
+    length: std::cell::Cell<Option<u64>>,
+    incs: std::cell::RefCell<Vec<u64>>,
+}
+
+impl brittle::util::Progress for Recorded {
+    fn set_length(&self, units: u64) {
+        self.length.set(Some(units));
+    }
+    fn inc(&self, units: u64) {
+        self.incs.borrow_mut().push(units);
+    }
+}
+
+/// The forward pass of a fit reports to the caller's progress (the CLI draws the bar), a batch
+/// at a time, a unit a sample.
+#[test]
+fn fit_reports_its_forward_pass_to_the_callers_progress() {
+    let (model, w_eff) = inconsistent_model(1);
+    let (data, rows) = synthetic_set(&model, &w_eff, 200, 2);
+    let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
+    let opts = FitOptions {
+        batch_size: 64,
+        ..options(median(&d), PseudoMode::Off)
+    }
+    .check()
+    .unwrap();
+    let seen = Recorded::default();
+    let prov = Provenance::current(Some(7));
+    let det = fit::fit_with_progress(&model, &data, &rows, &opts, prov.clone(), &seen).unwrap();
+    assert_eq!(seen.length.get(), Some(200));
+    assert_eq!(*seen.incs.borrow(), [64, 64, 64, 8]);
+    // Reporting changes nothing in the detector.
+    let quiet = fit(&model, &data, &rows, &opts, prov).unwrap();
+    assert_eq!(det.spec.lambda, quiet.spec.lambda);
+}

@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use super::hints::{self, FlagHint};
+use super::progress::{progress_bar, with_bar};
 use super::values::enum_parser;
 use crate::detector::fit::{fit_with_progress, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
@@ -14,7 +15,7 @@ use crate::detector::{ScoreKind, DETECTOR_FILE};
 use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{sidecar_path, Provenance};
-use crate::util::{progress_bar, Check, Checked};
+use crate::util::{Check, Checked};
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
@@ -133,19 +134,18 @@ pub fn run(a: FitArgs) -> Result<()> {
     let model = a.model.load_for(&data)?;
     let norm = check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
     let opts = options(&a, norm)?;
-    let pb = progress_bar(0, "forward");
-    let det = fit_with_progress(
-        model.as_ref(),
-        &data,
-        &rows,
-        &opts,
-        Provenance::current(Some(a.seed)),
-        &pb,
-    );
-    pb.finish_and_clear();
-    let det = det
-        .with_context(|| format!("fitting a detector on {}", a.margins.display()))
-        .flag_hint(hints::FIT)?;
+    let det = with_bar(progress_bar(0, "forward"), |pb| {
+        fit_with_progress(
+            model.as_ref(),
+            &data,
+            &rows,
+            &opts,
+            Provenance::current(Some(a.seed)),
+            pb,
+        )
+    })
+    .with_context(|| format!("fitting a detector on {}", a.margins.display()))
+    .flag_hint(hints::FIT)?;
     det.save(&a.out)?;
     let s = &det.spec;
     let v = &s.validation;

@@ -7,10 +7,11 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use super::hints::{self, FlagHint};
+use super::progress::{with_bar, work_bar};
 use crate::attack::AttackKind;
 use crate::margins::{self, MarginsOptions, Shard};
 use crate::norm::Norm;
-use crate::util::{work_bar, Check};
+use crate::util::Check;
 
 #[derive(Debug, Args)]
 pub struct MarginsArgs {
@@ -108,20 +109,20 @@ pub fn run(a: MarginsArgs) -> Result<()> {
     .check()
     .flag_hint(hints::MARGINS)?;
     let t0 = std::time::Instant::now();
-    let pb = work_bar(options.attack.as_str());
-    let s = margins::run_with_progress(
-        model.as_ref(),
-        &data,
-        &options,
-        margins::Output {
-            margins: &a.out,
-            save_adv: a.save_adv.as_deref(),
-            restart_stale: a.restart_stale,
-        },
-        &pb,
-    );
-    pb.finish_and_clear();
-    let s = s.with_context(|| format!("margins into --out {}", a.out.display()))?;
+    let s = with_bar(work_bar(options.attack.as_str()), |pb| {
+        margins::run_with_progress(
+            model.as_ref(),
+            &data,
+            &options,
+            margins::Output {
+                margins: &a.out,
+                save_adv: a.save_adv.as_deref(),
+                restart_stale: a.restart_stale,
+            },
+            pb,
+        )
+    })
+    .with_context(|| format!("margins into --out {}", a.out.display()))?;
     if let Some(why) = &s.restarted {
         eprintln!("warning: started {} again: {why}", a.out.display());
     }

@@ -7,6 +7,7 @@ pub mod fit;
 pub mod hints;
 pub mod margins;
 pub mod merge;
+pub mod progress;
 pub mod score;
 pub mod serve;
 pub mod train;

@@ -8,13 +8,13 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use super::hints::{self, FlagHint};
+use super::progress::{progress_bar, with_bar};
 use crate::detector::apply::score_dataset;
 use crate::detector::Detector;
 use crate::norm::Norm;
 use crate::provenance::{write_sidecar, Provenance};
 use crate::score::table::write_csv;
 use crate::score::ScoreOptions;
-use crate::util::progress_bar;
 use crate::util::Check;
 
 #[derive(Debug, Args)]
@@ -56,9 +56,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         None => None,
     };
     let t0 = Instant::now();
-    let pb = progress_bar(data.len() as u64, "score");
-    let (rows, decisions) = score_dataset(model.as_ref(), detector.as_ref(), &data, &opts, &pb)?;
-    pb.finish_and_clear();
+    let (rows, decisions) = with_bar(progress_bar(data.len() as u64, "score"), |pb| {
+        score_dataset(model.as_ref(), detector.as_ref(), &data, &opts, pb)
+    })?;
     let secs = t0.elapsed().as_secs_f64();
     let file =
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

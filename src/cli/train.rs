@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
 use super::hints::{self, FlagHint};
+use super::progress::{with_bar, work_bar};
 use super::values::enum_parser;
 use crate::data::{DataSpec, Dataset};
 use crate::model::native::small_cnn;
@@ -18,8 +19,8 @@ use crate::provenance::{write_sidecar, Provenance};
 use crate::train::eval::{accuracy_with_progress, Accuracy};
 use crate::train::pgd::PgdConfig;
 use crate::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
+use crate::util::sha256_file;
 use crate::util::Check;
-use crate::util::{sha256_file, work_bar};
 
 /// The PGD attack options shared by `train` and `eval-pgd`.
 #[derive(Debug, Clone, Args)]
@@ -196,12 +197,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut test_clean = None;
     while trainer.epoch < a.epochs {
-        let pb = work_bar(&format!("epoch {}", trainer.epoch + 1));
-        let s = trainer.train_epoch_with_progress(&data, &pb);
-        pb.finish_and_clear();
-        let s = s?;
+        let s = with_bar(work_bar(&format!("epoch {}", trainer.epoch + 1)), |pb| {
+            trainer.train_epoch_with_progress(&data, pb)
+        })?;
         if let Some(t) = &test {
-            test_clean = Some(accuracy(&trainer.model, t, None, 500, a.seed)?.clean);
+            test_clean = Some(
+                with_bar(eval_bar(None), |pb| {
+                    accuracy_with_progress(&trainer.model, t, None, 500, a.seed, pb)
+                })?
+                .clean,
+            );
         }
         // Standard training has no attack: its "adversarial" accuracy is the clean one.
         let adv = if a.mode == Mode::Standard {
@@ -233,9 +238,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 steps: a.eval_steps.unwrap_or(a.attack.steps),
                 ..a.attack.config()
             };
-            Some(accuracy(&trainer.model, t, Some(&eval), 500, a.seed)?)
+            Some(with_bar(eval_bar(Some(&eval)), |pb| {
+                accuracy_with_progress(&trainer.model, t, Some(&eval), 500, a.seed, pb)
+            })?)
         }
-        Some(t) => Some(accuracy(&trainer.model, t, None, 500, a.seed)?),
+        Some(t) => Some(with_bar(eval_bar(None), |pb| {
+            accuracy_with_progress(&trainer.model, t, None, 500, a.seed, pb)
+        })?),
         None => None,
     };
     if let Some(acc) = &final_test {
@@ -289,18 +298,9 @@ pub struct EvalPgdArgs {
     pub out: Option<PathBuf>,
 }
 
-/// [`accuracy_with_progress`] with a bar on stderr while it runs.
-fn accuracy(
-    model: &dyn Classifier,
-    data: &Dataset,
-    attack: Option<&PgdConfig>,
-    batch_size: usize,
-    seed: u64,
-) -> Result<Accuracy> {
-    let pb = work_bar(if attack.is_some() { "pgd eval" } else { "eval" });
-    let acc = accuracy_with_progress(model, data, attack, batch_size, seed, &pb);
-    pb.finish_and_clear();
-    acc
+/// The bar of an accuracy pass ([`accuracy_with_progress`]).
+fn eval_bar(attack: Option<&PgdConfig>) -> indicatif::ProgressBar {
+    work_bar(if attack.is_some() { "pgd eval" } else { "eval" })
 }
 
 pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
@@ -308,8 +308,10 @@ pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
     let cfg = a.attack.config();
     let model = a.model.load_for(&data)?;
     let t0 = Instant::now();
-    let acc = accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed)
-        .flag_hint(hints::TRAIN)?;
+    let acc = with_bar(eval_bar(Some(&cfg)), |pb| {
+        accuracy_with_progress(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed, pb)
+    })
+    .flag_hint(hints::TRAIN)?;
     println!(
         "{} on {} ({} samples): clean {:.2}%, PGD-{} {} eps={} robust {:.2}% ({:.0} s)",
         model.info().name,

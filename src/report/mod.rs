@@ -190,4 +190,58 @@ mod tests {
             serde_json::to_string(&a).unwrap()
         );
     }
+
+    #[test]
+    fn analyze_options_refuse_what_gives_no_number_and_name_the_field() {
+        let ok = AnalyzeOptions {
+            norm: Norm::L2,
+            eps: vec!["0.5".into(), "8/255".into()],
+            input_shape: Some([1, 28, 28]),
+            seed: 0,
+            bootstrap: 0,
+            subset: Some(4),
+            repeats: 3,
+            provenance: Provenance::current(Some(0)),
+        };
+        let sweep = ok.clone().check().unwrap().sweep();
+        assert_eq!(
+            sweep,
+            [("0.5".to_string(), 0.5), ("8/255".to_string(), 8.0 / 255.0)]
+        );
+        let none = AnalyzeOptions {
+            eps: vec![],
+            ..ok.clone()
+        };
+        assert_eq!(
+            none.check().unwrap().sweep(),
+            analysis::default_eps(Norm::L2)
+        );
+        let bad = |o: AnalyzeOptions| {
+            let e = o.check().unwrap_err();
+            let opt = e.downcast_ref::<crate::util::OptionError>().unwrap();
+            (opt.field, opt.value.clone(), e.to_string())
+        };
+        // sqrt(784) = 28 bounds L2 on 1×28×28 inputs.
+        let (field, value, e) = bad(AnalyzeOptions {
+            eps: vec!["0.5".into(), "30".into()],
+            ..ok.clone()
+        });
+        assert_eq!((field, value.as_deref()), ("eps", Some("30")));
+        assert!(e.contains("ε = 30 exceeds") && !e.contains("--"), "{e}");
+        let (field, _, e) = bad(AnalyzeOptions {
+            subset: Some(0),
+            ..ok.clone()
+        });
+        assert!(field == "subset" && e.contains("positive"), "{e}");
+        let (field, _, _) = bad(AnalyzeOptions {
+            repeats: 0,
+            ..ok.clone()
+        });
+        assert_eq!(field, "repeats");
+        let (field, _, e) = bad(AnalyzeOptions {
+            bootstrap: 1,
+            ..ok.clone()
+        });
+        assert!(field == "bootstrap" && e.contains("no spread"), "{e}");
+    }
 }
