@@ -16,8 +16,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::best::Plan;
 use super::driver::Chunk;
+use super::plan::Plan;
 use super::table::{read_partial_margins, write_margins, MarginRow, MarginWriter};
 use super::{sample_seed, AttackKind};
 use crate::data::Dataset;

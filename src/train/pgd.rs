@@ -5,7 +5,7 @@
 use anyhow::{bail, ensure, Result};
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attack::project::project_ball;
+use crate::attack::ball::project_ball;
 use crate::attack::{
     ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise, unit,
 };
