@@ -29,7 +29,7 @@ pub mod shrink;
 pub mod table;
 pub mod toolkit;
 
-pub use random::{gaussian_noise, sample_seed, uniform_in_ball, uniform_noise};
+pub use random::{sample_seed, uniform_in_ball, uniform_noise};
 pub use toolkit::{ascent_direction, cosine, norm64, per_sample, unit};
 
 use anyhow::Result;

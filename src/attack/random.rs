@@ -24,11 +24,6 @@ pub fn uniform_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
     per_seed(seeds, shape, device, |rng, d| draw(rng, d, cube()))
 }
 
-/// Standard normal noise of shape `[C, H, W]` per seed.
-pub fn gaussian_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
-    per_seed(seeds, shape, device, |rng, d| draw(rng, d, StandardNormal))
-}
-
 /// One point per seed, of shape `[C, H, W]`, uniform in the unit `norm` ball: a random start
 /// (scale it by ε, then clip it to the box).
 pub fn uniform_in_ball(norm: Norm, seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
