@@ -143,7 +143,12 @@ fn main() -> Result<()> {
         spin: Duration::from_micros(spin_us),
         ..ServeConfig::new(shape)
     };
-    let server = spawn(model, load_det()?, cfg, "127.0.0.1:0".parse()?)?;
+    let server = spawn(
+        model,
+        load_det()?,
+        brittle::util::Check::check(cfg)?,
+        "127.0.0.1:0".parse()?,
+    )?;
     let pixels: Vec<f32> = Vec::try_from(x.flatten(0, -1))?;
     let json = serde_json::to_vec(&serde_json::json!({
         "images": [pixels.chunks(1024).map(|c| c.chunks(32).collect::<Vec<_>>()).collect::<Vec<_>>()]

@@ -68,13 +68,20 @@ def evaluate(name, model_args, data_args, eps_list, limit, seed):
     run([BIN, "margins", *model_args, *data_args, *lim, "--norm", "linf", "--attack", "best",
          "--seed", str(seed), "--out", margins, "--restart-stale"])
     eps_args = [a for e in eps_list for a in ("--eps", e)]
-    run([BIN, "analyze", margins, "--norm", "linf", *eps_args, "--seed", str(seed), "--out", os.path.join(d, "report")])
+    # No --norm: analyze takes the norm from the sidecar `brittle margins` wrote (settings.norm).
+    run([BIN, "analyze", margins, *eps_args, "--seed", str(seed), "--out", os.path.join(d, "report")])
+    with open(margins + ".meta.json") as f:
+        side = json.load(f)
     with open(os.path.join(d, "report", "metrics.json")) as f:
-        return json.load(f)
+        metrics = json.load(f)
+    # Field names are those of brittle's typed schema (margins::Sidecar, report::Analysis);
+    # tests/analyze_cli.rs checks every `side[...]`, `metrics[...]` and `det[...]` key used here.
+    assert metrics["norm"] == side["settings"]["norm"] == "linf", (metrics["norm"], side["settings"]["norm"])
+    return metrics
 
 
-def row_at(m, eps):
-    return min(m["detection"], key=lambda r: abs(r["eps"] - eps))
+def row_at(metrics, eps):
+    return min(metrics["detection"], key=lambda det: abs(det["eps"] - eps))
 
 
 def fmt(x):
@@ -129,11 +136,12 @@ def main():
              "Detection positives are non-robust samples (d_in ≤ ε), score = −logit margin.", "",
              "| model | data | training | n | clean acc | Kendall τ | ε | AUROC | AUPR | FPR@95TPR |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, data, training, train_eps, m in rows:
+    for name, data, training, train_eps, metrics in rows:
         for e in dict.fromkeys(["8/255", train_eps]):
-            r = row_at(m, frac(e))
-            lines.append(f"| {name} | {data} | {training} | {m['n']} | {fmt(m['accuracy'])} | {fmt(m['kendall_tau'])} "
-                         f"| {e} | {fmt(r['auroc'])} | {fmt(r['aupr'])} | {fmt(r['fpr_at_95_tpr'])} |")
+            det = row_at(metrics, frac(e))
+            n, acc, tau = metrics["n"], fmt(metrics["accuracy"]), fmt(metrics["kendall_tau"])
+            auroc, aupr, fpr95 = fmt(det["auroc"]), fmt(det["aupr"]), fmt(det["fpr_at_95_tpr"])
+            lines.append(f"| {name} | {data} | {training} | {n} | {acc} | {tau} | {e} | {auroc} | {aupr} | {fpr95} |")
     lines.append("")
     lines.append("Figures and full metrics per model: `docs/results/<model>/report/` (report.html, *.svg, metrics.json).")
     with open(os.path.join(OUT, "table.md"), "w") as f:

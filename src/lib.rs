@@ -8,6 +8,7 @@ pub mod attack;
 pub mod cli;
 pub mod data;
 pub mod detector;
+pub mod margins;
 pub mod metrics;
 pub mod model;
 pub mod norm;

@@ -194,6 +194,70 @@ fn join_condensed(head: &[&str], tail: &str) -> String {
     }
 }
 
+/// An error about one option of a library call, naming the option by its field in the options
+/// struct (`batch_size`), so that a front end names it its own way: the CLI adds its flag
+/// (`--batch-size`, see `cli::hints`), a Python binding would add its keyword.
+#[derive(Debug)]
+pub struct OptionError {
+    /// The field of the options struct (or the argument) the error is about.
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl OptionError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        OptionError {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// An error of a check on the value of `field`, as an [`OptionError`] about it.
+    pub fn about(field: &'static str, err: anyhow::Error) -> anyhow::Error {
+        anyhow::Error::new(OptionError::new(field, format!("{err:#}")))
+    }
+}
+
+impl std::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+/// Options checked once before any work, in the manner of linfa's `ParamGuard`: the library's
+/// work takes a [`Checked`] value, which only [`Check::check`] makes, so it never meets an
+/// option out of range halfway through (nor checks it a second time).
+pub trait Check: Sized {
+    /// Every field in range; an error is an [`OptionError`] naming the field.
+    fn validate(&self) -> Result<()>;
+
+    /// The options, checked.
+    fn check(self) -> Result<Checked<Self>> {
+        self.validate()?;
+        Ok(Checked(self))
+    }
+}
+
+/// Options that passed [`Check::check`]. Read-only: changing a field would need a new check.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Checked<T>(T);
+
+impl<T> Checked<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for Checked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

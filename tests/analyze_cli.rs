@@ -1,14 +1,11 @@
 //! `brittle analyze` end to end on a margins file the test writes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
-use brittle::attack::job::{Settings, Sidecar};
-use brittle::attack::AttackKind;
+use brittle::margins::read_margins;
 use brittle::metrics::{correlation, roc};
-use brittle::model::ModelInfo;
-use brittle::norm::Norm;
-use brittle::provenance::{write_sidecar, Provenance};
 
 /// Writes 120 samples to `csv`: logit margin a noisy increasing function of the input margin;
 /// 3 failed attacks. Returns the input and logit margins of the successful ones.
@@ -41,39 +38,40 @@ fn write_margins_csv(csv: &Path) -> (Vec<f64>, Vec<f64>) {
     (d_in, d_out)
 }
 
-/// The sidecar `brittle margins` writes for `csv`, as measured in `norm` on CIFAR-sized inputs.
-fn write_margins_sidecar(csv: &Path, norm: Norm) {
-    let model = ModelInfo {
-        name: "synthetic".into(),
-        format: "torchscript".into(),
-        fingerprint: "0123".into(),
-        num_classes: 10,
-        input_shape: [3, 32, 32],
-        has_features: false,
-    };
-    let side = Sidecar {
-        provenance: Provenance::current(Some(0)),
-        settings: Settings {
-            model_fingerprint: model.fingerprint.clone(),
-            data: "synthetic.bin".into(),
-            window: (0, 120),
-            norm,
-            attack: AttackKind::Fmn,
-            steps: None,
-            topk: 9,
-            seed: 0,
-            target_true: false,
-            batch_size: 128,
-            chunk: 512,
-            shard: None,
-        },
-        model,
-        plan: String::new(),
-        complete: true,
-        merged_from: Vec::new(),
-        data_sha256: String::new(),
-    };
-    write_sidecar(csv, &side).unwrap();
+fn asset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(name)
+}
+
+/// L2 margins of the first 40 embedded MNIST test images, written by a real
+/// `brittle margins --norm l2` run (so the sidecar is the one users get, not a hand-made one);
+/// made once per test binary under cargo's per-target scratch folder.
+fn l2_margins() -> &'static Path {
+    static CSV: OnceLock<PathBuf> = OnceLock::new();
+    CSV.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("analyze_cli");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("l2.csv");
+        let o = Command::new(env!("CARGO_BIN_EXE_brittle"))
+            .arg("margins")
+            .arg("--model")
+            .arg(asset("mnist-small-cnn.safetensors"))
+            .args(["--arch", "small-cnn", "--data"])
+            .arg(asset("mnist-test-1000-images-idx3-ubyte.gz"))
+            .args(["--limit", "40", "--device", "cpu", "--threads", "1"])
+            .args([
+                "--norm", "l2", "--attack", "fmn", "--steps", "30", "--seed", "1",
+            ])
+            .arg("--out")
+            .arg(&csv)
+            .env("BRITTLE_NO_PROGRESS", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        csv
+    })
 }
 
 fn analyze(csv: &Path, extra: &[&str], out: &Path) -> Output {
@@ -91,8 +89,8 @@ fn analyze(csv: &Path, extra: &[&str], out: &Path) -> Output {
 fn analyze_writes_metrics_figures_and_html() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("margins.csv");
+    // No sidecar: a hand-made file is read as L∞.
     let (d_in, d_out) = write_margins_csv(&csv);
-    write_margins_sidecar(&csv, Norm::Linf);
     let out = dir.path().join("report");
     let status = Command::new(env!("CARGO_BIN_EXE_brittle"))
         .args([
@@ -182,34 +180,47 @@ fn analyze_writes_metrics_figures_and_html() {
     assert_eq!(&png[1..4], b"PNG");
 }
 
+/// The norm comes from the sidecar `brittle margins` wrote (`settings.norm`): without `--norm`
+/// an L2 file is analysed in L2 with the L2 ε sweep; `--norm linf` contradicts it and fails
+/// naming both norms.
 #[test]
-fn the_sidecar_decides_the_norm_and_a_contradicting_flag_is_refused() {
+fn an_l2_margins_file_is_analysed_in_l2_and_a_contradicting_norm_is_refused() {
+    let csv = l2_margins();
+    let rows = read_margins(csv).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("margins.csv");
-    write_margins_csv(&csv);
-    write_margins_sidecar(&csv, Norm::L2);
     let out = dir.path().join("report");
-    let o = analyze(&csv, &[], &out);
+    let o = analyze(csv, &[], &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(m["norm"], "l2");
-    let labels: Vec<&str> = m["detection"]
-        .as_array()
-        .unwrap()
+    let m = brittle::report::read_metrics(&out).unwrap();
+    assert_eq!(m.norm, brittle::norm::Norm::L2);
+    assert_eq!(m.n, rows.iter().filter(|r| r.success == 1).count());
+    let sweep: Vec<(&str, f64)> = m
+        .detection
         .iter()
-        .map(|d| d["eps_label"].as_str().unwrap())
+        .map(|d| (d.eps_label.as_str(), d.eps))
         .collect();
-    assert_eq!(labels, ["0.25", "0.5", "1"]);
-    let o = analyze(&csv, &["--norm", "linf"], &out);
-    assert!(!o.status.success());
+    assert_eq!(sweep, [("0.25", 0.25), ("0.5", 0.5), ("1", 1.0)]);
+    // Positives at ε are the rows whose L2 margin is at most ε, as the file says.
+    for d in &m.detection {
+        let pos = rows
+            .iter()
+            .filter(|r| r.success == 1 && r.input_margin <= d.eps)
+            .count();
+        assert_eq!(d.positives, pos, "eps {}", d.eps_label);
+    }
+    let o = analyze(csv, &["--norm", "linf"], &out);
+    assert!(
+        matches!(o.status.code(), Some(c) if c != 0),
+        "{:?}",
+        o.status
+    );
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         e.contains("--norm") && e.contains("L2 norm (l2), not in L∞ (linf)"),
         "{e}"
     );
-    // The same norm as the sidecar's is fine.
-    assert!(analyze(&csv, &["--norm", "l2"], &out).status.success());
+    // The sidecar's own norm is fine.
+    assert!(analyze(csv, &["--norm", "l2"], &out).status.success());
 }
 
 #[test]
@@ -229,14 +240,14 @@ fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
             ),
         "{e}"
     );
-    // L2 on 3×32×32 inputs: sqrt(3072) ≈ 55.4.
-    write_margins_sidecar(&csv, Norm::L2);
-    let e = String::from_utf8_lossy(&analyze(&csv, &["--eps", "60"], &out).stderr).into_owned();
+    // L2 on the 1×28×28 MNIST inputs the sidecar records: sqrt(784) = 28.
+    let l2 = l2_margins();
+    let e = String::from_utf8_lossy(&analyze(l2, &["--eps", "30"], &out).stderr).into_owned();
     assert!(
-        e.contains("largest L2 distance") && e.contains("3×32×32"),
+        e.contains("largest L2 distance") && e.contains("1×28×28"),
         "{e}"
     );
-    assert!(analyze(&csv, &["--eps", "50"], &out).status.success());
+    assert!(analyze(l2, &["--eps", "27"], &out).status.success());
 
     let mut text = std::fs::read_to_string(&csv).unwrap();
     let row5 = text.lines().nth(6).unwrap().to_string();
@@ -250,4 +261,48 @@ fn duplicated_rows_and_an_eps_beyond_the_box_are_refused() {
         e.contains("sample index 5 appears twice (data rows 6 and 121)"),
         "{e}"
     );
+}
+
+/// Every key `scripts/results.py` reads from a sidecar (`side["settings"][…]`), a report
+/// (`metrics[…]`) or a detection row (`det[…]`) is one brittle writes.
+#[test]
+fn results_py_reads_only_fields_of_the_typed_schema() {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/results.py"))
+            .unwrap();
+    let keys = |prefix: &str| -> Vec<String> {
+        let keys: Vec<String> = script
+            .match_indices(prefix)
+            .map(|(i, _)| {
+                let rest = &script[i + prefix.len()..];
+                rest[..rest.find('"').unwrap()].to_string()
+            })
+            .collect();
+        assert!(!keys.is_empty(), "results.py reads no {prefix}…\"]");
+        keys
+    };
+    let csv = l2_margins();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    assert!(analyze(csv, &[], &out).status.success());
+    let json = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let metrics = json(out.join("metrics.json"));
+    let side = json(PathBuf::from(format!("{}.meta.json", csv.display())));
+    for k in keys("metrics[\"") {
+        assert!(metrics.get(&k).is_some(), "metrics.json has no {k:?}");
+    }
+    for k in keys("det[\"") {
+        assert!(
+            metrics["detection"][0].get(&k).is_some(),
+            "a detection row has no {k:?}"
+        );
+    }
+    for k in keys("side[\"settings\"][\"") {
+        assert!(
+            side["settings"].get(&k).is_some(),
+            "the sidecar's settings have no {k:?}"
+        );
+    }
 }

@@ -2,14 +2,36 @@
 
 mod common;
 
-use brittle::detector::fit::{fit, FitOptions, PseudoMode};
+use brittle::detector::fit::{self, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::{Detector, ScoreKind};
 use brittle::metrics::correlation::kendall_tau_b;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
+use brittle::util::Check;
 use common::{inconsistent_model, synthetic_set};
+
+/// [`fit::fit`] on the options checked first, as the CLI runs it.
+fn fit(
+    model: &dyn brittle::model::Classifier,
+    data: &brittle::data::Dataset,
+    rows: &[brittle::margins::MarginRow],
+    opts: &FitOptions,
+    provenance: Provenance,
+) -> anyhow::Result<Detector> {
+    fit::fit(model, data, rows, &opts.clone().check()?, provenance)
+}
+
+/// `train` with another epoch budget, checked again.
+fn epochs(train: &TrainConfig, max_epochs: usize) -> brittle::util::Checked<TrainConfig> {
+    TrainConfig {
+        max_epochs,
+        ..train.clone()
+    }
+    .check()
+    .unwrap()
+}
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -30,7 +52,9 @@ fn options(eps: f64, pseudo: PseudoMode) -> FitOptions {
             max_epochs: 60,
             patience: 15,
             ..TrainConfig::default()
-        },
+        }
+        .check()
+        .unwrap(),
         val_fraction: 0.3,
         seed: 7,
         batch_size: 512,
@@ -98,7 +122,7 @@ fn fitting_is_deterministic_with_a_seed() {
     let (data, rows) = synthetic_set(&model, &w_eff, 300, 5);
     let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
     let mut opts = options(median(&d), PseudoMode::On);
-    opts.train.max_epochs = 15;
+    opts.train = epochs(&opts.train, 15);
     let a = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
     let b = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
     assert_eq!(a.spec.lambda, b.spec.lambda);
@@ -201,13 +225,118 @@ fn pseudo_margin_options_are_checked_naming_the_field() {
         ("batch_size = 1", |c| c.batch_size = 1),
     ];
     for (field, break_it) in cases {
-        let mut opts = options(median(&d), PseudoMode::On);
-        break_it(&mut opts.train);
-        assert!(opts.train.check().is_err(), "{field}");
-        let err = format!(
-            "{:#}",
-            fit(&model, &data, &rows, &opts, Provenance::current(None)).unwrap_err()
-        );
+        let mut train = (*options(median(&d), PseudoMode::On).train).clone();
+        break_it(&mut train);
+        // A broken configuration never reaches `fit`: only a checked one has the type it takes.
+        let err = format!("{:#}", train.check().unwrap_err());
         assert!(err.contains(field), "{field}: {err}");
+    }
+    let _ = (data, rows);
+}
+
+/// Counts the samples that go through the model's forward passes. With `features`, it exposes
+/// its flattened input as penultimate features, so a pseudo-margin net reads features.
+struct Counting<C: brittle::model::Classifier> {
+    inner: C,
+    info: brittle::model::ModelInfo,
+    features: bool,
+    rows: std::sync::atomic::AtomicI64,
+}
+
+impl<C: brittle::model::Classifier> Counting<C> {
+    fn new(inner: C, features: bool) -> Self {
+        let mut info = inner.info().clone();
+        info.has_features = features;
+        Counting {
+            inner,
+            info,
+            features,
+            rows: 0.into(),
+        }
+    }
+    fn take(&self) -> i64 {
+        self.rows.swap(0, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl<C: brittle::model::Classifier> brittle::model::Classifier for Counting<C> {
+    fn logits(&self, x: &tch::Tensor) -> anyhow::Result<tch::Tensor> {
+        self.rows
+            .fetch_add(x.size()[0], std::sync::atomic::Ordering::SeqCst);
+        self.inner.logits(x)
+    }
+    fn features_and_logits(
+        &self,
+        x: &tch::Tensor,
+    ) -> anyhow::Result<Option<(tch::Tensor, tch::Tensor)>> {
+        if !self.features {
+            return Ok(None);
+        }
+        self.rows
+            .fetch_add(x.size()[0], std::sync::atomic::Ordering::SeqCst);
+        Ok(Some((x.flatten(1, -1), self.inner.logits(x)?)))
+    }
+    fn device(&self) -> tch::Device {
+        self.inner.device()
+    }
+    fn info(&self) -> &brittle::model::ModelInfo {
+        &self.info
+    }
+}
+
+#[test]
+fn scoring_with_a_detector_runs_one_forward_pass_per_sample() {
+    use brittle::detector::apply::score_dataset;
+    use brittle::score::ScoreOptions;
+    use brittle::util::NoProgress;
+    let opts64 = ScoreOptions {
+        batch_size: 64,
+        norm: Norm::Linf,
+    }
+    .check()
+    .unwrap();
+    for (features, pseudo) in [
+        (false, PseudoMode::Off),
+        (false, PseudoMode::On),
+        (true, PseudoMode::On),
+    ] {
+        let (inner, w_eff) = inconsistent_model(1);
+        let model = Counting::new(inner, features);
+        let (data, rows) = synthetic_set(&model.inner, &w_eff, 300, 2);
+        let d: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
+        let mut opts = options(median(&d), pseudo);
+        opts.train = epochs(&opts.train, 5);
+        let det = fit(&model, &data, &rows, &opts, Provenance::current(Some(7))).unwrap();
+        assert_eq!(det.pseudo.is_some(), pseudo == PseudoMode::On);
+        model.take();
+
+        // 300 samples in batches of 64: the last batch is short.
+        let (scored, decisions) =
+            score_dataset(&model, Some(&det), &data, &opts64, &NoProgress).unwrap();
+        let label = format!("features {features}, pseudo {pseudo:?}");
+        assert_eq!(model.take(), 300, "rows through the model, {label}");
+        assert_eq!((scored.len(), decisions.len()), (300, 300), "{label}");
+
+        // The same numbers as the detector's own forward pass on the same batches.
+        for start in (0..300).step_by(64) {
+            let end = (start + 64).min(300);
+            let (logits, pm) = det.forward(&model, &data.batch(start, end).0).unwrap();
+            let lm = free_scores(&logits).unwrap();
+            for i in start..end {
+                let (lm_i, pm_i) = (
+                    lm[i - start].logit_margin,
+                    pm.as_ref().map(|v| v[i - start]),
+                );
+                assert_eq!(scored[i].scores.logit_margin, lm_i, "{label}");
+                assert_eq!(decisions[i], det.decide(lm_i, pm_i).unwrap(), "{label}");
+            }
+        }
+        let flagged = decisions.iter().filter(|d| d.brittle).count();
+        assert!(flagged > 0 && flagged < 300, "{label}: {flagged} flagged");
+        model.take();
+        let (plain, none) = score_dataset(&model, None, &data, &opts64, &NoProgress).unwrap();
+        assert_eq!(model.take(), 300, "rows without a detector");
+        assert!(none.is_empty());
+        assert_eq!(plain[17].scores, scored[17].scores);
     }
 }

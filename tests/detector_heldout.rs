@@ -8,14 +8,15 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use brittle::attack::table::read_margins;
 use brittle::detector::calibrate::rates;
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::ScoreKind;
+use brittle::margins::read_margins;
 use brittle::model::load_classifier;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
+use brittle::util::Check;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -42,12 +43,14 @@ fn threshold_generalises_to_held_out_half() {
         norm: Norm::Linf,
         target_tpr: 0.95,
         pseudo: PseudoMode::Off,
-        train: TrainConfig::default(),
+        train: TrainConfig::default().check().unwrap(),
         val_fraction: 0.3,
         seed: 0,
         batch_size: 512,
         margins_name: "fixture".into(),
-    };
+    }
+    .check()
+    .unwrap();
     let (mut tpr_sum, mut fpr_gap_sum, splits) = (0.0, 0.0, 8);
     for seed in 0..splits {
         let mut order: Vec<usize> = (0..rows.len()).collect();

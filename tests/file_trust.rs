@@ -67,7 +67,7 @@ fn l2_margins() -> &'static (PathBuf, f64) {
         args.push(csv.display().to_string());
         let o = brittle(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(o.status.success(), "{}", stderr(&o));
-        let rows = brittle::attack::table::read_margins(&csv).unwrap();
+        let rows = brittle::margins::read_margins(&csv).unwrap();
         let mut d: Vec<f64> = rows
             .iter()
             .filter(|r| r.success == 1)
@@ -78,47 +78,6 @@ fn l2_margins() -> &'static (PathBuf, f64) {
         let median = d[d.len() / 2];
         (csv, median)
     })
-}
-
-#[test]
-fn an_l2_margins_file_is_analysed_in_l2_and_a_contradicting_norm_is_refused() {
-    let (csv, _) = l2_margins();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("report");
-    let o = brittle(&[
-        "analyze",
-        csv.to_str().unwrap(),
-        "--bootstrap",
-        "0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    assert_eq!(m["norm"], "l2");
-    // The default L2 sweep, not L∞'s 2/255 …
-    let eps: Vec<f64> = m["detection"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["eps"].as_f64().unwrap())
-        .collect();
-    assert_eq!(eps, vec![0.25, 0.5, 1.0]);
-    let o = brittle(&[
-        "analyze",
-        csv.to_str().unwrap(),
-        "--norm",
-        "linf",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!o.status.success());
-    let e = stderr(&o);
-    assert!(
-        e.contains("--norm") && e.contains("(l2)") && e.contains("(linf)"),
-        "{e}"
-    );
 }
 
 #[test]
@@ -152,7 +111,7 @@ fn fit_refuses_a_norm_against_the_sidecar_an_eps_beyond_the_box_and_a_thin_class
         "{e}"
     );
     // Below the smallest margin no sample is non-robust: no detector, both counts named.
-    let rows = brittle::attack::table::read_margins(csv).unwrap();
+    let rows = brittle::margins::read_margins(csv).unwrap();
     let smallest = rows
         .iter()
         .filter(|r| r.success == 1)
@@ -232,7 +191,7 @@ fn fingerprinting_the_real_pool_costs_little_next_to_one_attack() {
     .load()
     .unwrap();
     let t0 = std::time::Instant::now();
-    let h = brittle::attack::job::data_sha256(&data).unwrap();
+    let h = brittle::margins::data_sha256(&data).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     println!(
         "data_sha256 of {} images ({} MB decoded): {:.1} ms",
@@ -241,7 +200,7 @@ fn fingerprinting_the_real_pool_costs_little_next_to_one_attack() {
         1e3 * secs
     );
     assert_eq!(h.len(), 64);
-    assert_eq!(h, brittle::attack::job::data_sha256(&data).unwrap());
+    assert_eq!(h, brittle::margins::data_sha256(&data).unwrap());
     // A margins run on these images takes minutes; the fingerprint must not be noticeable.
     assert!(secs < 2.0, "{secs} s");
 }

@@ -32,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use brittle::data::{DataFormat, DataSpec};
-use brittle::model::load::{load_classifier, ModelFormat, ModelSpec};
+use brittle::model::{load_classifier, ModelFormat, ModelSpec};
 
 #[global_allocator]
 static METER: Meter = Meter;
@@ -290,10 +290,11 @@ fn detector_seed() -> (Vec<u8>, Vec<u8>) {
         norm: brittle::norm::Norm::Linf,
         target_tpr: 0.95,
         pseudo: PseudoMode::On,
-        train: TrainConfig {
+        train: brittle::util::Check::check(TrainConfig {
             max_epochs: 2,
             ..TrainConfig::default()
-        },
+        })
+        .unwrap(),
         val_fraction: 0.3,
         seed: 7,
         batch_size: 512,
@@ -303,7 +304,7 @@ fn detector_seed() -> (Vec<u8>, Vec<u8>) {
         &m,
         &data,
         &rows,
-        &opts,
+        &brittle::util::Check::check(opts).unwrap(),
         brittle::provenance::Provenance::current(Some(7)),
     )
     .expect("fitting the seed detector");
@@ -574,8 +575,8 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", b);
             put(d, "m.csv.meta.json", &side_fixed);
-            let rows = brittle::attack::table::read_margins(&p);
-            let partial = brittle::attack::table::read_partial_margins(&p);
+            let rows = brittle::margins::read_margins(&p);
+            let partial = brittle::margins::read_partial_margins(&p);
             rows.and(partial).map(drop)
         }),
     );
@@ -587,7 +588,7 @@ fn readers() -> Vec<Reader> {
         Box::new(move |d, b| {
             let p = put(d, "m.csv", &csv);
             put(d, "m.csv.meta.json", b);
-            brittle::attack::job::read_sidecar(&p).map(drop)
+            brittle::margins::read_sidecar(&p).map(drop)
         }),
     );
 

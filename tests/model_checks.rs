@@ -383,3 +383,91 @@ fn shared_models_wrong_normalisation_is_caught() {
         }
     }
 }
+
+/// `x` normalised as `Normalizer` does: the same tensor operations, so equal bits.
+fn normalise(x: &Tensor, mean: f64, std: f64) -> Tensor {
+    let t = |v: f64| {
+        Tensor::from_slice(&[v])
+            .to_kind(Kind::Float)
+            .view([1, 1, 1, 1])
+    };
+    (x - t(mean)) / t(std)
+}
+
+#[test]
+fn mean_std_in_front_reach_logits_features_and_leave_the_last_layer() {
+    let (mean, std) = (0.1307, 0.3081);
+    let plain = embedded(None, None);
+    let normed = embedded(Some(vec![mean]), Some(vec![std]));
+    let x = mnist(16).images;
+    let xn = normalise(&x, mean, std);
+    let (f1, l1) = normed.features_and_logits(&x).unwrap().unwrap();
+    let (f0, l0) = plain.features_and_logits(&xn).unwrap().unwrap();
+    assert!(f1.equal(&f0) && l1.equal(&l0));
+    assert!(normed.logits(&x).unwrap().equal(&l0));
+    // The pixels as given, unnormalised, give other logits.
+    assert!(!plain.logits(&x).unwrap().equal(&l0));
+    // The last layer acts on features: the same weights, and it rebuilds the logits.
+    let ((w1, b1), (w0, b0)) = (normed.last_linear().unwrap(), plain.last_linear().unwrap());
+    assert!(w1.equal(&w0) && b1.equal(&b0));
+    let rebuilt = f1.matmul(&w1.tr()) + b1;
+    assert!((rebuilt - &l1).abs().max().double_value(&[]) < 1e-4);
+    // Same model info, but the fingerprint holds the normalisation.
+    let (i1, i0) = (normed.info(), plain.info());
+    assert_eq!(
+        (&i1.name, &i1.format, i1.num_classes, i1.has_features),
+        (&i0.name, &i0.format, i0.num_classes, i0.has_features)
+    );
+    assert_ne!(i1.fingerprint, i0.fingerprint);
+    // Images with other channels than the mean/std are an error, not a broadcast or a panic.
+    let e = normed.logits(&Tensor::zeros([2, 3, 28, 28], (Kind::Float, Device::Cpu)));
+    let e = format!("{:#}", e.unwrap_err());
+    assert!(
+        e.contains("[N, 1, H, W]") && e.contains("[2, 3, 28, 28]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn model_option_errors_name_the_option_and_the_command_line_names_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = cifar_file(dir.path());
+    let out = dir.path().join("s.csv");
+    let odd = dir.path().join("model.weights");
+    std::fs::write(&odd, b"not a model").unwrap();
+    let weights = Path::new(ASSETS).join("mnist-small-cnn.safetensors");
+    let cases: [(&Path, Option<&str>, &str, &str); 4] = [
+        (&odd, None, "name the model format", "--model-format"),
+        (&weights, None, "name the architecture", "--arch"),
+        (
+            &weights,
+            Some("no-such-net"),
+            "unknown architecture",
+            "--arch",
+        ),
+        (&weights, Some("small-cnn@x"), "width after '@'", "--arch"),
+    ];
+    for (model, arch, what, flag) in cases {
+        // The library names the concept, never a flag.
+        let spec = ModelSpec {
+            arch: arch.map(str::to_owned),
+            ..ModelSpec::new(model, Device::Cpu)
+        };
+        let e = format!("{:#}", load_classifier(&spec, [3, 32, 32]).err().unwrap());
+        assert!(e.contains(what) && !e.contains("--"), "{e}");
+        // The command line adds the flag that sets it.
+        let (m, d, o) = (
+            model.to_str().unwrap(),
+            data.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        let mut args = vec!["score", "--model", m, "--data", d, "--out", o];
+        if let Some(a) = arch {
+            args.extend(["--arch", a]);
+        }
+        let run = brittle(&args);
+        let e = stderr(&run);
+        assert!(!run.status.success(), "{e}");
+        assert!(e.contains(what) && e.contains(flag), "{e}");
+    }
+}

@@ -104,3 +104,38 @@ fn real_models_reproduce_manifest_accuracy() {
         }
     }
 }
+
+#[test]
+fn mean_std_in_front_of_torchscript_reach_features_and_keep_the_last_layer() {
+    let g: BTreeMap<String, Tensor> = Tensor::read_safetensors(fixture("golden_ts.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let (mean, std) = (vec![0.2, 0.4, 0.6], vec![0.5, 0.25, 2.0]);
+    let t = |v: &[f64]| {
+        Tensor::from_slice(v)
+            .to_kind(tch::Kind::Float)
+            .view([1, 3, 1, 1])
+    };
+    // Pixels that normalise to the golden input.
+    let pixels = &g["x"] * t(&std) + t(&mean);
+    for name in ["ts_features", "ts_tuple"] {
+        let path = fixture(&format!("{name}.pt"));
+        let model = load_classifier(
+            &spec(path, None, Some(mean.clone()), Some(std.clone())),
+            [3, 4, 4],
+        )
+        .unwrap();
+        assert!(model.info().has_features, "{name}");
+        let (f, l) = tch::no_grad(|| model.features_and_logits(&pixels))
+            .unwrap()
+            .unwrap();
+        let want_f = &g[&format!("{name}_features")];
+        assert!(rel_err(&f, want_f) <= 1e-5, "{name} features");
+        assert!(rel_err(&l, &g[&format!("{name}_logits")]) <= 1e-5, "{name}");
+        let logits = tch::no_grad(|| model.logits(&pixels)).unwrap();
+        assert!(rel_err(&logits, &l) <= 1e-6, "{name} logits");
+        let (w, _) = model.last_linear().expect("last linear layer detected");
+        assert_eq!(rel_err(&w, &g[&format!("{name}_weight")]), 0.0, "{name}");
+    }
+}

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use brittle::model::load::ModelSpec;
 use brittle::model::native::build_network;
 use brittle::model::weights::{load_into, read_tensors};
+use brittle::model::ModelSpec;
 use brittle::model::{load_classifier, logits_and_grad};
 use common::{accuracy, fixture, rel_err, spec};
 use tch::{nn, Device, Kind, Tensor};

@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use brittle::model::load::InputLayout;
 use brittle::model::{load_classifier, logits_and_grad, logits_no_grad, Classifier, ModelSpec};
+use brittle::model::{InputLayout, ModelOption, OptionError};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -135,14 +135,17 @@ fn nhwc_layout_is_permuted_before_the_graph() {
     // MatMul + Add at the end is a linear layer too.
     assert!(m.info().has_features);
     assert_eq!(m.last_linear().unwrap().0.size(), vec![5, 16]);
-    // The same graph with the default NCHW layout is refused with a hint.
+    // The same graph with the default NCHW layout is refused, naming the input layout (the
+    // command line adds the flag).
     let err = load_classifier(&spec("nhwc_matmul_op13", InputLayout::Nchw), [3, 5, 6])
         .err()
         .expect("an NHWC graph fed NCHW must be refused");
     assert!(
-        format!("{err:#}").contains("--input-layout nhwc"),
+        format!("{err:#}").contains("the input layout must be nhwc"),
         "{err:#}"
     );
+    let option = err.chain().find_map(|e| e.downcast_ref::<OptionError>());
+    assert_eq!(option.map(|e| e.option), Some(ModelOption::InputLayout));
 }
 
 #[test]

@@ -13,6 +13,7 @@ use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
 use brittle::serve::{spawn, ServeConfig, ServerHandle};
+use brittle::util::Check;
 use common::{inconsistent_model, synthetic_set, SHAPE};
 use serde_json::{json, Value};
 use tch::Tensor;
@@ -75,22 +76,36 @@ fn synthetic_detector(dir: &std::path::Path) {
         train: TrainConfig {
             max_epochs: 5,
             ..TrainConfig::default()
-        },
+        }
+        .check()
+        .unwrap(),
         val_fraction: 0.3,
         seed: 1,
         batch_size: 512,
         margins_name: "synthetic".into(),
     };
-    fit(&model, &data, &rows, &opts, Provenance::current(Some(1)))
-        .unwrap()
-        .save(dir)
-        .unwrap();
+    fit(
+        &model,
+        &data,
+        &rows,
+        &opts.check().unwrap(),
+        Provenance::current(Some(1)),
+    )
+    .unwrap()
+    .save(dir)
+    .unwrap();
 }
 
 fn synthetic_server(cfg: ServeConfig, dir: &std::path::Path) -> ServerHandle {
     let (model, _) = inconsistent_model(1);
     let det = Detector::load(dir, tch::Device::Cpu).unwrap();
-    spawn(Box::new(model), Some(det), cfg, LOOPBACK.parse().unwrap()).unwrap()
+    spawn(
+        Box::new(model),
+        Some(det),
+        cfg.check().unwrap(),
+        LOOPBACK.parse().unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -342,7 +357,7 @@ fn real_model_answers_match_brittle_score() {
     let server = spawn(
         model,
         Some(det),
-        ServeConfig::new([3, 32, 32]),
+        ServeConfig::new([3, 32, 32]).check().unwrap(),
         LOOPBACK.parse().unwrap(),
     )
     .unwrap();
@@ -542,7 +557,7 @@ fn marked_server(cfg: ServeConfig) -> ServerHandle {
     spawn(
         Box::new(Marked(model)),
         None,
-        cfg,
+        cfg.check().unwrap(),
         LOOPBACK.parse().unwrap(),
     )
     .unwrap()
@@ -887,7 +902,7 @@ fn serve_refuses_zero_and_overflowing_limits() {
         max_images: 0,
         ..ServeConfig::new(SHAPE)
     }
-    .validate()
+    .check()
     .unwrap_err()
     .to_string();
     assert!(err.contains("max_images") && !err.contains("--"), "{err}");

@@ -265,8 +265,8 @@ fn torchscript_export_gives_the_same_logits() {
     let weights = root().join("assets/mnist-small-cnn.safetensors");
     let mut native = load_native(
         &spec(weights, Some("small-cnn")),
-        None,
         [1, 28, 28],
+        &brittle::model::probe_input([1, 28, 28], Device::Cpu).unwrap(),
         String::new(),
     )
     .unwrap();

@@ -10,6 +10,7 @@ use brittle::model::{load_classifier, Classifier, ModelSpec};
 use brittle::norm::Norm;
 use brittle::train::pgd::PgdConfig;
 use brittle::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
+use brittle::util::Check;
 use tch::{Device, Kind, Tensor};
 
 fn root() -> PathBuf {
@@ -64,7 +65,7 @@ fn training_reduces_the_loss_in_every_mode() {
     for mode in [Mode::Standard, Mode::Pgd, Mode::Trades] {
         let mut cfg = config(mode, 6);
         cfg.lr = 1e-2;
-        let mut t = Trainer::new(cfg, [1, 28, 28], 10, Device::Cpu).unwrap();
+        let mut t = Trainer::new(cfg.check().unwrap(), [1, 28, 28], 10, Device::Cpu).unwrap();
         let before = clean_loss(&t, &data);
         for _ in 0..6 {
             t.train_epoch(&data).unwrap();
@@ -96,12 +97,12 @@ fn resumed_after_one_epoch(
     data: &Dataset,
     dir: &std::path::Path,
 ) -> Trainer {
-    let mut first = Trainer::new(cfg.clone(), shape, 10, Device::Cpu).unwrap();
+    let mut first = Trainer::new(cfg.clone().check().unwrap(), shape, 10, Device::Cpu).unwrap();
     first.train_epoch(data).unwrap();
     checkpoint::save(&first, dir).unwrap();
     drop(first);
     let _ = Tensor::rand([100], (Kind::Float, Device::Cpu));
-    let mut resumed = Trainer::new(cfg.clone(), shape, 10, Device::Cpu).unwrap();
+    let mut resumed = Trainer::new(cfg.clone().check().unwrap(), shape, 10, Device::Cpu).unwrap();
     assert!(checkpoint::resume(&mut resumed, dir).unwrap());
     assert_eq!(resumed.epoch, 1);
     resumed.train_epoch(data).unwrap();
@@ -121,7 +122,8 @@ fn resumed_run_equals_uninterrupted_run() {
     tch::set_num_threads(1);
     let data = subset(60);
     let cfg = config(Mode::Pgd, 2);
-    let mut whole = Trainer::new(cfg.clone(), [1, 28, 28], 10, Device::Cpu).unwrap();
+    let mut whole =
+        Trainer::new(cfg.clone().check().unwrap(), [1, 28, 28], 10, Device::Cpu).unwrap();
     whole.train_epoch(&data).unwrap();
     whole.train_epoch(&data).unwrap();
 
@@ -136,7 +138,13 @@ fn resumed_run_equals_uninterrupted_run() {
     }
     assert_same_variables(&whole, &resumed);
     // And a different run is not resumed from it.
-    let mut other = Trainer::new(config(Mode::Standard, 2), [1, 28, 28], 10, Device::Cpu).unwrap();
+    let mut other = Trainer::new(
+        config(Mode::Standard, 2).check().unwrap(),
+        [1, 28, 28],
+        10,
+        Device::Cpu,
+    )
+    .unwrap();
     let err = checkpoint::resume(&mut other, dir.path()).unwrap_err();
     assert!(format!("{err:#}").contains("different run"), "{err:#}");
 }
@@ -293,7 +301,8 @@ fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
             .1
     };
 
-    let mut whole = Trainer::new(cfg.clone(), [3, 32, 32], 10, Device::Cpu).unwrap();
+    let mut whole =
+        Trainer::new(cfg.clone().check().unwrap(), [3, 32, 32], 10, Device::Cpu).unwrap();
     assert_eq!(
         running_mean(&whole)
             .abs()

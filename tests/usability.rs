@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use brittle::attack::job::{run_with_progress, Settings};
 use brittle::attack::plan::Plan;
 use brittle::attack::AttackKind;
 use brittle::cli::{Cli, Command as Sub};
 use brittle::data::DataSpec;
+use brittle::margins::{run_with_progress, MarginsOptions, Output};
 use brittle::model::{load_classifier, DeviceChoice, ModelSpec};
 use brittle::norm::Norm;
 use brittle::util::Progress;
@@ -58,29 +58,26 @@ fn margins_progress_moves_per_attack_step() {
     .unwrap();
     let spec = ModelSpec::new(fixture("tiny_cnn.pt"), DeviceChoice::Cpu.resolve().unwrap());
     let model = load_classifier(&spec, data.input_shape()).unwrap();
-    let settings = Settings {
-        model_fingerprint: model.info().fingerprint.clone(),
-        data: data.source.clone(),
-        window: (0, data.len()),
-        norm: Norm::Linf,
-        attack: AttackKind::Fmn,
+    let options = MarginsOptions {
         steps: Some(steps),
-        topk: 9,
         seed: 5,
-        target_true: false,
         batch_size: 4,
         chunk: 4,
-        shard: None,
-    };
+        ..MarginsOptions::new(Norm::Linf, AttackKind::Fmn)
+    }
+    .check()
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let rec = Recorder::default();
     let summary = run_with_progress(
         model.as_ref(),
         &data,
-        &settings,
-        &dir.path().join("m.csv"),
-        None,
-        false,
+        &options,
+        Output {
+            margins: &dir.path().join("m.csv"),
+            save_adv: None,
+            restart_stale: false,
+        },
         &rec,
     )
     .unwrap();
@@ -289,5 +286,192 @@ fn openmp_threads_wait_passively_unless_told_otherwise() {
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(seen.as_deref(), Some(expected), "given {given:?}");
+    }
+}
+
+/// The string literals inside the error-producing calls (`bail!`, `ensure!`, `anyhow!`,
+/// `.context(`, `.with_context(`, and the `format!`s inside them) of a Rust source, with
+/// their line numbers. Test modules (from `#[cfg(test)]` on) are left out.
+fn error_literals(src: &str) -> Vec<(usize, String)> {
+    const CALLS: [&str; 5] = [
+        "bail!(",
+        "ensure!(",
+        "anyhow!(",
+        ".context(",
+        ".with_context(",
+    ];
+    let src = src.split("#[cfg(test)]").next().unwrap_or("");
+    let b = src.as_bytes();
+    let line_of = |at: usize| src[..at].matches('\n').count() + 1;
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        // Skip comments (doc comments mention flags to explain them).
+        if b[i..].starts_with(b"//") {
+            i += src[i..].find('\n').unwrap_or(b.len() - i);
+            continue;
+        }
+        let Some(call) = CALLS.iter().find(|c| b[i..].starts_with(c.as_bytes())) else {
+            i += 1;
+            continue;
+        };
+        // Walk the call's balanced parentheses, collecting string literals.
+        let mut j = i + call.len();
+        let mut depth = 1;
+        while j < b.len() && depth > 0 {
+            match b[j] {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                b'\'' if j + 2 < b.len() && (b[j + 2] == b'\'' || b[j + 1] == b'\\') => {
+                    // a char literal such as '(' or '\n'
+                    j += src[j + 1..].find('\'').unwrap_or(0) + 1;
+                }
+                b'"' => {
+                    let start = j;
+                    j += 1;
+                    while j < b.len() && b[j] != b'"' {
+                        j += if b[j] == b'\\' { 2 } else { 1 };
+                    }
+                    found.push((line_of(start), src[start + 1..j.min(b.len())].to_string()));
+                }
+                _ => {}
+            }
+            j += 1;
+        }
+        i += call.len();
+    }
+    found
+}
+
+/// A `--` followed by a letter: a command-line flag.
+fn names_a_flag(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'-' && w[1] == b'-' && w[2].is_ascii_alphabetic())
+}
+
+#[test]
+fn the_error_scan_finds_flags_in_error_calls_only() {
+    let src = r#"
+        // bail!("--comment")
+        bail!("{}: pass --labels", p);
+        x.with_context(|| format!("reading {} (see --data)", f))?;
+        let s = "--not-an-error";
+        ensure!(a > 0, "a must be positive -- or zero");
+        #[cfg(test)]
+        bail!("--in-a-test");
+    "#;
+    let hits: Vec<(usize, String)> = error_literals(src)
+        .into_iter()
+        .filter(|(_, t)| names_a_flag(t))
+        .collect();
+    assert_eq!(
+        hits,
+        [
+            (3, "{}: pass --labels".to_string()),
+            (4, "reading {} (see --data)".to_string())
+        ]
+    );
+}
+
+/// The library never names a command-line flag in an error: `src/cli/` adds the hints.
+#[test]
+fn library_errors_name_no_flag() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut hits: Vec<(String, usize, String)> = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel.starts_with("cli/") || rel == "main.rs" {
+            continue;
+        }
+        for (line, text) in error_literals(&std::fs::read_to_string(&f).unwrap()) {
+            if names_a_flag(&text) {
+                hits.push((rel.clone(), line, text));
+            }
+        }
+    }
+    hits.sort();
+    let listed: Vec<String> = hits
+        .iter()
+        .map(|(f, line, text)| format!("src/{f}:{line}: {text:?}"))
+        .collect();
+    assert!(
+        hits.is_empty(),
+        "library errors naming a flag:\n{}",
+        listed.join("\n")
+    );
+}
+
+/// The library names the option; the command line still tells which flag sets it.
+#[test]
+fn cli_errors_name_the_flag_of_the_library_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("images.dat");
+    std::fs::write(&unknown, [0u8; 16]).unwrap();
+    let tiny = fixture("tiny.bin");
+    let cnn = fixture("tiny_cnn.pt");
+    let mnist =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-test-1000-images-idx3-ubyte.gz");
+    let (tiny, cnn, mnist, unknown) = (
+        tiny.to_str().unwrap(),
+        cnn.to_str().unwrap(),
+        mnist.to_str().unwrap(),
+        unknown.to_str().unwrap(),
+    );
+    let model = ["--model", cnn, "--device", "cpu", "--allow-low-accuracy"];
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["score", "--data", unknown],
+            "--data-format",
+            "cannot tell the data format from the file name",
+        ),
+        (
+            vec!["score", "--data", tiny, "--offset", "100000"],
+            "--offset",
+            "offset 100000 is past the end",
+        ),
+        (
+            vec!["score", "--data", tiny, "--batch-size", "0"],
+            "--batch-size",
+            "the batch size must be positive",
+        ),
+        (
+            vec!["train", "--data", mnist, "--limit", "8", "--epochs", "0"],
+            "--epochs",
+            "the epoch count must be positive",
+        ),
+        (
+            vec!["train", "--data", mnist, "--limit", "8", "--eps", "8"],
+            "--eps",
+            "did you mean 8/255?",
+        ),
+    ];
+    for (mut args, flag, cause) in cases {
+        if args[0] == "score" {
+            args.extend(model);
+        } else {
+            args.extend(["--device", "cpu"]);
+        }
+        let out = brittle(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(&format!("error: {flag}: ")), "{args:?}: {err}");
+        assert!(err.contains(cause), "{args:?}: {err}");
     }
 }

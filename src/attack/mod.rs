@@ -20,13 +20,11 @@ pub mod ddn;
 pub mod driver;
 pub mod fab;
 pub mod fmn;
-pub mod job;
 pub mod pgd;
 pub mod plan;
 pub mod random;
 pub mod rows;
 pub mod shrink;
-pub mod table;
 pub mod toolkit;
 
 pub use random::{sample_seed, uniform_in_ball, uniform_noise};
@@ -40,10 +38,10 @@ use crate::norm::Norm;
 use rows::{Pick, Rows};
 
 /// The attacks `brittle margins --attack` accepts.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum AttackKind {
     /// Fast Minimum-Norm attack (Linf, L2, L1).
     Fmn,

@@ -10,6 +10,7 @@ use super::fmn::Fmn;
 use super::pgd::Pgd;
 use super::{best, AttackKind, GAP_RTOL, SEARCH_GAP_RTOL};
 use crate::norm::Norm;
+use crate::util::OptionError;
 
 /// The passes of an attack, run in order on each chunk, then an optional segment bisection.
 pub struct Plan {
@@ -30,7 +31,8 @@ impl Plan {
         )
     }
 
-    /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's).
+    /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's). Errors
+    /// about a setting are [`OptionError`]s naming its field (`steps`, `norm`).
     pub fn new(
         kind: AttackKind,
         norm: Norm,
@@ -40,14 +42,20 @@ impl Plan {
     ) -> Result<Plan> {
         let steps = steps.unwrap_or(kind.default_steps());
         if steps == 0 && kind != AttackKind::Best {
-            bail!("{} needs a positive number of steps", kind.as_str());
+            bail!(OptionError::new(
+                "steps",
+                format!("{} needs a positive number of steps", kind.as_str())
+            ));
         }
         let fab_norm = || -> Result<()> {
             if norm == Norm::L1 {
-                bail!(
-                    "{} supports the linf and l2 norms, not l1 (fmn supports l1)",
-                    kind.as_str()
-                );
+                bail!(OptionError::new(
+                    "norm",
+                    format!(
+                        "{} supports the linf and l2 norms, not l1 (fmn supports l1)",
+                        kind.as_str()
+                    )
+                ));
             }
             Ok(())
         };
@@ -63,7 +71,10 @@ impl Plan {
             }
             AttackKind::Ddn => {
                 if norm != Norm::L2 {
-                    bail!("ddn is an l2 attack, not {norm}");
+                    bail!(OptionError::new(
+                        "norm",
+                        format!("ddn is an l2 attack, not {norm}")
+                    ));
                 }
                 vec![Box::new(Ddn::new(steps))]
             }

@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::attack::job::find_sidecar;
-use crate::attack::table::read_margins;
+use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::Provenance;
 use crate::report::{analyze, default_eps, write_report, AnalyzeOptions};

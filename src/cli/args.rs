@@ -2,14 +2,18 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
+use super::hints::{FlagHint, Flags};
+use super::values::enum_parser;
 use crate::data::{DataFormat, DataSpec, Dataset};
-use crate::model::load::{InputLayout, ModelFormat};
 use crate::model::normalize::parse_channel_values;
 use crate::model::sanity::{self, Configured, SanityError};
-use crate::model::{device, load_classifier, Classifier, DeviceChoice, ModelSpec};
+use crate::model::{
+    device, load_classifier, Classifier, DeviceChoice, InputLayout, ModelFormat, ModelOption,
+    ModelSpec, OptionError,
+};
 
 /// One value per channel; an alias so that clap parses `0.1,0.2,0.3` as one value, not as a
 /// list of values (which it does for a field typed `Option<Vec<_>>`).
@@ -22,7 +26,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Model format (default: from `--arch` and the file extension).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = enum_parser::<ModelFormat>())]
     pub model_format: Option<ModelFormat>,
     /// Native architecture for a weights file.
     #[arg(long)]
@@ -37,7 +41,7 @@ pub struct ModelArgs {
     #[arg(long, value_parser = parse_channel_values)]
     pub std: Option<ChannelValues>,
     /// Input layout the (ONNX) model expects.
-    #[arg(long, value_enum, default_value_t = InputLayout::Nchw)]
+    #[arg(long, value_parser = enum_parser::<InputLayout>(), default_value = "nchw")]
     pub input_layout: InputLayout,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
@@ -52,6 +56,25 @@ pub struct ModelArgs {
     pub allow_low_accuracy: bool,
 }
 
+/// [`load_classifier`], naming the flag of the model option an error is about.
+pub fn load_model(spec: &ModelSpec, input_shape: [i64; 3]) -> Result<Box<dyn Classifier>> {
+    load_classifier(spec, input_shape).map_err(|err| {
+        let option = err
+            .chain()
+            .find_map(|e| e.downcast_ref::<OptionError>())
+            .map(|e| e.option);
+        let flag = match option {
+            None => return err,
+            Some(ModelOption::Format) => "--model-format",
+            Some(ModelOption::Arch) => "--arch",
+            Some(ModelOption::Mean) => "--mean",
+            Some(ModelOption::Std) => "--std",
+            Some(ModelOption::InputLayout) => "--input-layout",
+        };
+        err.context(format!("check {flag}"))
+    })
+}
+
 impl ModelArgs {
     /// Sets the thread count and resolves the device.
     pub fn spec(&self, dataset_classes: Option<i64>) -> Result<ModelSpec> {
@@ -64,14 +87,14 @@ impl ModelArgs {
             mean: self.mean.clone(),
             std: self.std.clone(),
             input_layout: self.input_layout,
-            device: self.device.resolve()?,
+            device: self.device.resolve().context("check --device")?,
         })
     }
 
     /// Loads the model for the dataset's input shape, checks the class count agrees and runs
     /// the first-batch check ([`sanity`]) on `data`'s labels.
     pub fn load_for(&self, data: &Dataset) -> Result<Box<dyn Classifier>> {
-        let model = load_classifier(&self.spec(Some(data.num_classes))?, data.input_shape())?;
+        let model = load_model(&self.spec(Some(data.num_classes))?, data.input_shape())?;
         let k = model.info().num_classes;
         if k < data.num_classes {
             anyhow::bail!(
@@ -135,7 +158,7 @@ pub struct DataArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Data format (default: from the file name).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = enum_parser::<DataFormat>())]
     pub data_format: Option<DataFormat>,
     /// Labels file for IDX or NPY images (default: found beside the images).
     #[arg(long)]
@@ -148,6 +171,14 @@ pub struct DataArgs {
     pub limit: Option<usize>,
 }
 
+/// The flags of [`DataSpec`]'s fields.
+const DATA_FLAGS: Flags = &[
+    ("labels", "--labels"),
+    ("format", "--data-format"),
+    ("offset", "--offset"),
+    ("limit", "--limit"),
+];
+
 impl DataArgs {
     pub fn load(&self) -> Result<Dataset> {
         DataSpec {
@@ -158,6 +189,7 @@ impl DataArgs {
             limit: self.limit,
         }
         .load()
+        .flag_hint(DATA_FLAGS)
     }
 }
 

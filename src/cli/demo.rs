@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
+use tch::Device;
 
 use super::{run, Cli};
+use crate::detector::Detector;
+use crate::report::read_metrics;
 
 /// Where the embedded default lives, relative to the crate root.
 const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets");
@@ -142,88 +145,82 @@ pub fn run_demo(a: DemoArgs) -> Result<()> {
     ]);
     stage("4/4 live scoring with the detector", &sc)?;
 
-    print_headline(
-        &report.join("metrics.json"),
-        &detector.join("detector.json"),
-        &a.eps,
-    )?;
+    print_headline(&report, &detector, &a.eps)?;
     println!("report: {}", s(&report.join("report.html")));
     Ok(())
 }
 
 /// Prints the numbers a reader wants first, read from the files the stages wrote.
-fn print_headline(metrics: &Path, detector: &Path, eps: &str) -> Result<()> {
-    let read = |p: &Path| -> Result<serde_json::Value> {
-        let text =
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
-    };
-    let m = read(metrics)?;
-    let d = read(detector)?;
+fn print_headline(report: &Path, detector: &Path, eps: &str) -> Result<()> {
+    let m = read_metrics(report)?;
+    let d = Detector::load(detector, Device::Cpu)?.spec;
     let eps_v = crate::norm::parse_eps(eps)?;
-    let num = |v: &serde_json::Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.3}"));
-    println!("\n== headline (embedded PGD-trained MNIST CNN, L∞)");
+    let num = |x: f64| {
+        if x.is_nan() {
+            "n/a".to_string()
+        } else {
+            format!("{x:.3}")
+        }
+    };
+    let opt = |x: Option<f64>| x.map_or("n/a".to_string(), num);
+    println!(
+        "\n== headline (embedded PGD-trained MNIST CNN, {})",
+        m.norm.symbol()
+    );
     println!(
         "samples {}   failed attacks {}   accuracy {}",
-        m["n"],
-        m["n_failed"],
-        num(&m["accuracy"])
+        m.n,
+        m.n_failed,
+        num(m.accuracy)
     );
     println!(
         "Kendall tau(input margin, logit margin) = {}",
-        num(&m["kendall_tau"])
+        num(m.kendall_tau)
     );
-    if let Some(det) = m["detection"].as_array() {
-        for row in det {
-            let at = row["eps"].as_f64().unwrap_or(f64::NAN);
-            let mark = if (at - eps_v).abs() < 1e-9 {
-                " <- detector eps"
-            } else {
-                ""
-            };
-            println!(
-                "eps {:.3}: non-robust {}  AUROC {}  AUPR {}  FPR@95TPR {}{mark}",
-                at,
-                row["positives"],
-                num(&row["auroc"]),
-                num(&row["aupr"]),
-                num(&row["fpr_at_95_tpr"])
-            );
-        }
-    }
-    let attack_ra = m["robust_accuracy"].as_array().cloned().unwrap_or_default();
-    for est in m["robust_accuracy_estimate"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
+    for row in &m.detection {
+        let mark = if (row.eps - eps_v).abs() < 1e-9 {
+            " <- detector eps"
+        } else {
+            ""
+        };
         println!(
-            "robust accuracy at eps {}: estimate from {} attacked samples {} ± {} (attack on all: {})",
-            est["eps_label"].as_str().unwrap_or("?"),
-            est["subset"],
-            num(&est["estimate"]["mean"]),
-            num(&est["estimate"]["std"]),
-            num(&est["attack_based"])
+            "eps {:.3}: non-robust {}  AUROC {}  AUPR {}  FPR@95TPR {}{mark}",
+            row.eps,
+            row.positives,
+            num(row.auroc),
+            num(row.aupr),
+            num(row.fpr_at_95_tpr)
         );
     }
-    if m["robust_accuracy_estimate"].is_null() {
-        for ra in &attack_ra {
-            println!(
-                "robust accuracy at eps {}: {}",
-                ra["eps_label"].as_str().unwrap_or("?"),
-                num(&ra["value"])
-            );
+    match &m.robust_accuracy_estimate {
+        Some(estimates) => {
+            for est in estimates {
+                println!(
+                    "robust accuracy at eps {}: estimate from {} attacked samples {} ± {} (attack on all: {})",
+                    est.eps_label,
+                    est.subset,
+                    num(est.estimate.mean),
+                    num(est.estimate.std),
+                    num(est.attack_based)
+                );
+            }
+        }
+        None => {
+            for ra in &m.robust_accuracy {
+                println!("robust accuracy at eps {}: {}", ra.eps_label, num(ra.value));
+            }
         }
     }
+    let v = &d.validation;
     println!(
         "detector: flag when {} <= {} at eps {} (calibration TPR {}, FPR {}; validation Kendall tau: logit margin {}, pseudo-margin {})",
-        d["score"].as_str().unwrap_or("?"),
-        num(&d["lambda"]),
-        num(&d["eps"]),
-        num(&d["calibration"]["tpr"]),
-        num(&d["calibration"]["fpr"]),
-        num(&d["validation"]["logit_margin"]["kendall_tau"]),
-        num(&d["validation"]["pseudo_margin"]["kendall_tau"])
+        super::fit::score_name(d.score),
+        num(d.lambda),
+        num(d.eps),
+        num(d.calibration.tpr),
+        opt(d.calibration.fpr),
+        num(v.logit_margin.kendall_tau),
+        opt(v.pseudo_margin.as_ref().map(|q| q.kendall_tau))
     );
     Ok(())
 }

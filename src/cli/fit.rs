@@ -6,13 +6,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use crate::attack::job::find_sidecar;
-use crate::attack::table::read_margins;
+use super::hints::{FlagHint, Flags};
+use super::values::enum_parser;
 use crate::detector::fit::{fit, FitOptions, PseudoMode};
 use crate::detector::pseudo::{PseudoLoss, TrainConfig};
 use crate::detector::{ScoreKind, DETECTOR_FILE};
+use crate::margins::{find_sidecar, read_margins};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::{sidecar_path, Provenance};
+use crate::util::{Check, Checked};
 
 #[derive(Debug, Args)]
 pub struct FitArgs {
@@ -34,10 +36,10 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 0.95)]
     pub target_tpr: f64,
     /// Learn a pseudo-margin: auto keeps it only when it beats the logit margin on validation.
-    #[arg(long, value_enum, default_value_t = PseudoMode::Auto)]
+    #[arg(long, value_parser = enum_parser::<PseudoMode>(), default_value = "auto")]
     pub pseudo: PseudoMode,
     /// Pseudo-margin training objective.
-    #[arg(long, value_enum, default_value_t = PseudoLoss::Regression)]
+    #[arg(long, value_parser = enum_parser::<PseudoLoss>(), default_value = "regression")]
     pub loss: PseudoLoss,
     /// Width of the pseudo-margin MLP's hidden layers.
     #[arg(long, default_value_t = 64)]
@@ -88,13 +90,34 @@ fn check_sidecar(margins: &Path, norm: Option<Norm>, fingerprint: &str) -> Resul
         .context("--norm contradicts the margins file")
 }
 
-pub fn run(a: FitArgs) -> Result<()> {
-    let rows = read_margins(&a.margins)?;
-    let data = a.data.load()?;
-    let model = a.model.load_for(&data)?;
-    let norm = check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
-    norm.check_eps(a.eps, Some(data.input_shape()))
-        .context("--eps")?;
+/// The column name of a detector's score, as `detector.json` and `scores.csv` write it.
+pub(super) fn score_name(s: ScoreKind) -> &'static str {
+    match s {
+        ScoreKind::LogitMargin => "logit_margin",
+        ScoreKind::PseudoMargin => "pseudo_margin",
+    }
+}
+
+/// The flags of [`FitOptions`]' fields.
+const FIT_FLAGS: Flags = &[
+    ("eps", "--eps"),
+    ("target_tpr", "--target-tpr"),
+    ("val_fraction", "--val-fraction"),
+    ("batch_size", "--batch-size"),
+    ("window", "--offset/--limit"),
+];
+
+/// The flags of the pseudo-margin's [`TrainConfig`] fields.
+const PSEUDO_FLAGS: Flags = &[
+    ("hidden", "--hidden"),
+    ("depth", "--depth"),
+    ("lr", "--lr"),
+    ("max_epochs", "--epochs"),
+    ("batch_size", "--mlp-batch-size"),
+];
+
+/// The checked options of `fit`, each error naming its flag.
+fn options(a: &FitArgs, norm: Norm) -> Result<Checked<FitOptions>> {
     let train = TrainConfig {
         hidden: a.hidden,
         depth: a.depth,
@@ -104,12 +127,10 @@ pub fn run(a: FitArgs) -> Result<()> {
         patience: a.patience,
         batch_size: a.mlp_batch_size,
         ..TrainConfig::default()
-    };
-    train.check().context(
-        "pseudo-margin options (hidden: --hidden, depth: --depth, lr: --lr, \
-         max_epochs: --epochs, batch_size: --mlp-batch-size)",
-    )?;
-    let opts = FitOptions {
+    }
+    .check()
+    .flag_hint(PSEUDO_FLAGS)?;
+    FitOptions {
         eps: a.eps,
         norm,
         target_tpr: a.target_tpr,
@@ -119,7 +140,17 @@ pub fn run(a: FitArgs) -> Result<()> {
         seed: a.seed,
         batch_size: a.batch_size,
         margins_name: a.margins.display().to_string(),
-    };
+    }
+    .check()
+    .flag_hint(FIT_FLAGS)
+}
+
+pub fn run(a: FitArgs) -> Result<()> {
+    let rows = read_margins(&a.margins)?;
+    let data = a.data.load()?;
+    let model = a.model.load_for(&data)?;
+    let norm = check_sidecar(&a.margins, a.norm, &model.info().fingerprint)?;
+    let opts = options(&a, norm)?;
     let det = fit(
         model.as_ref(),
         &data,
@@ -127,7 +158,8 @@ pub fn run(a: FitArgs) -> Result<()> {
         &opts,
         Provenance::current(Some(a.seed)),
     )
-    .with_context(|| format!("fitting a detector on {}", a.margins.display()))?;
+    .with_context(|| format!("fitting a detector on {}", a.margins.display()))
+    .flag_hint(FIT_FLAGS)?;
     det.save(&a.out)?;
     let s = &det.spec;
     let v = &s.validation;
@@ -142,10 +174,7 @@ pub fn run(a: FitArgs) -> Result<()> {
     );
     println!(
         "score {}: flag when <= {:.6}; on the {} set: TPR {:.3} of {} non-robust, FPR {} of {} robust",
-        match s.score {
-            ScoreKind::LogitMargin => "logit_margin",
-            ScoreKind::PseudoMargin => "pseudo_margin",
-        },
+        score_name(s.score),
         s.lambda,
         s.calibrated_on,
         s.calibration.tpr,

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use crate::attack::job::{self, Settings, Shard};
 use crate::attack::AttackKind;
+use crate::margins::{self, MarginsOptions, Shard};
 use crate::norm::Norm;
 
 #[derive(Debug, Args)]
@@ -20,7 +20,7 @@ pub struct MarginsArgs {
     #[arg(long, default_value = "linf")]
     pub norm: Norm,
     /// Attack; `best` keeps per sample the smallest verified distance of a cheap pipeline.
-    #[arg(long, value_enum, default_value_t = AttackKind::Best)]
+    #[arg(long, value_parser = super::values::enum_parser::<AttackKind>(), default_value = "best")]
     pub attack: AttackKind,
     /// Iterations per sample (default: the attack's published budget; for `best`, its cold FMN
     /// pass's, 90 in L∞ and 60 in L2, with a third of it for the warm FMN pass).
@@ -92,13 +92,7 @@ pub fn run(a: MarginsArgs) -> Result<()> {
     let shard = resolve_shard(&a)?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
-    let settings = Settings {
-        model_fingerprint: model.info().fingerprint.clone(),
-        data: data.source.clone(),
-        window: (
-            data.indices.first().copied().unwrap_or(0),
-            data.indices.last().map_or(0, |i| i + 1),
-        ),
+    let options = MarginsOptions {
         norm: a.norm,
         attack: a.attack,
         steps: a.steps,
@@ -108,16 +102,24 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         batch_size: a.batch_size,
         chunk: a.chunk.unwrap_or(4 * a.batch_size),
         shard,
-    };
+    }
+    .check()
+    .context("margins options (batch_size: --batch-size, chunk: --chunk, topk: --topk, shard: --shard or the SLURM/JOB_COMPLETION_INDEX variables)")?;
     let t0 = std::time::Instant::now();
-    let s = job::run(
+    let s = margins::run(
         model.as_ref(),
         &data,
-        &settings,
-        &a.out,
-        a.save_adv.as_deref(),
-        a.restart_stale,
-    )?;
+        &options,
+        margins::Output {
+            margins: &a.out,
+            save_adv: a.save_adv.as_deref(),
+            restart_stale: a.restart_stale,
+        },
+    )
+    .with_context(|| format!("margins into --out {}", a.out.display()))?;
+    if let Some(why) = &s.restarted {
+        eprintln!("warning: started {} again: {why}", a.out.display());
+    }
     let ok: Vec<f64> = s
         .rows
         .iter()

@@ -15,7 +15,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: MergeArgs) -> Result<()> {
-    let n = crate::attack::job::merge(&a.inputs, &a.out)?;
+    let n = crate::margins::merge(&a.inputs, &a.out)?;
     println!(
         "merged {} files: {n} samples -> {}",
         a.inputs.len(),

@@ -4,11 +4,13 @@ pub mod analyze;
 pub mod args;
 pub mod demo;
 pub mod fit;
+pub mod hints;
 pub mod margins;
 pub mod merge;
 pub mod score;
 pub mod serve;
 pub mod train;
+pub mod values;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -58,5 +60,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Analyze(a) => analyze::run(a),
         Command::Train(a) => train::run(a),
         Command::EvalPgd(a) => train::run_eval(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks, among them that every default value (`--attack best`,
+    /// `--input-layout nchw`, …) is one its enum parser accepts.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -7,13 +7,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
-use crate::detector::{Decision, Detector};
-use crate::model::checked::name_sample;
+use super::hints::FlagHint;
+use crate::detector::apply::score_dataset;
+use crate::detector::Detector;
 use crate::norm::Norm;
 use crate::provenance::{write_sidecar, Provenance};
-use crate::score::score_batch;
-use crate::score::table::{write_csv, ScoreRow};
+use crate::score::table::write_csv;
+use crate::score::ScoreOptions;
 use crate::util::progress_bar;
+use crate::util::Check;
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -35,59 +37,13 @@ pub struct ScoreArgs {
     pub detector: Option<PathBuf>,
 }
 
-/// Scores every sample of a dataset; returns the rows in dataset order.
-pub fn score_dataset(
-    model: &dyn crate::model::Classifier,
-    data: &crate::data::Dataset,
-    batch_size: usize,
-    norm: Norm,
-) -> Result<Vec<ScoreRow>> {
-    anyhow::ensure!(batch_size > 0, "--batch-size must be positive");
-    let pb = progress_bar(data.len() as u64, "score");
-    let mut rows = Vec::with_capacity(data.len());
-    for start in (0..data.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(data.len());
-        let (x, labels) = data.batch(start, end);
-        let scores = score_batch(model, &x, norm)
-            .map_err(|e| name_sample(e, &data.indices[start..end], &data.source))?;
-        for (i, s) in scores.into_iter().enumerate() {
-            rows.push(ScoreRow {
-                index: data.indices[start + i],
-                label: labels[i],
-                scores: s,
-            });
-        }
-        pb.inc((end - start) as u64);
-    }
-    pb.finish_and_clear();
-    Ok(rows)
-}
-
-/// The detector's decision for every row (same order as `rows`, which follow `data`).
-pub fn detect_dataset(
-    detector: &Detector,
-    model: &dyn crate::model::Classifier,
-    data: &crate::data::Dataset,
-    rows: &[ScoreRow],
-    batch_size: usize,
-) -> Result<Vec<Decision>> {
-    anyhow::ensure!(batch_size > 0, "--batch-size must be positive");
-    let pb = progress_bar(data.len() as u64, "detect");
-    let mut out = Vec::with_capacity(data.len());
-    for start in (0..data.len()).step_by(batch_size) {
-        let end = (start + batch_size).min(data.len());
-        let (x, _) = data.batch(start, end);
-        let (_, pm) = detector.forward(model, &x)?;
-        for (i, row) in rows[start..end].iter().enumerate() {
-            out.push(detector.decide(row.scores.logit_margin, pm.as_ref().map(|v| v[i]))?);
-        }
-        pb.inc((end - start) as u64);
-    }
-    pb.finish_and_clear();
-    Ok(out)
-}
-
 pub fn run(a: ScoreArgs) -> Result<()> {
+    let opts = ScoreOptions {
+        batch_size: a.batch_size,
+        norm: a.norm,
+    }
+    .check()
+    .flag_hint(&[("batch_size", "--batch-size")])?;
     let data = a.data.load()?;
     let model = a.model.load_for(&data)?;
     let detector = match &a.detector {
@@ -100,11 +56,9 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         None => None,
     };
     let t0 = Instant::now();
-    let rows = score_dataset(model.as_ref(), &data, a.batch_size, a.norm)?;
-    let decisions = match &detector {
-        Some(d) => detect_dataset(d, model.as_ref(), &data, &rows, a.batch_size)?,
-        None => Vec::new(),
-    };
+    let pb = progress_bar(data.len() as u64, "score");
+    let (rows, decisions) = score_dataset(model.as_ref(), detector.as_ref(), &data, &opts, &pb)?;
+    pb.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
     let file =
         std::fs::File::create(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

@@ -7,12 +7,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use super::args::ModelArgs;
+use super::args::{load_model, ModelArgs};
+use super::hints::{FlagHint, Flags};
 use crate::detector::Detector;
-use crate::model::load_classifier;
 use crate::serve::{
     bind, default_model_threads, router, serve_listener, shutdown_signal, ServeConfig,
 };
+use crate::util::{Check, Checked};
 
 /// Defaults of the connection limits, from the library's.
 fn defaults() -> ServeConfig {
@@ -123,9 +124,24 @@ pub fn parse_shape(s: &str) -> Result<[i64; 3]> {
     }
 }
 
+/// The flags of [`ServeConfig`]'s fields.
+const SERVE_FLAGS: Flags = &[
+    ("input_shape", "--input-shape"),
+    ("max_batch", "--max-batch"),
+    ("max_wait", "--max-wait-us"),
+    ("max_images", "--max-images"),
+    ("max_body_bytes", "--max-body-mib"),
+    ("queue", "--queue"),
+    ("spin", "--spin-us"),
+    ("header_timeout", "--header-timeout"),
+    ("body_timeout", "--body-timeout"),
+    ("max_connections", "--max-connections"),
+    ("shutdown_timeout", "--shutdown-timeout"),
+];
+
 /// The service's configuration from the flags; checked before the model loads.
-fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<ServeConfig> {
-    let cfg = ServeConfig {
+fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<Checked<ServeConfig>> {
+    ServeConfig {
         max_batch: a.max_batch,
         max_wait: Duration::from_micros(a.max_wait_us),
         max_images: a.max_images,
@@ -137,13 +153,9 @@ fn config(a: &ServeArgs, shape: [i64; 3]) -> Result<ServeConfig> {
         max_connections: a.max_connections,
         shutdown_timeout: Duration::from_secs_f64(a.shutdown_timeout),
         ..ServeConfig::new(shape)
-    };
-    cfg.validate().context(
-        "invalid serving limits (see --max-batch, --max-wait-us, --max-images, --max-body-mib, \
-         --queue, --spin-us, --max-connections, --header-timeout, --body-timeout, \
-         --shutdown-timeout, --input-shape)",
-    )?;
-    Ok(cfg)
+    }
+    .check()
+    .flag_hint(SERVE_FLAGS)
 }
 
 pub fn run(mut a: ServeArgs) -> Result<()> {
@@ -174,7 +186,7 @@ pub fn run(mut a: ServeArgs) -> Result<()> {
         ..spec
     };
     let cfg = config(&a, shape)?;
-    let model = load_classifier(&spec, shape)?;
+    let model = load_model(&spec, shape)?;
     let name = model.info().name.clone();
     let service = router(model, detector, cfg)?;
     let listener = bind(a.addr)?;

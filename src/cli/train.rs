@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use super::args::{DataArgs, ModelArgs};
+use super::hints::{FlagHint, Flags};
+use super::values::enum_parser;
 use crate::data::{DataSpec, Dataset};
 use crate::model::native::small_cnn;
 use crate::model::{Classifier, DeviceChoice};
@@ -17,6 +19,7 @@ use crate::train::eval::{accuracy, Accuracy};
 use crate::train::pgd::PgdConfig;
 use crate::train::{checkpoint, LrSchedule, Mode, TrainConfig, Trainer};
 use crate::util::sha256_file;
+use crate::util::Check;
 
 /// The PGD attack options shared by `train` and `eval-pgd`.
 #[derive(Debug, Clone, Args)]
@@ -35,14 +38,19 @@ pub struct AttackArgs {
     pub step_size: f64,
 }
 
-impl AttackArgs {
-    /// Refuses an ε outside the pixel box of these inputs (e.g. 8 meant as 8/255).
-    fn check_eps(&self, input_shape: [i64; 3]) -> Result<()> {
-        self.norm
-            .check_eps(self.eps, Some(input_shape))
-            .context("--eps")
-    }
+/// The flags of [`TrainConfig`]'s and [`PgdConfig`]'s fields.
+const TRAIN_FLAGS: Flags = &[
+    ("norm", "--norm"),
+    ("eps", "--eps"),
+    ("step_size", "--step-size"),
+    ("epochs", "--epochs"),
+    ("batch_size", "--batch-size"),
+    ("lr", "--lr"),
+    ("eps_warmup_epochs", "--eps-warmup-epochs"),
+    ("checkpoint_dir", "--checkpoint-dir"),
+];
 
+impl AttackArgs {
     fn config(&self) -> PgdConfig {
         PgdConfig {
             norm: self.norm,
@@ -73,7 +81,7 @@ pub struct TrainArgs {
     /// Base width of the architecture (the same as an `@N` suffix of `--arch`).
     #[arg(long)]
     pub width: Option<i64>,
-    #[arg(long, value_enum, default_value_t = Mode::Pgd)]
+    #[arg(long, value_parser = enum_parser::<Mode>(), default_value = "pgd")]
     pub mode: Mode,
     #[command(flatten)]
     pub attack: AttackArgs,
@@ -90,7 +98,7 @@ pub struct TrainArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    #[arg(long, value_enum, default_value_t = LrSchedule::Constant)]
+    #[arg(long, value_parser = enum_parser::<LrSchedule>(), default_value = "constant")]
     pub lr_schedule: LrSchedule,
     /// Weight of the TRADES KL term.
     #[arg(long, default_value_t = 6.0)]
@@ -149,7 +157,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     crate::model::device::set_threads(a.threads);
     let device = a.device.resolve()?;
     let data = a.data.load()?;
-    a.attack.check_eps(data.input_shape())?;
     let test = a
         .test_data
         .as_ref()
@@ -162,6 +169,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 limit: a.test_limit,
             }
             .load()
+            .flag_hint(&[("labels", "--test-labels"), ("limit", "--test-limit")])
         })
         .transpose()?;
     let config = TrainConfig {
@@ -182,12 +190,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .map(|p| Ok::<_, anyhow::Error>(format!("{} sha256={}", p.display(), sha256_file(p)?)))
             .transpose()?,
     };
-    let mut trainer = Trainer::new(config, data.input_shape(), data.num_classes, device)?;
+    let config = config.check().flag_hint(TRAIN_FLAGS)?;
+    let mut trainer = Trainer::new(config, data.input_shape(), data.num_classes, device)
+        .flag_hint(TRAIN_FLAGS)?;
     if let Some(p) = &a.init {
         trainer.init_from(p)?;
     }
     if let Some(dir) = &a.checkpoint_dir {
-        if checkpoint::resume(&mut trainer, dir)? {
+        if checkpoint::resume(&mut trainer, dir).flag_hint(TRAIN_FLAGS)? {
             eprintln!(
                 "resumed from {} after epoch {}",
                 dir.display(),
@@ -290,11 +300,11 @@ pub struct EvalPgdArgs {
 
 pub fn run_eval(a: EvalPgdArgs) -> Result<()> {
     let data = a.data.load()?;
-    a.attack.check_eps(data.input_shape())?;
-    let model = a.model.load_for(&data)?;
     let cfg = a.attack.config();
+    let model = a.model.load_for(&data)?;
     let t0 = Instant::now();
-    let acc = accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed)?;
+    let acc =
+        accuracy(model.as_ref(), &data, Some(&cfg), a.batch_size, a.seed).flag_hint(TRAIN_FLAGS)?;
     println!(
         "{} on {} ({} samples): clean {:.2}%, PGD-{} {} eps={} robust {:.2}% ({:.0} s)",
         model.info().name,

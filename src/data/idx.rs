@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::{bounded, window, Dataset};
+use crate::util::OptionError;
 
 /// Magic number of an unsigned-byte, 3-dimensional IDX file (images).
 pub const IMAGES_MAGIC: u32 = 0x0803;
@@ -75,23 +76,29 @@ pub fn find_labels(images: &Path) -> Result<PathBuf> {
     let stem = name.strip_suffix(".gz").unwrap_or(&name);
     let renamed = stem.replace("idx3", "idx1").replace("images", "labels");
     if renamed == stem {
-        bail!(
-            "{}: cannot derive a labels file name (expected `images`/`idx3` in the name); pass --labels",
-            images.display()
-        );
+        bail!(OptionError::new(
+            "labels",
+            format!(
+                "{}: cannot derive a labels file name (expected `images`/`idx3` in the name); \
+                 name the labels file",
+                images.display()
+            )
+        ));
     }
     let candidates = [renamed.clone(), format!("{renamed}.gz")];
     candidates
         .iter()
         .map(|c| images.with_file_name(c))
         .find(|p| p.exists())
-        .with_context(|| {
-            format!(
-                "{}: no labels file beside it (looked for {} and {}.gz); pass --labels",
-                images.display(),
-                renamed,
-                renamed
-            )
+        .ok_or_else(|| {
+            anyhow::Error::new(OptionError::new(
+                "labels",
+                format!(
+                    "{}: no labels file beside it (looked for {renamed} and {renamed}.gz); \
+                     name the labels file",
+                    images.display()
+                ),
+            ))
         })
 }
 

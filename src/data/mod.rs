@@ -13,11 +13,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use tch::{Kind, Tensor};
 
+use crate::util::OptionError;
+
 /// The on-disk formats brittle reads.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum DataFormat {
     Cifar10,
     Cifar100,
@@ -141,7 +143,10 @@ pub fn window(
     source: &str,
 ) -> Result<std::ops::Range<usize>> {
     if offset > n || (offset == n && n > 0) {
-        bail!("{source}: --offset {offset} is past the end ({n} samples)");
+        bail!(OptionError::new(
+            "offset",
+            format!("{source}: offset {offset} is past the end ({n} samples)")
+        ));
     }
     let end = limit.map_or(n, |l| (offset + l).min(n));
     Ok(offset..end)
@@ -168,10 +173,13 @@ impl DataSpec {
         } else if name.ends_with(".bin") {
             Ok(DataFormat::Cifar10)
         } else {
-            bail!(
-                "{}: cannot tell the data format from the file name; pass --data-format",
-                self.path.display()
-            )
+            bail!(OptionError::new(
+                "format",
+                format!(
+                    "{}: cannot tell the data format from the file name; name the format",
+                    self.path.display()
+                )
+            ))
         }
     }
 

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tch::{Kind, Tensor};
 
 use super::{bounded, window, Dataset};
+use crate::util::OptionError;
 
 /// Longest NPY header read (numpy writes at most 10 000 bytes; a version-2 header could claim
 /// 4 GiB and make the reader allocate it).
@@ -55,8 +56,12 @@ pub fn read(
         (Some(l), _) => (l.display().to_string(), read_npy(l)?),
         (None, Some(found)) => found,
         (None, None) => {
-            let l = beside(path)
-                .ok_or_else(|| anyhow!("{source}: no labels found; pass --labels <file.npy>"))?;
+            let l = beside(path).ok_or_else(|| {
+                anyhow!(OptionError::new(
+                    "labels",
+                    format!("{source}: no labels found; name the labels file (.npy)")
+                ))
+            })?;
             (l.display().to_string(), read_npy(&l)?)
         }
     };

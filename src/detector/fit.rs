@@ -15,19 +15,22 @@ use super::{
     net_inputs, Detector, DetectorSpec, PseudoSpec, ScoreKind, ScoreQuality, Validation,
     FORMAT_VERSION, WEIGHTS_FILE,
 };
-use crate::attack::table::{check_unique_indices, MarginRow};
 use crate::data::Dataset;
+use crate::margins::{check_unique_indices, MarginRow};
 use crate::metrics::correlation::kendall_tau_b;
 use crate::metrics::roc::{auroc, fpr_at_tpr};
 use crate::model::Classifier;
 use crate::norm::Norm;
 use crate::provenance::Provenance;
+use crate::score::batched::for_each_batch;
 use crate::score::free_scores;
-use crate::util::progress_bar;
+use crate::util::{progress_bar, Check, Checked, OptionError};
 
 /// Whether to train a pseudo-margin and use it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum PseudoMode {
     /// Train it; keep it only when its validation Kendall τ beats the logit margin's.
     Auto,
@@ -44,14 +47,16 @@ pub enum PseudoMode {
 /// scale, e.g. 8 for 8/255, which makes every sample non-robust.)
 pub const MIN_PER_CLASS: usize = 10;
 
-/// Settings of `brittle fit`.
+/// Settings of `brittle fit`; [`fit`] takes them checked ([`Check::check`]).
 #[derive(Debug, Clone)]
 pub struct FitOptions {
     pub eps: f64,
     pub norm: Norm,
     pub target_tpr: f64,
     pub pseudo: PseudoMode,
-    pub train: TrainConfig,
+    /// The pseudo-margin's training settings, checked on their own (their fields have names of
+    /// their own, e.g. their `batch_size`).
+    pub train: Checked<TrainConfig>,
     /// Share of the attacked set held out to validate (and early-stop) the pseudo-margin.
     pub val_fraction: f64,
     pub seed: u64,
@@ -59,6 +64,38 @@ pub struct FitOptions {
     pub batch_size: usize,
     /// Names of the margins file and data, recorded in `detector.json`.
     pub margins_name: String,
+}
+
+impl Check for FitOptions {
+    /// ε (its bound by the pixel box waits for the data, in [`fit`]), target TPR, validation
+    /// share and batch size.
+    fn validate(&self) -> Result<()> {
+        self.norm
+            .check_eps(self.eps, None)
+            .map_err(|e| OptionError::about("eps", e))?;
+        ensure!(
+            self.target_tpr > 0.0 && self.target_tpr <= 1.0,
+            OptionError::new(
+                "target_tpr",
+                format!("the target TPR {} must be in (0, 1]", self.target_tpr)
+            )
+        );
+        ensure!(
+            self.val_fraction > 0.0 && self.val_fraction < 1.0,
+            OptionError::new(
+                "val_fraction",
+                format!(
+                    "validation fraction {} must be in (0, 1)",
+                    self.val_fraction
+                )
+            )
+        );
+        ensure!(
+            self.batch_size > 0,
+            OptionError::new("batch_size", "the batch size must be positive")
+        );
+        Ok(())
+    }
 }
 
 /// The positions in `data` of each row's `index`, checking that the labels agree.
@@ -73,14 +110,18 @@ pub fn match_rows(data: &Dataset, rows: &[MarginRow]) -> Result<Vec<usize>> {
     rows.iter()
         .map(|r| {
             let Some(&p) = pos.get(&r.index) else {
-                bail!(
-                    "sample index {} of the margins file is not in {} (which holds indices {}..={}); \
-                     was it computed on another data file or with another --offset/--limit?",
-                    r.index,
-                    data.source,
-                    data.indices.iter().min().copied().unwrap_or(0),
-                    data.indices.iter().max().copied().unwrap_or(0)
-                );
+                bail!(OptionError::new(
+                    "window",
+                    format!(
+                        "sample index {} of the margins file is not in {} (which holds indices \
+                         {}..={}); was it computed on another data file or on another window \
+                         of it (offset, limit)?",
+                        r.index,
+                        data.source,
+                        data.indices.iter().min().copied().unwrap_or(0),
+                        data.indices.iter().max().copied().unwrap_or(0)
+                    )
+                ));
             };
             if data.labels[p] != r.label {
                 bail!(
@@ -105,17 +146,17 @@ fn forward_positions(
     input: PseudoInput,
     batch_size: usize,
 ) -> Result<(Tensor, Tensor)> {
-    ensure!(batch_size > 0, "batch size must be positive");
     let pb = progress_bar(positions.len() as u64, "forward");
     let (mut logits, mut inputs) = (Vec::new(), Vec::new());
-    for chunk in positions.chunks(batch_size) {
+    for_each_batch(positions.len(), batch_size, &pb, |r| {
+        let chunk = &positions[r];
         let idx = Tensor::from_slice(&chunk.iter().map(|&p| p as i64).collect::<Vec<_>>());
         let x = data.images.index_select(0, &idx);
         let (l, f) = net_inputs(model, &x, input)?;
         logits.push(l.to_device(tch::Device::Cpu));
         inputs.push(f.to_device(tch::Device::Cpu));
-        pb.inc(chunk.len() as u64);
-    }
+        Ok(())
+    })?;
     pb.finish_and_clear();
     Ok((Tensor::cat(&logits, 0), Tensor::cat(&inputs, 0)))
 }
@@ -145,7 +186,7 @@ pub fn fit(
     model: &dyn Classifier,
     data: &Dataset,
     rows: &[MarginRow],
-    opts: &FitOptions,
+    opts: &Checked<FitOptions>,
     provenance: Provenance,
 ) -> Result<Detector> {
     ensure!(
@@ -153,13 +194,9 @@ pub fn fit(
         "the margins file has {} rows; fitting needs at least 4",
         rows.len()
     );
-    ensure!(
-        opts.val_fraction > 0.0 && opts.val_fraction < 1.0,
-        "validation fraction {} must be in (0, 1)",
-        opts.val_fraction
-    );
-    opts.norm.check_eps(opts.eps, Some(data.input_shape()))?;
-    let train_cfg = opts.train.check()?;
+    opts.norm
+        .check_eps(opts.eps, Some(data.input_shape()))
+        .map_err(|e| OptionError::about("eps", e))?;
     let positions = match_rows(data, rows)?;
     let info = model.info().clone();
     let input = if info.has_features {
@@ -231,7 +268,7 @@ pub fn fit(
             &t(val),
             &val_d,
             input,
-            &train_cfg,
+            &opts.train,
             opts.seed,
         )?;
         let val_pm = trained.net.predict(&t(val))?;

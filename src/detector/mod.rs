@@ -5,6 +5,7 @@
 //! On disk, a detector is a folder with `detector.json` ([`DetectorSpec`]) and, when a
 //! pseudo-margin is used, its weights `pseudo_margin.safetensors`.
 
+pub mod apply;
 pub mod calibrate;
 pub mod fit;
 pub mod pseudo;

@@ -14,7 +14,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::metrics::correlation::kendall_tau_b;
-use crate::util::{to_vec_f64, with_torch_seed};
+use crate::util::{to_vec_f64, with_torch_seed, Check, Checked, OptionError};
 
 /// What the net reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +27,10 @@ pub enum PseudoInput {
 }
 
 /// The training objective.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum PseudoLoss {
     /// Mean squared error on `sqrt(d_in)` (standardised); the output estimates `d_in`.
     Regression,
@@ -98,53 +100,70 @@ impl NetShape {
 fn check_width(hidden: i64, depth: usize) -> Result<()> {
     ensure!(
         (1..=MAX_HIDDEN).contains(&hidden),
-        "pseudo-margin hidden = {hidden}: the hidden width must be in 1..={MAX_HIDDEN}"
+        OptionError::new(
+            "hidden",
+            format!(
+                "pseudo-margin hidden = {hidden}: the hidden width must be in 1..={MAX_HIDDEN}"
+            )
+        )
     );
     ensure!(
         depth <= MAX_DEPTH,
-        "pseudo-margin depth = {depth}: at most {MAX_DEPTH} hidden layers"
+        OptionError::new(
+            "depth",
+            format!("pseudo-margin depth = {depth}: at most {MAX_DEPTH} hidden layers")
+        )
     );
     Ok(())
 }
 
-/// A [`TrainConfig`] that passed [`TrainConfig::check`], the only form [`train`] takes (the
-/// parameter-guard pattern of linfa): a bad option is an error naming its field before any
-/// work, never a panic inside libtorch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckedTrainConfig(TrainConfig);
-
-impl std::ops::Deref for CheckedTrainConfig {
-    type Target = TrainConfig;
-    fn deref(&self) -> &TrainConfig {
-        &self.0
-    }
-}
-
-impl TrainConfig {
+/// [`train`] takes only a checked [`TrainConfig`] (the parameter-guard pattern of linfa): a bad
+/// option is an error naming its field before any work, never a panic inside libtorch.
+impl Check for TrainConfig {
     /// Validates every field; errors name the field and the accepted range.
-    pub fn check(&self) -> Result<CheckedTrainConfig> {
+    fn validate(&self) -> Result<()> {
         check_width(self.hidden, self.depth)?;
         ensure!(
             self.lr.is_finite() && self.lr > 0.0,
-            "pseudo-margin lr = {}: the learning rate must be a positive finite number",
-            self.lr
+            OptionError::new(
+                "lr",
+                format!(
+                    "pseudo-margin lr = {}: the learning rate must be a positive finite number",
+                    self.lr
+                )
+            )
         );
         ensure!(
             self.weight_decay.is_finite() && self.weight_decay >= 0.0,
-            "pseudo-margin weight_decay = {}: must be a non-negative finite number",
-            self.weight_decay
+            OptionError::new(
+                "weight_decay",
+                format!(
+                    "pseudo-margin weight_decay = {}: must be a non-negative finite number",
+                    self.weight_decay
+                )
+            )
         );
         ensure!(
             self.batch_size >= 2,
-            "pseudo-margin batch_size = {}: must be at least 2 (the ranking loss needs pairs)",
-            self.batch_size
+            OptionError::new(
+                "batch_size",
+                format!(
+                    "pseudo-margin batch_size = {}: must be at least 2 (the ranking loss needs pairs)",
+                    self.batch_size
+                )
+            )
         );
         ensure!(
             self.max_epochs >= 1,
-            "pseudo-margin max_epochs = {}: must be at least 1",
-            self.max_epochs
+            OptionError::new(
+                "max_epochs",
+                format!(
+                    "pseudo-margin max_epochs = {}: must be at least 1",
+                    self.max_epochs
+                )
+            )
         );
-        Ok(CheckedTrainConfig(self.clone()))
+        Ok(())
     }
 }
 
@@ -270,7 +289,7 @@ pub fn train(
     x_val: &Tensor,
     d_val: &[f64],
     input: PseudoInput,
-    cfg: &CheckedTrainConfig,
+    cfg: &Checked<TrainConfig>,
     seed: u64,
 ) -> Result<Trained> {
     let n = d_train.len();

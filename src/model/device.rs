@@ -29,9 +29,7 @@ impl DeviceChoice {
                 if i < n {
                     Ok(Device::Cuda(i))
                 } else {
-                    anyhow::bail!(
-                        "--device cuda:{i} asked for, but libtorch sees {n} CUDA device(s)"
-                    )
+                    anyhow::bail!("device cuda:{i} asked for, but libtorch sees {n} CUDA device(s)")
                 }
             }
         }

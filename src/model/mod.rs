@@ -2,8 +2,9 @@
 //!
 //! Formats: TorchScript ([`torchscript`]), native Rust architectures with PyTorch or
 //! safetensors weights ([`native`], [`weights`]), ONNX ([`onnx`]). [`load`] picks one from a
-//! [`load::ModelSpec`] and wraps it in [`checked::Checked`]; [`sanity`] checks the first batch
-//! of labelled data before a command trusts the model's answers.
+//! [`spec::ModelSpec`], puts [`normalize::Normalized`] in front and [`checked::Checked`]
+//! around; [`sanity`] checks the first batch of labelled data before a command trusts the
+//! model's answers.
 
 pub mod checked;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod native;
 pub mod normalize;
 pub mod onnx;
 pub mod sanity;
+pub mod spec;
 pub mod torchscript;
 pub mod weights;
 
@@ -21,7 +23,8 @@ use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 pub use device::DeviceChoice;
-pub use load::{load_classifier, ModelSpec};
+pub use load::load_classifier;
+pub use spec::{InputLayout, ModelFormat, ModelOption, ModelSpec, OptionError};
 
 /// What a model is, for provenance and for refusing a detector fitted on another model.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -130,7 +133,7 @@ pub fn logits_no_grad(model: &dyn Classifier, x: &Tensor) -> Result<Tensor> {
 /// The two-sample probe batch every format runs once at load: two different deterministic
 /// inputs in `[0, 1)` of shape `[2, C, H, W]`, so that batching bugs and per-sample
 /// mix-ups show up as differing rows.
-pub(crate) fn probe_input([c, h, w]: [i64; 3], device: Device) -> Result<Tensor> {
+pub fn probe_input([c, h, w]: [i64; 3], device: Device) -> Result<Tensor> {
     Ok(Tensor::f_arange(2 * c * h * w, (Kind::Float, device))?
         .f_mul_scalar(0.618_033_988_75)?
         .frac()
@@ -147,8 +150,66 @@ pub(crate) fn probe_classes(logits: &Tensor) -> Result<i64> {
     Ok(size[1])
 }
 
+/// Max |a - b| relative to max |b|, or `None` when the shapes differ.
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Option<f64> {
+    if a.size() != b.size() {
+        return None;
+    }
+    let err = a.f_sub(b).ok()?.abs().max().double_value(&[]);
+    let scale = b.abs().max().double_value(&[]);
+    Some(err / scale.max(1e-12))
+}
+
+/// Relative tolerance of the numeric checks on the probe batch (same maths, other kernels).
+pub(crate) const PROBE_TOL: f64 = 1e-4;
+
+/// Whether `logits = features W^T + b` on the probe batch, within [`PROBE_TOL`]: a candidate
+/// last linear layer (found by name or by graph pattern) is only exposed once this holds.
+pub(crate) fn is_last_linear(
+    features: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    logits: &Tensor,
+) -> bool {
+    let (n, k) = match logits.size()[..] {
+        [n, k] => (n, k),
+        _ => return false,
+    };
+    if features.dim() != 2 || features.size()[0] != n || weight.size() != [k, features.size()[1]] {
+        return false;
+    }
+    let rebuilt = tch::no_grad(|| -> Result<Tensor> {
+        Ok(features.f_matmul(&weight.f_transpose(0, 1)?)?.f_add(bias)?)
+    });
+    rebuilt
+        .ok()
+        .and_then(|r| rel_diff(&r, logits))
+        .is_some_and(|d| d <= PROBE_TOL)
+}
+
 /// Model name for provenance: the file stem, or `fallback` when the path has none.
 pub(crate) fn name_from_path(path: &Path, fallback: &str) -> String {
     path.file_stem()
         .map_or_else(|| fallback.to_owned(), |s| s.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_last_linear_accepts_the_layer_that_rebuilds_the_logits_only() {
+        let opts = (Kind::Float, Device::Cpu);
+        let f = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5, 3.0, -2.0]).view([2, 3]);
+        let w = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 1.5, 0.25, -0.5]).view([2, 3]);
+        let b = Tensor::from_slice(&[0.1f32, -0.2]);
+        let logits = f.matmul(&w.tr()) + &b;
+        assert!(is_last_linear(&f, &w, &b, &logits));
+        // A weight off by 1% of the logits' scale, a missing bias, wrong shapes: refused.
+        let off = &w + Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 0.0, 0.05]).view([2, 3]);
+        assert!(!is_last_linear(&f, &off, &b, &logits));
+        assert!(!is_last_linear(&f, &w, &Tensor::zeros([2], opts), &logits));
+        assert!(!is_last_linear(&f, &w.tr(), &b, &logits));
+        assert!(!is_last_linear(&f.view([6]), &w, &b, &logits));
+    }
 }

@@ -1,16 +1,18 @@
-//! Per-channel `(x - mean) / std`, applied inside the differentiable graph so that attacks
-//! and gradients stay in pixel space `[0, 1]`.
+//! Per-channel `(x - mean) / std` in front of any format ([`Normalized`]), applied inside the
+//! differentiable graph so that attacks and gradients stay in pixel space `[0, 1]`.
 
-use anyhow::{bail, Result};
+use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+use super::spec::{ModelOption, OptionError};
+use super::{Classifier, ModelInfo};
 
 /// Mean and std per channel, kept on the model's device.
 #[derive(Debug)]
 pub struct Normalizer {
     mean: Tensor,
     std: Tensor,
-    /// The values, for fingerprints and error messages.
-    pub values: (Vec<f64>, Vec<f64>),
+    channels: i64,
 }
 
 impl Normalizer {
@@ -28,17 +30,27 @@ impl Normalizer {
                 s.map(<[f64]>::to_vec).unwrap_or_else(|| vec![1.0]),
             ),
         };
-        let widen = |v: Vec<f64>, what: &str| -> Result<Vec<f64>> {
+        let widen = |v: Vec<f64>, option: ModelOption| -> Result<Vec<f64>, OptionError> {
             match v.len() as i64 {
                 1 => Ok(vec![v[0]; channels as usize]),
                 n if n == channels => Ok(v),
-                n => bail!("--{what} has {n} values but the model input has {channels} channels"),
+                n => Err(OptionError::new(
+                    option,
+                    format!(
+                        "the {} has {n} values but the model input has {channels} channels",
+                        option.name()
+                    ),
+                )),
             }
         };
-        let mean = widen(mean, "mean")?;
-        let std = widen(std, "std")?;
+        let mean = widen(mean, ModelOption::Mean)?;
+        let std = widen(std, ModelOption::Std)?;
         if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            bail!("--std values must be positive, got {s}");
+            return Err(OptionError::new(
+                ModelOption::Std,
+                format!("the std values must be positive, got {s}"),
+            )
+            .into());
         }
         let t = |v: &[f64]| {
             Tensor::from_slice(v)
@@ -49,12 +61,55 @@ impl Normalizer {
         Ok(Some(Normalizer {
             mean: t(&mean),
             std: t(&std),
-            values: (mean, std),
+            channels,
         }))
     }
 
-    pub fn apply(&self, x: &Tensor) -> Tensor {
-        (x - &self.mean) / &self.std
+    /// `(x - mean) / std` of images `[N, C, H, W]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let size = x.size();
+        ensure!(
+            size.len() == 4 && size[1] == self.channels,
+            "expected images [N, {}, H, W] to normalise, got shape {size:?}",
+            self.channels
+        );
+        Ok(x.f_sub(&self.mean)?.f_div(&self.std)?)
+    }
+}
+
+/// A classifier whose every input (logits, features, the load-time probe) is normalised first.
+/// The info and fingerprint are the inner model's (the spec's fingerprint already holds the
+/// mean and std); the last linear layer is unchanged, as it acts on features.
+pub struct Normalized<C: Classifier> {
+    inner: C,
+    normalizer: Normalizer,
+}
+
+impl<C: Classifier> Normalized<C> {
+    pub fn new(inner: C, normalizer: Normalizer) -> Self {
+        Normalized { inner, normalizer }
+    }
+}
+
+impl<C: Classifier> Classifier for Normalized<C> {
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.logits(&self.normalizer.apply(x)?)
+    }
+
+    fn features_and_logits(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        self.inner.features_and_logits(&self.normalizer.apply(x)?)
+    }
+
+    fn last_linear(&self) -> Option<(Tensor, Tensor)> {
+        self.inner.last_linear()
+    }
+
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+
+    fn info(&self) -> &ModelInfo {
+        self.inner.info()
     }
 }
 

@@ -1,8 +1,8 @@
 //! TorchScript modules (`torch.jit.trace` / `torch.jit.script` output): any architecture, exact
 //! PyTorch numerics.
 //!
-//! Convention: `forward(x)` takes float NCHW in `[0, 1]` (normalisation baked in, or added with
-//! `--mean/--std`) and returns logits `[N, K]`, or a tuple `(logits, features)`. A module may
+//! Convention: `forward(x)` takes float NCHW in `[0, 1]` (normalisation baked in, or put in
+//! front by [`super::normalize::Normalized`]) and returns logits `[N, K]`, or a tuple `(logits, features)`. A module may
 //! instead export a method `features(x) -> [N, D]` (`@torch.jit.export`) returning the
 //! penultimate features. When logits equal `W f + b` for a 2-D parameter `W` and bias `b` of
 //! the module (checked numerically at load), the last layer is exposed for the feature margin.
@@ -12,8 +12,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use super::normalize::Normalizer;
-use super::{Classifier, ModelInfo};
+use super::{is_last_linear, Classifier, ModelInfo};
 use crate::data::bounded;
 
 /// Deepest expression nesting accepted in one statement of a TorchScript code member, counted
@@ -27,7 +26,6 @@ const MAX_CODE_NESTING: usize = 128;
 
 pub struct TorchScriptClassifier {
     module: CModule,
-    normalizer: Option<Normalizer>,
     device: Device,
     features: FeatureSource,
     last_linear: Option<(Tensor, Tensor)>,
@@ -45,10 +43,11 @@ enum FeatureSource {
 }
 
 impl TorchScriptClassifier {
+    /// Loads the module and probes it on `probe` (the probe batch as the module sees it).
     pub fn load(
         path: &Path,
-        normalizer: Option<Normalizer>,
         device: Device,
+        probe: &Tensor,
         input_shape: [i64; 3],
         fingerprint: String,
     ) -> Result<Self> {
@@ -58,14 +57,12 @@ impl TorchScriptClassifier {
         module.set_eval();
         let mut me = TorchScriptClassifier {
             module,
-            normalizer,
             device,
             features: FeatureSource::None,
             last_linear: None,
             info: ModelInfo::unprobed(path, "torchscript", fingerprint, input_shape),
         };
-        let probe = super::probe_input(input_shape, device)?;
-        let out = tch::no_grad(|| me.forward_ivalue(&probe)).with_context(|| {
+        let out = tch::no_grad(|| me.forward_ivalue(probe)).with_context(|| {
             format!(
                 "{}: probing with an input of shape [2, {input_shape:?}]",
                 path.display()
@@ -81,7 +78,7 @@ impl TorchScriptClassifier {
                 Some(f)
             }
             None => {
-                match tch::no_grad(|| me.module.method_ts("features", &[me.normalized(&probe)])) {
+                match tch::no_grad(|| me.module.method_ts("features", &[probe.shallow_clone()])) {
                     Ok(f) => {
                         me.features = FeatureSource::Method;
                         Some(f)
@@ -97,17 +94,10 @@ impl TorchScriptClassifier {
         Ok(me)
     }
 
-    fn normalized(&self, x: &Tensor) -> Tensor {
-        match &self.normalizer {
-            Some(n) => n.apply(x),
-            None => x.shallow_clone(),
-        }
-    }
-
     fn forward_ivalue(&self, x: &Tensor) -> Result<IValue> {
         Ok(self
             .module
-            .forward_is(&[IValue::Tensor(self.normalized(x))])?)
+            .forward_is(&[IValue::Tensor(x.shallow_clone())])?)
     }
 }
 
@@ -231,10 +221,7 @@ fn find_last_linear(
     let b = bias
         .map(|(_, t)| t.detach().to_kind(Kind::Float))
         .unwrap_or_else(|| Tensor::zeros([k], (Kind::Float, w.device())));
-    let rebuilt = tch::no_grad(|| features.matmul(&w.tr()) + &b);
-    let err = (rebuilt - logits).abs().max().double_value(&[]);
-    let scale = logits.abs().max().double_value(&[]).max(1e-6);
-    (err / scale < 1e-4).then_some((w, b))
+    is_last_linear(features, &w, &b, logits).then_some((w, b))
 }
 
 impl Classifier for TorchScriptClassifier {
@@ -250,12 +237,11 @@ impl Classifier for TorchScriptClassifier {
                 Ok(f.map(|f| (f, l)))
             }
             FeatureSource::Method => {
-                let xn = self.normalized(x);
                 let f = self
                     .module
-                    .method_ts("features", &[xn.shallow_clone()])?
+                    .method_ts("features", &[x.shallow_clone()])?
                     .flatten(1, -1);
-                let l = self.module.forward_ts(&[xn])?;
+                let l = self.module.forward_ts(&[x.shallow_clone()])?;
                 Ok(Some((f, l)))
             }
         }

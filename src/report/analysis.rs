@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::attack::table::MarginRow;
+use super::nan::null_is_nan;
+use crate::margins::MarginRow;
 use crate::metrics::robust::{self, Calibration};
 use crate::metrics::{bootstrap, correlation, roc};
 use crate::norm::Norm;
@@ -98,50 +99,68 @@ pub const SCORES: [ScoreSpec; 7] = [
 ];
 
 /// Correlations of one oriented score with the input margin, with 95% bootstrap intervals.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Consistency {
     /// `"+name"` or `"-name"`: the quantity actually correlated (larger = more robust).
     pub oriented: String,
+    #[serde(deserialize_with = "null_is_nan")]
     pub kendall_tau: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub kendall_tau_ci: [f64; 2],
+    #[serde(deserialize_with = "null_is_nan")]
     pub pearson: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub pearson_ci: [f64; 2],
+    #[serde(deserialize_with = "null_is_nan")]
     pub spearman: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub spearman_ci: [f64; 2],
 }
 
 /// Detection summary of one score at one ε.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DetectionSummary {
+    #[serde(deserialize_with = "null_is_nan")]
     pub auroc: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub aupr: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub average_precision: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub fpr_at_95_tpr: f64,
 }
 
 /// A curve as two coordinate lists.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Curve {
+    #[serde(deserialize_with = "null_is_nan")]
     pub x: Vec<f64>,
+    #[serde(deserialize_with = "null_is_nan")]
     pub y: Vec<f64>,
 }
 
 /// Detection of non-robust samples (`input_margin <= eps`) at one ε.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpsDetection {
+    #[serde(deserialize_with = "null_is_nan")]
     pub eps: f64,
     pub eps_label: String,
     pub positives: usize,
     pub negatives: usize,
     /// Of the score `-logit_margin`.
+    #[serde(deserialize_with = "null_is_nan")]
     pub auroc: f64,
     /// Trapezoidal area under the precision-recall curve (sklearn `auc(recall, precision)`).
+    #[serde(deserialize_with = "null_is_nan")]
     pub aupr: f64,
     /// Step-wise area (sklearn `average_precision_score`).
+    #[serde(deserialize_with = "null_is_nan")]
     pub average_precision: f64,
     /// Smallest FPR with TPR ≥ 0.95 on the full ROC curve.
+    #[serde(deserialize_with = "null_is_nan")]
     pub fpr_at_95_tpr: f64,
     /// λ of that point, on the logit margin: flag non-robust when `logit_margin <= λ`.
+    #[serde(deserialize_with = "null_is_nan")]
     pub threshold_at_95_tpr: f64,
     /// Every score (oriented, negated for detection), including `logit_margin`.
     pub scores: BTreeMap<String, DetectionSummary>,
@@ -152,30 +171,38 @@ pub struct EpsDetection {
 }
 
 /// A value at one ε.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpsValue {
+    #[serde(deserialize_with = "null_is_nan")]
     pub eps: f64,
     pub eps_label: String,
+    #[serde(deserialize_with = "null_is_nan")]
     pub value: f64,
 }
 
 /// Spread of an estimate over the repeats.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Spread {
+    #[serde(deserialize_with = "null_is_nan")]
     pub mean: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub std: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub min: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub max: f64,
 }
 
 /// Sample-efficient robust accuracy at one ε.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RobustEstimate {
+    #[serde(deserialize_with = "null_is_nan")]
     pub eps: f64,
     pub eps_label: String,
     pub subset: usize,
     pub repeats: usize,
     /// Attack-based robust accuracy of the whole set, for comparison.
+    #[serde(deserialize_with = "null_is_nan")]
     pub attack_based: f64,
     /// λ by quantile matching (the headline estimate; see `metrics::robust::Calibration`).
     pub estimate: Spread,
@@ -187,7 +214,7 @@ pub struct RobustEstimate {
 }
 
 /// Everything `brittle analyze` reports (serialised as `metrics.json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Analysis {
     /// Samples analysed (successful attacks).
     pub n: usize,
@@ -196,14 +223,21 @@ pub struct Analysis {
     /// Rows of the margins file.
     pub n_rows: usize,
     /// Clean accuracy over all rows.
+    #[serde(deserialize_with = "null_is_nan")]
     pub accuracy: f64,
     pub norm: Norm,
     /// Kendall τ-b between input margin and logit margin (margin consistency).
+    #[serde(deserialize_with = "null_is_nan")]
     pub kendall_tau: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub kendall_tau_ci: [f64; 2],
+    #[serde(deserialize_with = "null_is_nan")]
     pub pearson: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub pearson_ci: [f64; 2],
+    #[serde(deserialize_with = "null_is_nan")]
     pub spearman: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub spearman_ci: [f64; 2],
     /// Per score present in the file (all rows have it), including `logit_margin`.
     pub scores: BTreeMap<String, Consistency>,

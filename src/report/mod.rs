@@ -4,6 +4,7 @@
 pub mod analysis;
 pub mod figures;
 mod html;
+mod nan;
 
 use std::path::Path;
 
@@ -12,8 +13,20 @@ use plotters::prelude::SeriesLabelPosition;
 
 pub use analysis::{analyze, default_eps, Analysis, AnalyzeOptions};
 
-use crate::attack::table::MarginRow;
+use crate::margins::MarginRow;
 use figures::{render, Curves, MarginHistogram, MarginScatter, TauBars};
+
+/// File name of the numbers inside a report folder.
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Reads the numbers of a report folder (`null` in the file reads as NaN).
+pub fn read_metrics(dir: &Path) -> Result<Analysis> {
+    let path = dir.join(METRICS_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{}: not the metrics of a brittle report", path.display()))
+}
 
 /// Figures of a report: `(file stem, title, svg)`.
 pub type Figures = Vec<(&'static str, &'static str, String)>;
@@ -21,7 +34,7 @@ pub type Figures = Vec<(&'static str, &'static str, String)>;
 /// Writes `metrics.json`, the figures and `report.html` into `dir` (created if needed).
 pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("metrics.json");
+    let json = dir.join(METRICS_FILE);
     std::fs::write(&json, serde_json::to_string_pretty(a)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let used: Vec<&MarginRow> = rows.iter().filter(|r| r.success == 1).collect();
@@ -32,11 +45,7 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         .iter()
         .map(|d| (d.eps_label.clone(), d.eps))
         .collect();
-    let norm_label = match a.norm {
-        crate::norm::Norm::Linf => "L∞",
-        crate::norm::Norm::L2 => "L2",
-        crate::norm::Norm::L1 => "L1",
-    };
+    let norm_label = a.norm.symbol();
     let (wide, square) = ((760, 520), (530, 500));
     let mut figs: Figures = Vec::new();
     let scatter = MarginScatter {
@@ -121,4 +130,60 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
     std::fs::write(&page, html::page(a, &figs))
         .with_context(|| format!("writing {}", page.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::norm::Norm;
+    use crate::provenance::Provenance;
+
+    /// `metrics.json` reads back as the analysis that wrote it, its undefined statistics
+    /// (written as `null`) as NaN.
+    #[test]
+    fn metrics_read_back_with_null_as_nan() {
+        let rows: Vec<MarginRow> = (0..8)
+            .map(|i| MarginRow {
+                index: i,
+                label: 1,
+                pred: 1,
+                correct: 1,
+                logit_margin: 0.3 * i as f64 + 0.1 * (i % 3) as f64,
+                input_margin: 0.05 * (i + 1) as f64,
+                attack: "fmn".into(),
+                success: 1,
+                forwards: 3,
+                backwards: 3,
+                seconds: 0.0,
+                prob_margin: None,
+                max_prob: None,
+                entropy: Some(1.0 / (i + 1) as f64),
+                energy: None,
+                feature_margin: None,
+                pseudo_margin: None,
+            })
+            .collect();
+        let opts = AnalyzeOptions {
+            norm: Norm::L2,
+            // No sample is within 0.01: AUROC and the rest are undefined.
+            eps: vec![("0.01".into(), 0.01), ("0.2".into(), 0.2)],
+            seed: 0,
+            bootstrap: 0,
+            subset: Some(4),
+            repeats: 3,
+            provenance: Provenance::current(Some(0)),
+        };
+        let a = analyze(&rows, &opts);
+        assert!(a.detection[0].auroc.is_nan() && a.kendall_tau_ci[0].is_nan());
+        let dir = tempfile::tempdir().unwrap();
+        write_report(&rows, &a, dir.path()).unwrap();
+        let back = read_metrics(dir.path()).unwrap();
+        assert!(back.detection[0].auroc.is_nan() && back.kendall_tau_ci[1].is_nan());
+        assert_eq!(back.detection[1].auroc, a.detection[1].auroc);
+        assert_eq!(back.norm, Norm::L2);
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&a).unwrap()
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! usual confidence scores, and the feature margin is the exact distance to the boundary in
 //! the penultimate feature space for models that end in a linear layer.
 
+pub mod batched;
 pub mod table;
 
 use anyhow::Result;
@@ -11,7 +12,26 @@ use tch::{Kind, Tensor};
 
 use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
-use crate::util::to_vec_f64;
+use crate::util::{to_vec_f64, Check, OptionError};
+
+/// Settings of scoring a dataset (`brittle score`); the scoring takes them checked.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreOptions {
+    /// Samples per forward pass.
+    pub batch_size: usize,
+    /// The attack norm the feature margin is measured for.
+    pub norm: Norm,
+}
+
+impl Check for ScoreOptions {
+    fn validate(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.batch_size > 0,
+            OptionError::new("batch_size", "the batch size must be positive")
+        );
+        Ok(())
+    }
+}
 
 /// The scores of one sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -124,12 +144,24 @@ pub fn score_batch(model: &dyn Classifier, x: &Tensor, norm: Norm) -> Result<Vec
     let x = x.to_device(model.device());
     let logits = logits_no_grad(model, &x)?;
     let mut scores = free_scores(&logits)?;
+    add_feature_margins(model, &logits, norm, &mut scores)?;
+    Ok(scores)
+}
+
+/// Fills in the feature margins of `scores` (computed from `logits`) when the model's last
+/// linear layer is known.
+pub fn add_feature_margins(
+    model: &dyn Classifier,
+    logits: &Tensor,
+    norm: Norm,
+    scores: &mut [FreeScores],
+) -> Result<()> {
     if let Some((w, _)) = model.last_linear() {
-        for (s, fm) in scores.iter_mut().zip(feature_margin(&logits, &w, norm)?) {
+        for (s, fm) in scores.iter_mut().zip(feature_margin(logits, &w, norm)?) {
             s.feature_margin = Some(fm);
         }
     }
-    Ok(scores)
+    Ok(())
 }
 
 #[cfg(test)]

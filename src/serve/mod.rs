@@ -34,6 +34,7 @@ use serde_json::json;
 
 use crate::detector::Detector;
 use crate::model::Classifier;
+use crate::util::{Check, Checked, OptionError};
 use input::InputSpec;
 use metrics::ServeMetrics;
 use worker::{BatchPolicy, Health, Job, Scorer};
@@ -108,26 +109,35 @@ impl ServeConfig {
             shutdown_timeout: Duration::from_secs(10),
         }
     }
+}
 
+/// The server takes its configuration checked ([`Check::check`]).
+impl Check for ServeConfig {
     /// Checks that every limit admits something: a zero (or an input shape whose values per
     /// image overflow) would turn every request into an error.
-    pub fn validate(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         let [c, h, w] = self.input_shape;
         if c <= 0 || h <= 0 || w <= 0 {
-            bail!(
-                "the input shape {:?} must be three positive numbers",
-                self.input_shape
-            );
+            bail!(OptionError::new(
+                "input_shape",
+                format!(
+                    "the input shape {:?} must be three positive numbers",
+                    self.input_shape
+                )
+            ));
         }
         let per_image = [c, h, w]
             .iter()
             .try_fold(1usize, |p, &d| p.checked_mul(d as usize))
             .filter(|&p| p <= isize::MAX as usize / 4);
         if per_image.is_none() {
-            bail!(
-                "the input shape {:?} has too many values per image",
-                self.input_shape
-            );
+            bail!(OptionError::new(
+                "input_shape",
+                format!(
+                    "the input shape {:?} has too many values per image",
+                    self.input_shape
+                )
+            ));
         }
         for (name, v) in [
             ("max_batch", self.max_batch),
@@ -137,22 +147,31 @@ impl ServeConfig {
             ("max_connections", self.max_connections),
         ] {
             if v == 0 {
-                bail!("{name} must be at least 1 (got 0): with 0 no request could be served");
+                bail!(OptionError::new(
+                    name,
+                    format!("{name} must be at least 1 (got 0): with 0 no request could be served")
+                ));
             }
         }
         if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
-            bail!(
-                "max_connections {} exceeds {}",
-                self.max_connections,
-                tokio::sync::Semaphore::MAX_PERMITS
-            );
+            bail!(OptionError::new(
+                "max_connections",
+                format!(
+                    "max_connections {} exceeds {}",
+                    self.max_connections,
+                    tokio::sync::Semaphore::MAX_PERMITS
+                )
+            ));
         }
         for (name, v) in [
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
         ] {
             if v.is_zero() {
-                bail!("{name} must be positive: with 0 no request could arrive");
+                bail!(OptionError::new(
+                    name,
+                    format!("{name} must be positive: with 0 no request could arrive")
+                ));
             }
         }
         // Deadlines are instants: a duration near u64::MAX would overflow when added to now.
@@ -164,7 +183,10 @@ impl ServeConfig {
             ("shutdown_timeout", self.shutdown_timeout, MAX_TIMEOUT),
         ] {
             if v > most {
-                bail!("{name} is {v:?}; at most {most:?} is accepted");
+                bail!(OptionError::new(
+                    name,
+                    format!("{name} is {v:?}; at most {most:?} is accepted")
+                ));
             }
         }
         Ok(())
@@ -232,9 +254,8 @@ pub struct Service {
 pub fn router(
     model: Box<dyn Classifier>,
     detector: Option<Detector>,
-    cfg: ServeConfig,
+    cfg: Checked<ServeConfig>,
 ) -> Result<Service> {
-    cfg.validate()?;
     if let Some(d) = &detector {
         d.check_model(model.info())?;
     }
@@ -447,7 +468,7 @@ impl Drop for ServerHandle {
 pub fn spawn(
     model: Box<dyn Classifier>,
     detector: Option<Detector>,
-    cfg: ServeConfig,
+    cfg: Checked<ServeConfig>,
     addr: SocketAddr,
 ) -> Result<ServerHandle> {
     let service = router(model, detector, cfg)?;
@@ -481,10 +502,9 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 pub fn serve_listener(
     listener: std::net::TcpListener,
     service: Service,
-    cfg: &ServeConfig,
+    cfg: &Checked<ServeConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    cfg.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -494,7 +514,7 @@ pub fn serve_listener(
         metrics,
         worker,
     } = service;
-    let served = rt.block_on(accept_loop(listener, app, metrics, *cfg, shutdown));
+    let served = rt.block_on(accept_loop(listener, app, metrics, **cfg, shutdown));
     // Connections still open past the deadline are dropped with the runtime; a decode on the
     // blocking pool gets a moment to end.
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -18,9 +18,10 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::metrics::ServeMetrics;
+use crate::detector::apply::score_images;
 use crate::detector::Detector;
-use crate::model::{logits_no_grad, Classifier};
-use crate::score::{host_logits, row_scores, softmax};
+use crate::model::Classifier;
+use crate::score::softmax;
 
 /// The answer for one image.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -41,32 +42,19 @@ pub struct Scorer {
 }
 
 impl Scorer {
-    /// Scores `[N, C, H, W]` images with one forward pass.
+    /// Scores `[N, C, H, W]` images with one forward pass ([`score_images`], as `brittle score`).
     pub fn score(&self, x: &Tensor) -> Result<Vec<ImageResult>> {
-        let x = x.to_device(self.model.device());
-        let (logits, pm) = match &self.detector {
-            Some(d) => d.forward(self.model.as_ref(), &x)?,
-            None => (logits_no_grad(self.model.as_ref(), &x)?, None),
-        };
-        let (z, k) = host_logits(&logits)?;
-        z.chunks(k)
-            .enumerate()
-            .map(|(i, row)| {
-                let s = row_scores(row);
-                let pseudo = pm.as_ref().map(|v| v[i]);
-                let brittle = match &self.detector {
-                    Some(d) => Some(d.decide(s.logit_margin, pseudo)?.brittle),
-                    None => None,
-                };
-                Ok(ImageResult {
-                    pred: s.pred,
-                    probs: softmax(row),
-                    logit_margin: s.logit_margin,
-                    pseudo_margin: pseudo,
-                    brittle,
-                })
+        let scored = score_images(self.model.as_ref(), self.detector.as_ref(), x, None)?;
+        Ok(scored
+            .into_iter()
+            .map(|s| ImageResult {
+                pred: s.scores.pred,
+                probs: softmax(&s.logits),
+                logit_margin: s.scores.logit_margin,
+                pseudo_margin: s.decision.and_then(|d| d.pseudo_margin),
+                brittle: s.decision.map(|d| d.brittle),
             })
-            .collect()
+            .collect())
     }
 
     /// Scores `n` images given as flattened NCHW pixels of `shape`, recording the batch in

@@ -11,6 +11,7 @@ use tch::Tensor;
 
 use super::{EpochStats, TrainConfig, Trainer};
 use crate::model::{weights, Classifier};
+use crate::util::OptionError;
 
 const WEIGHTS: &str = "checkpoint.safetensors";
 const STATE: &str = "checkpoint.json";
@@ -40,7 +41,7 @@ pub fn save(trainer: &Trainer, dir: &Path) -> Result<()> {
     Tensor::write_safetensors(&tensors, &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     let state = State {
-        config: trainer.config.clone(),
+        config: (*trainer.config).clone(),
         epoch: trainer.epoch,
         step: trainer.opt.step,
         history: trainer.history.clone(),
@@ -68,12 +69,15 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<bool> {
         .with_context(|| format!("reading {}", state_path.display()))?;
     let state: State =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", state_path.display()))?;
-    if state.config != trainer.config {
-        bail!(
-            "{}: checkpoint of a different run ({:?}); use another --checkpoint-dir or delete it",
-            state_path.display(),
-            state.config
-        );
+    if state.config != *trainer.config {
+        bail!(OptionError::new(
+            "checkpoint_dir",
+            format!(
+                "{}: checkpoint of a different run ({:?}); use another checkpoint folder or delete it",
+                state_path.display(),
+                state.config
+            )
+        ));
     }
     let weights = dir.join(WEIGHTS);
     let source = weights.display().to_string();

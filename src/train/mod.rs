@@ -19,15 +19,15 @@ use crate::data::Dataset;
 use crate::model::native::NativeClassifier;
 use crate::model::weights;
 use crate::model::Classifier;
-use crate::util::{with_torch_seed, work_bar};
+use crate::util::{with_torch_seed, work_bar, Check, Checked, OptionError};
 use adam::Adam;
 use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
 
 /// What the training loss attacks.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum Mode {
     /// Cross-entropy on clean inputs.
     Standard,
@@ -38,10 +38,10 @@ pub enum Mode {
 }
 
 /// How the learning rate changes over the run (per optimizer step).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
+#[strum(serialize_all = "kebab-case")]
 pub enum LrSchedule {
     Constant,
     /// Half-cosine from `lr` to 0.
@@ -71,21 +71,38 @@ pub struct TrainConfig {
     pub init: Option<String>,
 }
 
-impl TrainConfig {
+impl Check for TrainConfig {
     fn validate(&self) -> Result<()> {
         self.attack.validate()?;
-        if self.batch_size == 0 || self.epochs == 0 {
-            bail!("--epochs and --batch-size must be positive");
+        if self.epochs == 0 {
+            bail!(OptionError::new(
+                "epochs",
+                "the epoch count must be positive"
+            ));
+        }
+        if self.batch_size == 0 {
+            bail!(OptionError::new(
+                "batch_size",
+                "the batch size must be positive"
+            ));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be positive, got {}", self.lr);
+            bail!(OptionError::new(
+                "lr",
+                format!("the learning rate must be positive, got {}", self.lr)
+            ));
         }
         if !(self.eps_warmup_epochs.is_finite() && self.eps_warmup_epochs >= 0.0) {
-            bail!("--eps-warmup-epochs must be non-negative");
+            bail!(OptionError::new(
+                "eps_warmup_epochs",
+                "the ε warm-up (epochs) must be non-negative"
+            ));
         }
         Ok(())
     }
+}
 
+impl TrainConfig {
     /// Learning rate at optimizer step `t` of `total`.
     pub fn lr_at(&self, t: usize, total: usize) -> f64 {
         let frac = t as f64 / total.max(1) as f64;
@@ -116,6 +133,14 @@ impl TrainConfig {
     }
 }
 
+/// Refuses an attack ε outside the pixel box of inputs of `input_shape` (e.g. 8 meant as 8/255).
+pub fn check_attack_eps(attack: &PgdConfig, input_shape: [i64; 3]) -> Result<()> {
+    attack
+        .norm
+        .check_eps(attack.eps, Some(input_shape))
+        .map_err(|e| OptionError::about("eps", e))
+}
+
 /// Running averages over one epoch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochStats {
@@ -130,23 +155,24 @@ pub struct EpochStats {
 pub struct Trainer {
     pub model: NativeClassifier,
     pub opt: Adam,
-    pub config: TrainConfig,
+    pub config: Checked<TrainConfig>,
     /// Epochs finished.
     pub epoch: usize,
     pub history: Vec<EpochStats>,
 }
 
 impl Trainer {
-    /// A fresh model seeded from `config.seed`.
+    /// A fresh model seeded from `config.seed`, for inputs of `input_shape`: an ε beyond their
+    /// pixel box (e.g. 8 meant as 8/255) is refused.
     pub fn new(
-        config: TrainConfig,
+        config: Checked<TrainConfig>,
         input_shape: [i64; 3],
         num_classes: i64,
         device: Device,
     ) -> Result<Self> {
-        config.validate()?;
+        check_attack_eps(&config.attack, input_shape)?;
         let model = with_torch_seed(config.seed, || {
-            NativeClassifier::new(&config.arch, input_shape, num_classes, None, device)
+            NativeClassifier::new(&config.arch, input_shape, num_classes, device)
         })?;
         let mut params = model.var_store().variables();
         // BatchNorm running statistics are buffers, not parameters.

@@ -9,7 +9,7 @@ use crate::attack::ball::project_ball;
 use crate::attack::{ascent_direction, uniform_in_ball};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
-use crate::util::{NoProgress, Progress};
+use crate::util::{NoProgress, OptionError, Progress};
 
 /// One PGD attack.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -26,19 +26,25 @@ impl PgdConfig {
     /// Checks the settings once, so the attack loop cannot fail on them.
     pub fn validate(&self) -> Result<()> {
         if !matches!(self.norm, Norm::Linf | Norm::L2) {
-            bail!("PGD supports --norm linf or l2, not {}", self.norm);
+            bail!(OptionError::new(
+                "norm",
+                format!("PGD supports the norms linf and l2, not {}", self.norm)
+            ));
         }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
-            bail!(
-                "--eps must be a finite non-negative number, got {}",
-                self.eps
-            );
+            bail!(OptionError::new(
+                "eps",
+                format!("ε must be a finite non-negative number, got {}", self.eps)
+            ));
         }
         if !(self.step_size.is_finite() && self.step_size >= 0.0) {
-            bail!(
-                "--step-size must be finite and non-negative, got {}",
-                self.step_size
-            );
+            bail!(OptionError::new(
+                "step_size",
+                format!(
+                    "the step size must be finite and non-negative, got {}",
+                    self.step_size
+                )
+            ));
         }
         Ok(())
     }

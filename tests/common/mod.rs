@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use brittle::attack::table::MarginRow;
 use brittle::data::{DataSpec, Dataset};
-use brittle::model::load::ModelSpec;
+use brittle::margins::MarginRow;
+use brittle::model::ModelSpec;
 use brittle::model::{Classifier, ModelInfo};
 use brittle::norm::Norm;
 use brittle::score::{feature_margin, free_scores};

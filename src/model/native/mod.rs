@@ -16,12 +16,12 @@ pub mod wide_resnet;
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use super::normalize::Normalizer;
-use super::{weights, Classifier, ModelInfo, ModelSpec};
+use super::spec::{ModelOption, ModelSpec, OptionError};
+use super::{weights, Classifier, ModelInfo};
 
 /// What a builder needs to size its layers.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +50,7 @@ pub trait Network: Send {
 /// Builds a network under the root path of a `VarStore`.
 pub type Builder = fn(&nn::Path, &ArchConfig) -> Result<Box<dyn Network>>;
 
-/// Architecture names accepted by `--arch`. Besides these, any `wrn-<depth>-<widen>` is a
+/// Architecture names a [`ModelSpec`] may name. Besides these, any `wrn-<depth>-<widen>` is a
 /// RobustBench WideResNet, and a suffix `@N` sets the base width of the ResNet families
 /// (first-stage channels, 64 by default) and of `small-cnn`, for reduced test models.
 pub const ARCHITECTURES: &[(&str, Builder)] = &[
@@ -78,7 +78,10 @@ pub fn build_network(
         Some((n, w)) => (
             n,
             Some(w.parse::<i64>().ok().filter(|w| *w > 0).ok_or_else(|| {
-                anyhow!("--arch {arch}: width after '@' must be a positive integer")
+                OptionError::new(
+                    ModelOption::Arch,
+                    format!("architecture {arch}: width after '@' must be a positive integer"),
+                )
             })?),
         ),
         None => (arch, None),
@@ -94,7 +97,11 @@ pub fn build_network(
     if let Some((depth, widen)) = wide_resnet::parse_name(name) {
         return wide_resnet::build(p, &cfg, depth, widen);
     }
-    bail!("unknown architecture {name:?}; known: {}", known_names())
+    Err(OptionError::new(
+        ModelOption::Arch,
+        format!("unknown architecture {name:?}; known: {}", known_names()),
+    )
+    .into())
 }
 
 /// The registered names, for error messages.
@@ -183,7 +190,6 @@ pub struct NativeClassifier {
     /// Owns the weights the network's layers point to.
     vs: nn::VarStore,
     net: Box<dyn Network>,
-    normalizer: Option<Normalizer>,
     info: ModelInfo,
 }
 
@@ -194,7 +200,6 @@ impl NativeClassifier {
         arch: &str,
         input_shape: [i64; 3],
         num_classes: i64,
-        normalizer: Option<Normalizer>,
         device: Device,
     ) -> Result<Self> {
         let vs = nn::VarStore::new(device);
@@ -202,7 +207,6 @@ impl NativeClassifier {
         Ok(NativeClassifier {
             vs,
             net,
-            normalizer,
             info: ModelInfo {
                 name: arch.to_owned(),
                 format: format!("native:{arch}"),
@@ -239,11 +243,7 @@ impl NativeClassifier {
 
     fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(x)?;
-        let x = match &self.normalizer {
-            Some(n) => n.apply(x),
-            None => x.shallow_clone(),
-        };
-        Ok(self.net.features_t(&x, train))
+        Ok(self.net.features_t(x, train))
     }
 
     /// Logits in training (`train`) or evaluation mode.
@@ -251,8 +251,8 @@ impl NativeClassifier {
         Ok(self.net.head().forward(&self.features(x, train)?))
     }
 
-    /// Saves a traced TorchScript module whose `forward(x)` returns the logits, normalisation
-    /// included (tch's tracer exports single-output methods only). Freezes the weights:
+    /// Saves a traced TorchScript module whose `forward(x)` returns the logits of the network
+    /// as it is (a normalisation in front is not part of it; tch's tracer exports single-output methods only). Freezes the weights:
     /// tracing records them as constants.
     pub fn export_torchscript(&mut self, path: &Path) -> Result<()> {
         self.vs.freeze();
@@ -311,22 +311,28 @@ impl Classifier for NativeClassifier {
     }
 }
 
-/// Builds a native architecture and loads its weights (concrete type, for TorchScript export).
+/// Builds a native architecture and loads its weights (concrete type, for TorchScript export),
+/// checked on `probe` (the probe batch as the network sees it). The spec's mean and std are
+/// not applied here: [`super::load_classifier`] puts them in front.
 pub fn load_native(
     spec: &ModelSpec,
-    normalizer: Option<Normalizer>,
     input_shape: [i64; 3],
+    probe: &Tensor,
     fingerprint: String,
 ) -> Result<NativeClassifier> {
-    let arch = spec
-        .arch
-        .as_deref()
-        .ok_or_else(|| anyhow!("a native model needs --arch (one of {})", known_names()))?;
+    let arch = spec.arch.as_deref().ok_or_else(|| {
+        OptionError::new(
+            ModelOption::Arch,
+            format!(
+                "a native model needs an architecture (one of {})",
+                known_names()
+            ),
+        )
+    })?;
     let num_classes = spec.num_classes.unwrap_or(10);
     let tensors = weights::read_tensors(&spec.path)?;
     let built = small_cnn::arch_for_weights(arch, &tensors).unwrap_or_else(|| arch.to_owned());
-    let mut model =
-        NativeClassifier::new(&built, input_shape, num_classes, normalizer, spec.device)?;
+    let mut model = NativeClassifier::new(&built, input_shape, num_classes, spec.device)?;
     model
         .load_weights(tensors, &spec.path.display().to_string())
         .with_context(|| {
@@ -339,8 +345,7 @@ pub fn load_native(
     model.info.name = super::name_from_path(&spec.path, arch);
     model.info.format = format!("native:{arch}");
     model.info.fingerprint = fingerprint;
-    let probe = super::probe_input(input_shape, spec.device)?;
-    let logits = tch::no_grad(|| model.logits(&probe))?;
+    let logits = tch::no_grad(|| model.logits(probe))?;
     let k = super::probe_classes(&logits).with_context(|| format!("{arch}: probe"))?;
     ensure!(
         k == num_classes,

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use onnx_protobuf::ModelProto;
 use tch::{Device, Kind, Tensor};
 
-use super::ops::{BinaryOp, Op};
+use super::ops::{self, LinearRole, Op};
 use super::proto::{declared_dims, tensor_from_proto, Attrs};
 use crate::util::to_vec_i64;
 
@@ -123,7 +123,7 @@ impl Graph {
                     bail!("operators of domain {:?} are not supported", n.domain);
                 }
                 let mut attrs = Attrs::new(&n.attribute);
-                let op = Op::parse(&n.op_type, &mut attrs, opset, n.input.len())?;
+                let op = ops::parse(&n.op_type, &mut attrs, opset, n.input.len())?;
                 attrs.finish()?;
                 let inputs = n
                     .input
@@ -240,7 +240,7 @@ impl Graph {
         let producer = |slot: usize| self.nodes.iter().find(|n| n.output == slot);
         let last = producer(self.output)?;
         let matmul_weight = |n: &Node| -> Option<(usize, Tensor)> {
-            if !matches!(n.op, Op::MatMul) {
+            if n.op.linear_role() != Some(LinearRole::MatMul) {
                 return None;
             }
             let w = self.constant(*n.inputs.get(1)?)?;
@@ -249,30 +249,30 @@ impl Graph {
             }
             Some((n.inputs[0]?, w.f_transpose(0, 1).ok()?))
         };
-        let (features, weight, bias) = match &last.op {
-            Op::Gemm {
+        let (features, weight, bias) = match last.op.linear_role()? {
+            LinearRole::Gemm {
                 alpha,
                 beta,
                 trans_a: false,
                 trans_b,
             } => {
                 let b = self.constant(last.inputs[1])?;
-                let w = if *trans_b {
+                let w = if trans_b {
                     b.shallow_clone()
                 } else {
                     b.f_transpose(0, 1).ok()?
                 };
                 let c = match last.inputs.get(2).copied().flatten() {
-                    Some(s) => Some(self.constant(Some(s))?.f_mul_scalar(*beta).ok()?),
+                    Some(s) => Some(self.constant(Some(s))?.f_mul_scalar(beta).ok()?),
                     None => None,
                 };
-                (last.inputs[0]?, w.f_mul_scalar(*alpha).ok()?, c)
+                (last.inputs[0]?, w.f_mul_scalar(alpha).ok()?, c)
             }
-            Op::MatMul => {
+            LinearRole::MatMul => {
                 let (f, w) = matmul_weight(last)?;
                 (f, w, None)
             }
-            Op::Binary(BinaryOp::Add) => {
+            LinearRole::Add => {
                 let (a, b) = (last.inputs[0]?, last.inputs[1]?);
                 let (mm, c) = match (self.constant(Some(a)), self.constant(Some(b))) {
                     (None, Some(c)) => (a, c),
@@ -329,11 +329,8 @@ impl Graph {
                 .flatten()
                 .and_then(|s| self.constants[s].as_ref())
                 .and_then(|t| to_vec_i64(t).ok());
-            if let Op::Reshape { batch_rewrite, .. } = &mut n.op {
-                if shape.as_deref().and_then(<[i64]>::first) == Some(&1) {
-                    *batch_rewrite = on;
-                    count += 1;
-                }
+            if shape.as_deref().and_then(<[i64]>::first) == Some(&1) && n.op.set_batch_rewrite(on) {
+                count += 1;
             }
         }
         count

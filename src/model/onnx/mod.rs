@@ -5,16 +5,17 @@
 //! # Input
 //! brittle always hands the model float32 NCHW pixels in `[0, 1]`. Before the graph, inside the
 //! differentiable computation:
-//! 1. `--mean/--std` normalise per channel (default: none; most exported classifiers, like the
-//!    ones in `shared/models`, expect normalised input, so pass the values they were trained with);
-//! 2. `--input-layout nhwc` permutes to NHWC for graphs exported from TensorFlow/Keras (default
-//!    `nchw`: passed as is). A graph whose input is 2-D (`[N, C*H*W]`, e.g. an MLP) is fed the
+//! 1. the spec's mean and std normalise per channel ([`super::normalize::Normalized`], in
+//!    front of every format; default: none; most exported classifiers, like the ones in
+//!    `shared/models`, expect normalised input, so give the values they were trained with);
+//! 2. input layout NHWC permutes for graphs exported from TensorFlow/Keras (default NCHW:
+//!    passed as is). A graph whose input is 2-D (`[N, C*H*W]`, e.g. an MLP) is fed the
 //!    flattened image.
 //!
 //! The declared input shape is checked against the data at load.
 //!
 //! # Graph
-//! The whole graph is validated at load (the operators of `ops::SUPPORTED`, default domain, opsets
+//! The whole graph is validated at load (the operators of `ops::REGISTRY`, default domain, opsets
 //! `graph::OPSETS`): any unsupported operator, attribute or extra output is an error naming
 //! the node, the operator and the opset, before any work starts. Weights are put on the device
 //! once; nodes whose inputs are all constant (e.g. shape arithmetic on constants) are folded at
@@ -39,13 +40,12 @@ mod graph;
 mod ops;
 mod proto;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use tch::{Device, Tensor};
 
 use self::graph::Graph;
-use super::load::InputLayout;
-use super::normalize::Normalizer;
-use super::{Classifier, ModelInfo, ModelSpec};
+use super::spec::{InputLayout, ModelOption, ModelSpec, OptionError};
+use super::{is_last_linear, rel_diff, Classifier, ModelInfo, PROBE_TOL};
 
 /// How the graph's input is produced from NCHW pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,20 +76,20 @@ impl BatchMode {
 
 pub struct OnnxClassifier {
     graph: Graph,
-    normalizer: Option<Normalizer>,
     feed: Feed,
     batch: BatchMode,
     device: Device,
     info: ModelInfo,
 }
 
-/// Reads an ONNX file and builds a classifier that runs it with tch.
+/// Reads an ONNX file and builds a classifier that runs it with tch, probed on `probe` (the
+/// probe batch as the model sees it, normalised).
 pub fn load(
     spec: &ModelSpec,
-    normalizer: Option<Normalizer>,
+    probe: &Tensor,
     input_shape: [i64; 3],
     fingerprint: String,
-) -> Result<Box<dyn Classifier>> {
+) -> Result<OnnxClassifier> {
     let path = &spec.path;
     let model = proto::read_model(path)?;
     let graph = Graph::build(&model, spec.device)
@@ -98,13 +98,12 @@ pub fn load(
         .with_context(|| format!("{}: graph input", path.display()))?;
     let mut me = OnnxClassifier {
         graph,
-        normalizer,
         feed,
         batch: BatchMode::PerSample,
         device: spec.device,
         info: ModelInfo::unprobed(path, "", fingerprint, input_shape),
     };
-    tch::no_grad(|| me.probe(input_shape))
+    tch::no_grad(|| me.probe(probe))
         .with_context(|| format!("{}: probing the graph", path.display()))?;
     me.info.format = format!("onnx (batch: {})", me.batch.describe());
     tracing::info!(
@@ -114,7 +113,7 @@ pub fn load(
         me.batch.describe(),
         me.info.has_features
     );
-    Ok(Box::new(me))
+    Ok(me)
 }
 
 /// Checks the declared input shape against the data and the layout asked for.
@@ -142,49 +141,41 @@ fn feed_for(graph: &Graph, [c, h, w]: [i64; 3], layout: InputLayout) -> Result<F
         (2, InputLayout::Nchw) if fits(&[c * h * w]) => Ok(Feed::Flat),
         (4, InputLayout::Nchw) if fits(&[c, h, w]) => Ok(Feed::Nchw),
         (4, InputLayout::Nhwc) if fits(&[h, w, c]) => Ok(Feed::Nhwc),
-        (4, InputLayout::Nchw) if fits(&[h, w, c]) => bail!(
-            "input {name:?} is [{}], NHWC for images [C, H, W] = [{c}, {h}, {w}]: pass --input-layout nhwc",
-            show(dims)
-        ),
-        _ => bail!(
-            "input {name:?} has shape [{}], which does not fit images [C, H, W] = [{c}, {h}, {w}] with --input-layout {}",
-            show(dims),
-            match layout {
-                InputLayout::Nchw => "nchw",
-                InputLayout::Nhwc => "nhwc",
-            }
-        ),
+        (4, InputLayout::Nchw) if fits(&[h, w, c]) => Err(OptionError::new(
+            ModelOption::InputLayout,
+            format!(
+                "input {name:?} is [{}], NHWC for images [C, H, W] = [{c}, {h}, {w}]: the input layout must be nhwc",
+                show(dims)
+            ),
+        )
+        .into()),
+        _ => Err(OptionError::new(
+            ModelOption::InputLayout,
+            format!(
+                "input {name:?} has shape [{}], which does not fit images [C, H, W] = [{c}, {h}, {w}] with input layout {}",
+                show(dims),
+                layout.name()
+            ),
+        )
+        .into()),
     }
 }
-
-/// Max |a - b| relative to max |b|, or `None` when the shapes differ.
-fn rel_diff(a: &Tensor, b: &Tensor) -> Option<f64> {
-    if a.size() != b.size() {
-        return None;
-    }
-    let err = a.f_sub(b).ok()?.abs().max().double_value(&[]);
-    let scale = b.abs().max().double_value(&[]);
-    Some(err / scale.max(1e-12))
-}
-
-/// Tolerance for batched against per-sample probe outputs (different kernels, same maths).
-const PROBE_TOL: f64 = 1e-4;
 
 impl OnnxClassifier {
-    /// Decides the batch mode, the number of classes and the features on a two-sample probe.
-    fn probe(&mut self, [c, h, w]: [i64; 3]) -> Result<()> {
-        let x = super::probe_input([c, h, w], self.device)?;
+    /// Decides the batch mode, the number of classes and the features on the two-sample probe.
+    fn probe(&mut self, x: &Tensor) -> Result<()> {
+        let [c, h, w] = self.info.input_shape;
         let rewrites = match &self.graph.input_dims {
             Some(d) if d.first() == Some(&Some(1)) => self.graph.set_batch_rewrite(false),
             _ => 0,
         };
         self.batch = BatchMode::PerSample;
         let (reference, ref_features) = self
-            .forward(&x, true)
+            .forward(x, true)
             .with_context(|| format!("running the graph on a probe of shape [1, {c}, {h}, {w}]"))?;
         let num_classes = super::probe_classes(&reference)?;
         let agrees = |me: &Self| {
-            me.forward(&x, false)
+            me.forward(x, false)
                 .ok()
                 .and_then(|(y, _)| rel_diff(&y, &reference))
                 .is_some_and(|d| d <= PROBE_TOL)
@@ -208,14 +199,7 @@ impl OnnxClassifier {
         }
         self.info.num_classes = num_classes;
         self.info.has_features = match (&self.graph.head, ref_features) {
-            (Some(head), Some(f))
-                if f.dim() == 2 && head.weight.size() == [num_classes, f.size()[1]] =>
-            {
-                let rebuilt = f
-                    .f_matmul(&head.weight.f_transpose(0, 1)?)?
-                    .f_add(&head.bias)?;
-                rel_diff(&rebuilt, &reference).is_some_and(|d| d <= PROBE_TOL)
-            }
+            (Some(head), Some(f)) => is_last_linear(&f, &head.weight, &head.bias, &reference),
             _ => false,
         };
         if !self.info.has_features {
@@ -224,19 +208,15 @@ impl OnnxClassifier {
         Ok(())
     }
 
-    /// The graph's input from NCHW pixels in `[0, 1]`.
+    /// The graph's input from NCHW pixels (normalised in front, when asked).
     fn feed(&self, x: &Tensor) -> Result<Tensor> {
         ensure!(
             x.dim() == 4,
             "expected images [N, C, H, W], got shape {:?}",
             x.size()
         );
-        let x = match &self.normalizer {
-            Some(n) => n.apply(x),
-            None => x.shallow_clone(),
-        };
         Ok(match self.feed {
-            Feed::Nchw => x,
+            Feed::Nchw => x.shallow_clone(),
             Feed::Nhwc => x.f_permute([0, 2, 3, 1])?,
             Feed::Flat => x.f_flatten(1, -1)?,
         })

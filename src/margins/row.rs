@@ -32,7 +32,9 @@ pub const MARGIN_COLUMNS: [&str; 15] = [
     "energy",
 ];
 
-/// One sample of a margins file.
+/// One sample of a margins file. Serde reads it by column name (optional columns may be
+/// absent) and writes it in [`MARGIN_COLUMNS`] order, floats as Rust's shortest round-trip text
+/// (`inf` for a failed attack) and `seconds` to the microsecond.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarginRow {
     pub index: usize,
@@ -40,8 +42,10 @@ pub struct MarginRow {
     pub pred: i64,
     /// 1 when `pred == label`.
     pub correct: u8,
+    #[serde(serialize_with = "text::float")]
     pub logit_margin: f64,
     /// Smallest verified adversarial distance found (`inf` when the attack failed).
+    #[serde(serialize_with = "text::float")]
     pub input_margin: f64,
     /// Attack that found `input_margin` (for `best`, the winning attack).
     pub attack: String,
@@ -49,19 +53,50 @@ pub struct MarginRow {
     pub success: u8,
     pub forwards: u64,
     pub backwards: u64,
+    #[serde(serialize_with = "text::micros")]
     pub seconds: f64,
-    #[serde(default)]
+    #[serde(default, serialize_with = "text::opt_float")]
     pub prob_margin: Option<f64>,
-    #[serde(default)]
+    #[serde(default, serialize_with = "text::opt_float")]
     pub max_prob: Option<f64>,
-    #[serde(default)]
+    #[serde(default, serialize_with = "text::opt_float")]
     pub entropy: Option<f64>,
-    #[serde(default)]
+    #[serde(default, serialize_with = "text::opt_float")]
     pub energy: Option<f64>,
-    #[serde(default)]
+    /// Written only by models with a last linear layer: a file has the column for every row or
+    /// for none ([`MarginWriter::write`] checks it).
+    #[serde(
+        default,
+        serialize_with = "text::opt_float",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub feature_margin: Option<f64>,
-    #[serde(default)]
+    /// Read when a hand-made file has it; `brittle margins` never writes it.
+    #[serde(default, skip_serializing)]
     pub pseudo_margin: Option<f64>,
+}
+
+/// How the margins file writes numbers (the bytes every earlier brittle wrote).
+mod text {
+    use serde::Serializer;
+
+    /// `f64`'s `Display`: shortest round-trip text, `inf`, `NaN`.
+    pub fn float<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    /// An absent optional score is an empty field.
+    pub fn opt_float<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Timing to the microsecond.
+    pub fn micros<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{v:.6}"))
+    }
 }
 
 impl MarginRow {
@@ -87,32 +122,6 @@ impl MarginRow {
             pseudo_margin: None,
         }
     }
-
-    /// The fields in [`header`] order.
-    pub fn fields(&self, with_feature_margin: bool) -> Vec<String> {
-        let opt = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
-        let mut v = vec![
-            self.index.to_string(),
-            self.label.to_string(),
-            self.pred.to_string(),
-            self.correct.to_string(),
-            self.logit_margin.to_string(),
-            self.input_margin.to_string(),
-            self.attack.clone(),
-            self.success.to_string(),
-            self.forwards.to_string(),
-            self.backwards.to_string(),
-            format!("{:.6}", self.seconds),
-            opt(self.prob_margin),
-            opt(self.max_prob),
-            opt(self.entropy),
-            opt(self.energy),
-        ];
-        if with_feature_margin {
-            v.push(opt(self.feature_margin));
-        }
-        v
-    }
 }
 
 /// The header of a margins file with or without the feature margin.
@@ -132,7 +141,8 @@ pub struct MarginWriter<W: Write> {
 }
 
 impl<W: Write> MarginWriter<W> {
-    /// A writer; `write_header` is false when appending to an existing file.
+    /// A writer; `write_header` is false when appending to an existing file. The header is
+    /// written here (not by serde on the first row) so that a file without rows has one too.
     pub fn new(out: W, with_feature_margin: bool, write_header: bool) -> Result<Self> {
         let mut w = csv::WriterBuilder::new()
             .has_headers(false)
@@ -149,7 +159,23 @@ impl<W: Write> MarginWriter<W> {
 
     pub fn write(&mut self, rows: &[MarginRow]) -> Result<()> {
         for r in rows {
-            self.w.write_record(r.fields(self.with_feature_margin))?;
+            if r.feature_margin.is_some() != self.with_feature_margin {
+                bail!(
+                    "sample {}: feature_margin is {}, but the file {} that column",
+                    r.index,
+                    if r.feature_margin.is_some() {
+                        "set"
+                    } else {
+                        "absent"
+                    },
+                    if self.with_feature_margin {
+                        "has"
+                    } else {
+                        "lacks"
+                    },
+                );
+            }
+            self.w.serialize(r)?;
         }
         self.w.flush()?;
         Ok(())
@@ -256,6 +282,95 @@ pub fn check_unique_indices(rows: &[MarginRow]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(feature_margin: Option<f64>) -> MarginRow {
+        MarginRow {
+            index: 7,
+            label: 3,
+            pred: 3,
+            correct: 1,
+            logit_margin: 1.0,
+            input_margin: 1e-7,
+            attack: "fmn".into(),
+            success: 1,
+            forwards: 12,
+            backwards: 11,
+            seconds: 0.123_456_7,
+            prob_margin: Some(0.25),
+            max_prob: None,
+            entropy: Some(f64::NAN),
+            energy: Some(-12.5),
+            feature_margin,
+            pseudo_margin: Some(9.0),
+        }
+    }
+
+    fn written(rows: &[MarginRow], with_fm: bool) -> String {
+        let mut out = Vec::new();
+        MarginWriter::new(&mut out, with_fm, true)
+            .unwrap()
+            .write(rows)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The bytes every earlier brittle wrote: `Display` floats, `seconds` to 6 decimals, empty
+    /// absent scores, `feature_margin` last and only when the model has one, no `pseudo_margin`.
+    #[test]
+    fn writes_the_exact_text_of_the_margins_contract() {
+        let head = MARGIN_COLUMNS.join(",");
+        assert_eq!(
+            written(&[row(None)], false),
+            format!("{head}\n7,3,3,1,1,0.0000001,fmn,1,12,11,0.123457,0.25,,NaN,-12.5\n")
+        );
+        let mut failed = row(Some(0.5));
+        failed.input_margin = f64::INFINITY;
+        failed.success = 0;
+        assert_eq!(
+            written(&[failed], true),
+            format!(
+                "{head},feature_margin\n7,3,3,1,1,inf,fmn,0,12,11,0.123457,0.25,,NaN,-12.5,0.5\n"
+            )
+        );
+    }
+
+    /// serde's own header (from the field names) is the one the writer writes by hand.
+    #[test]
+    fn field_names_are_the_header() {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.serialize(row(Some(0.5))).unwrap();
+        let text = String::from_utf8(w.into_inner().unwrap()).unwrap();
+        assert_eq!(text.lines().next().unwrap(), header(true).join(","));
+    }
+
+    #[test]
+    fn a_row_must_match_the_files_feature_margin_column() {
+        let mut w = MarginWriter::new(Vec::new(), true, true).unwrap();
+        let e = w.write(&[row(None)]).unwrap_err().to_string();
+        assert!(e.contains("sample 7: feature_margin is absent"), "{e}");
+        let mut w = MarginWriter::new(Vec::new(), false, true).unwrap();
+        assert!(w.write(&[row(Some(1.0))]).is_err());
+    }
+
+    #[test]
+    fn written_rows_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.csv");
+        let mut a = row(Some(0.5));
+        a.entropy = Some(0.75);
+        let mut b = a.clone();
+        b.index = 8;
+        b.input_margin = f64::INFINITY;
+        b.success = 0;
+        write_margins(&p, &[a.clone(), b.clone()], true).unwrap();
+        let back = read_margins(&p).unwrap();
+        // `seconds` is rounded to the microsecond and `pseudo_margin` is not written.
+        for (r, mut w) in back.into_iter().zip([a, b]) {
+            w.seconds = 0.123457;
+            w.pseudo_margin = None;
+            assert_eq!(r, w);
+        }
+    }
 
     #[test]
     fn reads_rows_with_optional_columns_and_rejects_bad_ones() {
