@@ -22,6 +22,18 @@ if [ ! -f "$BRITTLE_VENV/.brittle-ready" ]; then
     && touch "$BRITTLE_VENV/.brittle-ready" \
     || { echo "brittle: venv set-up failed" >&2; return 1 2>/dev/null || exit 1; }
 fi
+if command -v nvidia-smi >/dev/null 2>&1; then
+  # An NVIDIA GPU: libtorch_cuda needs the CUDA wheels left out above (cuDNN, cuBLAS, NCCL...),
+  # i.e. torch's own requirements, installed once (about 3 GB); cargo then links libtorch_cuda
+  # (build.rs, BRITTLE_CUDA=1). Without nvidia-smi nothing here runs: the CPU path is unchanged.
+  if [ ! -f "$BRITTLE_VENV/.brittle-cuda-ready" ]; then
+    echo "brittle: NVIDIA GPU found: installing the CUDA libraries libtorch needs in $BRITTLE_VENV (once)" >&2
+    "$BRITTLE_VENV/bin/pip" install -q --disable-pip-version-check "torch==$BRITTLE_TORCH_VERSION" \
+      && touch "$BRITTLE_VENV/.brittle-cuda-ready" \
+      || { echo "brittle: installing the CUDA libraries failed" >&2; return 1 2>/dev/null || exit 1; }
+  fi
+  export BRITTLE_CUDA="${BRITTLE_CUDA:-1}"
+fi
 if [ "${BRITTLE_DEV:-0}" = 1 ] && [ ! -f "$BRITTLE_VENV/.brittle-dev-ready" ]; then
   # Python torch itself needs the CUDA libraries to import: the full wheel set (dev machines only).
   "$BRITTLE_VENV/bin/pip" install -q "torch==$BRITTLE_TORCH_VERSION" scipy scikit-learn safetensors onnx onnxruntime \

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use brittle::margins::read_margins;
-use brittle::metrics::{detection, rank};
+use brittle::metrics::{correlation, roc};
 
 /// Writes 120 samples to `csv`: logit margin a noisy increasing function of the input margin;
 /// 3 failed attacks. Returns the input and logit margins of the successful ones.
@@ -123,11 +123,11 @@ fn analyze_writes_metrics_figures_and_html() {
     assert_eq!(m["norm"], "linf");
     let acc = (0..120).filter(|i| i % 9 != 0).count() as f64 / 120.0;
     assert!((m["accuracy"].as_f64().unwrap() - acc).abs() < 1e-12);
-    let tau = rank::kendall_tau_b(&d_in, &d_out);
+    let tau = correlation::kendall_tau_b(&d_in, &d_out);
     assert!((m["kendall_tau"].as_f64().unwrap() - tau).abs() < 1e-12);
     let ci = m["kendall_tau_ci"].as_array().unwrap();
     assert!(ci[0].as_f64().unwrap() < tau && tau < ci[1].as_f64().unwrap());
-    assert!((m["spearman"].as_f64().unwrap() - rank::spearman(&d_in, &d_out)).abs() < 1e-12);
+    assert!((m["spearman"].as_f64().unwrap() - correlation::spearman(&d_in, &d_out)).abs() < 1e-12);
     assert!(m["scores"]["entropy"]["kendall_tau"].is_number());
     assert!(m["scores"]["max_prob"].is_null(), "absent column reported");
     let det = m["detection"].as_array().unwrap();
@@ -137,7 +137,7 @@ fn analyze_writes_metrics_figures_and_html() {
     let pos: Vec<bool> = d_in.iter().map(|&d| d <= eps).collect();
     let score: Vec<f64> = d_out.iter().map(|v| -v).collect();
     assert_eq!(det[0]["positives"], pos.iter().filter(|&&p| p).count());
-    let auroc = detection::auroc(&score, &pos);
+    let auroc = roc::auroc(&score, &pos);
     assert!((det[0]["auroc"].as_f64().unwrap() - auroc).abs() < 1e-12);
     for key in [
         "aupr",

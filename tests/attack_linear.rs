@@ -5,8 +5,8 @@
 
 mod common;
 
-use brittle::attack::best::Plan;
 use brittle::attack::driver::Chunk;
+use brittle::attack::plan::Plan;
 use brittle::attack::{sample_seed, AttackKind, GAP_RTOL, SEARCH_GAP_RTOL};
 use brittle::model::Classifier;
 use brittle::norm::Norm;

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use brittle::attack::best::Plan;
 use brittle::attack::driver::Chunk;
+use brittle::attack::plan::Plan;
 use brittle::attack::{sample_seed, AttackKind};
 use brittle::data::DataSpec;
 use brittle::model::{load_classifier, logits_no_grad, DeviceChoice, ModelSpec};

@@ -6,8 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use brittle::attack::best::{Plan, REFINE_STEPS};
+use brittle::attack::best::REFINE_STEPS;
 use brittle::attack::driver::Chunk;
+use brittle::attack::plan::Plan;
 use brittle::attack::{margin_loss, AttackKind, GAP_RTOL};
 use brittle::data::DataSpec;
 use brittle::model::{load_classifier, logits_no_grad, ModelInfo, ModelSpec};

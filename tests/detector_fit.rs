@@ -5,7 +5,7 @@ mod common;
 use brittle::detector::fit::{self, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::{Detector, ScoreKind};
-use brittle::metrics::rank::kendall_tau_b;
+use brittle::metrics::correlation::kendall_tau_b;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;

@@ -1,7 +1,7 @@
 //! brittle's metrics against scipy / scikit-learn values (tests/fixtures/metrics/cases.json,
 //! written by scripts/fixtures/metrics.py), plus properties of monotone margins.
 
-use brittle::metrics::{detection, rank};
+use brittle::metrics::{correlation, roc};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -47,25 +47,20 @@ fn agrees_with_scipy_and_sklearn() {
         close(
             "kendall",
             n,
-            rank::kendall_tau_b(&c.x, &c.y),
+            correlation::kendall_tau_b(&c.x, &c.y),
             c.kendall_tau_b,
         );
-        close("pearson", n, rank::pearson(&c.x, &c.y), c.pearson);
-        close("spearman", n, rank::spearman(&c.x, &c.y), c.spearman);
+        close("pearson", n, correlation::pearson(&c.x, &c.y), c.pearson);
+        close("spearman", n, correlation::spearman(&c.x, &c.y), c.spearman);
         let s: Vec<f64> = c.y.iter().map(|v| -v).collect();
         let p = &c.positives;
-        close("auroc", n, detection::auroc(&s, p), c.auroc);
-        close("aupr", n, detection::aupr(&s, p), c.aupr);
-        close(
-            "ap",
-            n,
-            detection::average_precision(&s, p),
-            c.average_precision,
-        );
-        let (fpr, thr) = detection::fpr_at_tpr(&s, p, 0.95);
+        close("auroc", n, roc::auroc(&s, p), c.auroc);
+        close("aupr", n, roc::aupr(&s, p), c.aupr);
+        close("ap", n, roc::average_precision(&s, p), c.average_precision);
+        let (fpr, thr) = roc::fpr_at_tpr(&s, p, 0.95);
         close("fpr@95", n, fpr, c.fpr_at_95_tpr);
         close("thr@95", n, thr, c.threshold_at_95_tpr);
-        assert_eq!(detection::roc_curve(&s, p).fpr.len(), c.roc_points, "{n}");
+        assert_eq!(roc::roc_curve(&s, p).fpr.len(), c.roc_points, "{n}");
     }
 }
 
@@ -85,22 +80,18 @@ fn monotone_margins_are_perfectly_consistent() {
             _ => (d + 1e-3).ln(),
         };
         let d_out: Vec<f64> = d_in.iter().map(|&d| f(d)).collect();
-        assert!((rank::kendall_tau_b(&d_in, &d_out) - 1.0).abs() < 1e-12);
-        assert!((rank::spearman(&d_in, &d_out) - 1.0).abs() < 1e-12);
+        assert!((correlation::kendall_tau_b(&d_in, &d_out) - 1.0).abs() < 1e-12);
+        assert!((correlation::spearman(&d_in, &d_out) - 1.0).abs() < 1e-12);
         let score: Vec<f64> = d_out.iter().map(|v| -v).collect();
         for eps in [0.01, 0.03, 0.05, 0.1, 0.15] {
             let pos: Vec<bool> = d_in.iter().map(|&d| d <= eps).collect();
             if pos.iter().all(|&p| p) || pos.iter().all(|&p| !p) {
-                assert!(detection::auroc(&score, &pos).is_nan());
+                assert!(roc::auroc(&score, &pos).is_nan());
                 continue;
             }
-            assert_eq!(
-                detection::auroc(&score, &pos),
-                1.0,
-                "trial {trial} eps {eps}"
-            );
-            assert!((detection::average_precision(&score, &pos) - 1.0).abs() < 1e-12);
-            assert_eq!(detection::fpr_at_tpr(&score, &pos, 0.95).0, 0.0);
+            assert_eq!(roc::auroc(&score, &pos), 1.0, "trial {trial} eps {eps}");
+            assert!((roc::average_precision(&score, &pos) - 1.0).abs() < 1e-12);
+            assert_eq!(roc::fpr_at_tpr(&score, &pos, 0.95).0, 0.0);
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-use brittle::attack::best::Plan;
+use brittle::attack::plan::Plan;
 use brittle::attack::AttackKind;
 use brittle::cli::{Cli, Command as Sub};
 use brittle::data::DataSpec;
@@ -428,11 +428,13 @@ fn cli_errors_name_the_flag_of_the_library_option() {
     let cnn = fixture("tiny_cnn.pt");
     let mnist =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-test-1000-images-idx3-ubyte.gz");
-    let (tiny, cnn, mnist, unknown) = (
+    let margins = dir.path().join("m.csv");
+    let (tiny, cnn, mnist, unknown, margins) = (
         tiny.to_str().unwrap(),
         cnn.to_str().unwrap(),
         mnist.to_str().unwrap(),
         unknown.to_str().unwrap(),
+        margins.to_str().unwrap(),
     );
     let model = ["--model", cnn, "--device", "cpu", "--allow-low-accuracy"];
     let cases: Vec<(Vec<&str>, &str, &str)> = vec![
@@ -445,6 +447,13 @@ fn cli_errors_name_the_flag_of_the_library_option() {
             vec!["score", "--data", tiny, "--offset", "100000"],
             "--offset",
             "offset 100000 is past the end",
+        ),
+        (
+            vec![
+                "margins", "--data", tiny, "--attack", "ddn", "--norm", "linf", "--out", margins,
+            ],
+            "--norm",
+            "ddn is an l2 attack",
         ),
         (
             vec!["score", "--data", tiny, "--batch-size", "0"],
@@ -463,7 +472,7 @@ fn cli_errors_name_the_flag_of_the_library_option() {
         ),
     ];
     for (mut args, flag, cause) in cases {
-        if args[0] == "score" {
+        if args[0] == "score" || args[0] == "margins" {
             args.extend(model);
         } else {
             args.extend(["--device", "cpu"]);

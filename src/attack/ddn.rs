@@ -7,10 +7,10 @@
 use anyhow::Result;
 use tch::{Kind, Reduction, Tensor};
 
-use super::{
-    cosine, misclassified, norm64, per_sample, AttackStep, BatchView, Budget, Candidate, Ctx,
-};
+use super::toolkit::{box_clip, cosine, l2_step, norm64, per_sample, worst_case_radius};
+use super::{misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
+use crate::rows;
 
 #[derive(Debug)]
 pub struct Ddn {
@@ -34,7 +34,17 @@ impl Ddn {
     }
 }
 
+/// DDN's per-sample state.
+pub struct DdnState {
+    delta: Tensor,
+    /// The norm the direction is scaled to, float64.
+    eps: Tensor,
+}
+rows!(DdnState { delta, eps });
+
 impl AttackStep for Ddn {
+    type State = DdnState;
+
     fn budget(&self) -> Budget {
         Budget {
             name: "ddn",
@@ -43,17 +53,16 @@ impl AttackStep for Ddn {
         }
     }
 
-    /// State: `[delta, norm]`.
-    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>> {
+    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<DdnState> {
         let n = b.x0.size()[0];
-        Ok(vec![
-            b.x0.zeros_like(),
-            Tensor::full([n], self.init_norm, (Kind::Double, b.x0.device())),
-        ])
+        Ok(DdnState {
+            delta: b.x0.zeros_like(),
+            eps: Tensor::full([n], self.init_norm, (Kind::Double, b.x0.device())),
+        })
     }
 
-    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate> {
-        let (delta, eps) = (&state[0], &state[1]);
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut DdnState) -> Result<Candidate> {
+        let (delta, eps) = (&state.delta, &state.eps);
         let x = b.x0 + delta;
         let (logits, grad) = ctx.grad(&x, |z| {
             z.cross_entropy_loss::<Tensor>(b.label, None, Reduction::None, -100, 0.0)
@@ -62,17 +71,17 @@ impl AttackStep for Ddn {
         let dnorm = norm64(Norm::L2, delta);
         let best = dnorm.where_self(&is_adv.logical_and(&dnorm.lt_tensor(b.best)), b.best);
         let alpha = cosine(b.step, self.steps, self.alpha_init, self.alpha_final);
-        let g2 = norm64(Norm::L2, &grad).clamp_min(1e-12);
-        let stepped = delta + per_sample(&(alpha / g2), &grad).to_kind(grad.kind()) * &grad;
+        let stepped = l2_step(delta, &grad, &alpha);
         let new_eps = (eps * (1.0 - self.gamma))
             .minimum(&best)
             .where_self(&is_adv, &(eps * (1.0 + self.gamma)));
-        let worst = norm64(Norm::L2, &b.x0.maximum(&(1.0 - b.x0)));
-        let new_eps = new_eps.minimum(&worst);
+        let new_eps = new_eps.minimum(&worst_case_radius(Norm::L2, b.x0));
         let scale = &new_eps / norm64(Norm::L2, &stepped).clamp_min(1e-12);
         let scaled = &stepped * per_sample(&scale, &stepped).to_kind(stepped.kind());
-        state[0] = (b.x0 + scaled).clamp(0.0, 1.0) - b.x0;
-        state[1] = new_eps;
+        *state = DdnState {
+            delta: box_clip(b.x0, &scaled),
+            eps: new_eps,
+        };
         Ok(Candidate { x, is_adv })
     }
 }

@@ -13,15 +13,47 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::{
-    beyond_boundary, norm64, per_sample, AttackStep, BatchView, Ctx, GAP_RTOL, SEARCH_GAP_RTOL,
-};
+use super::rows::{Pick, Rows};
+use super::toolkit::{norm64, per_sample};
+use super::{beyond_boundary, AttackStep, BatchView, Ctx, GAP_RTOL, SEARCH_GAP_RTOL};
 use crate::model::Classifier;
 use crate::norm::Norm;
+use crate::rows;
 use crate::util::{to_vec_f64, NoProgress, Progress};
 
 /// Relative improvement of the best distance that resets a sample's patience.
 const MIN_IMPROVEMENT: f64 = 1e-3;
+
+/// An attack as a [`super::plan::Plan`] holds it: any [`AttackStep`], its state type erased.
+pub trait Pass: std::fmt::Debug {
+    fn budget(&self) -> super::Budget;
+    /// Passes the attack over `chunk` ([`Chunk::run_with`]).
+    fn run_on(
+        &self,
+        chunk: &mut Chunk,
+        model: &dyn Classifier,
+        norm: Norm,
+        batch_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<()>;
+}
+
+impl<A: AttackStep> Pass for A {
+    fn budget(&self) -> super::Budget {
+        AttackStep::budget(self)
+    }
+
+    fn run_on(
+        &self,
+        chunk: &mut Chunk,
+        model: &dyn Classifier,
+        norm: Norm,
+        batch_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        chunk.drive(model, norm, self, batch_size, progress)
+    }
+}
 
 /// A group of samples attacked together, with the best point found so far for each.
 pub struct Chunk {
@@ -48,30 +80,75 @@ pub struct Verified {
     pub success: bool,
 }
 
-/// The active rows of a pass.
-struct Active {
-    pos: Vec<usize>,
+/// A chunk's per-sample rows that an attack reads: clean input, label and best point so far.
+struct SampleRows {
     x0: Tensor,
     label: Tensor,
     best: Tensor,
     best_adv: Tensor,
-    state: Vec<Tensor>,
+}
+rows!(SampleRows {
+    x0,
+    label,
+    best,
+    best_adv
+});
+
+impl SampleRows {
+    fn view<'a>(&'a self, step: &'a Tensor, seeds: &'a [u64]) -> BatchView<'a> {
+        BatchView {
+            x0: &self.x0,
+            label: &self.label,
+            step,
+            best: &self.best,
+            best_adv: &self.best_adv,
+            seeds,
+        }
+    }
+}
+
+/// The driver's rows of the samples an attack works on.
+struct Active<'m, S> {
+    /// Where each row's sample sits in the chunk.
+    pos: Vec<usize>,
+    rows: SampleRows,
+    state: S,
+    /// Evaluation counters.
+    ctx: Ctx<'m>,
     steps: Vec<usize>,
     stall: Vec<usize>,
     seconds: Vec<f64>,
 }
 
+impl<S: Rows> Rows for Active<'_, S> {
+    fn select_rows(&self, pick: &Pick) -> Self {
+        Active {
+            pos: self.pos.select_rows(pick),
+            rows: self.rows.select_rows(pick),
+            state: self.state.select_rows(pick),
+            ctx: self.ctx.select_rows(pick),
+            steps: self.steps.select_rows(pick),
+            stall: self.stall.select_rows(pick),
+            seconds: self.seconds.select_rows(pick),
+        }
+    }
+
+    fn append_rows(self, o: Self) -> Self {
+        Active {
+            pos: self.pos.append_rows(o.pos),
+            rows: self.rows.append_rows(o.rows),
+            state: self.state.append_rows(o.state),
+            ctx: self.ctx.append_rows(o.ctx),
+            steps: self.steps.append_rows(o.steps),
+            stall: self.stall.append_rows(o.stall),
+            seconds: self.seconds.append_rows(o.seconds),
+        }
+    }
+}
+
 /// Where the final bisection looks past a point the search left only weakly adversarial (a gap
 /// within rounding of the boundary): 1.0001, 1.001, 1.01 and 1.1 times its segment.
 const OVERSHOOTS: &[f64] = &[1.0001, 1.001, 1.01, 1.1];
-
-fn keep(t: &Tensor, rows: &Tensor) -> Tensor {
-    t.index_select(0, rows)
-}
-
-fn index_tensor(v: &[usize], device: tch::Device) -> Tensor {
-    Tensor::from_slice(&v.iter().map(|&p| p as i64).collect::<Vec<_>>()).to_device(device)
-}
 
 impl Chunk {
     /// A chunk of clean inputs whose attacked labels are `label`; already-misclassified samples
@@ -102,12 +179,23 @@ impl Chunk {
         self.seeds.is_empty()
     }
 
+    /// The chunk's rows for the samples in `pick`.
+    fn rows(&self, pick: &Pick) -> SampleRows {
+        SampleRows {
+            x0: self.x0.shallow_clone(),
+            label: self.label.shallow_clone(),
+            best: self.best.shallow_clone(),
+            best_adv: self.best_adv.shallow_clone(),
+        }
+        .select_rows(pick)
+    }
+
     /// Passes one attack over the chunk, keeping per sample the smallest distance.
     pub fn run(
         &mut self,
         model: &dyn Classifier,
         norm: Norm,
-        attack: &dyn AttackStep,
+        attack: &dyn Pass,
         batch_size: usize,
     ) -> Result<()> {
         self.run_with(model, norm, attack, batch_size, &NoProgress)
@@ -119,7 +207,20 @@ impl Chunk {
         &mut self,
         model: &dyn Classifier,
         norm: Norm,
-        attack: &dyn AttackStep,
+        attack: &dyn Pass,
+        batch_size: usize,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        attack.run_on(self, model, norm, batch_size, progress)
+    }
+
+    /// The one driver loop, for any attack: admit samples from the queue up to `batch_size`,
+    /// step them all, retire those out of steps or patience.
+    fn drive<A: AttackStep + ?Sized>(
+        &mut self,
+        model: &dyn Classifier,
+        norm: Norm,
+        attack: &A,
         batch_size: usize,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -130,82 +231,30 @@ impl Chunk {
         let skipped = best0.iter().filter(|&&b| b <= 0.0).count();
         progress.inc((skipped * budget.steps) as u64);
         let mut queue = (0..self.len()).filter(|&i| best0[i] > 0.0);
-        let mut ctx = Ctx::new(model, norm);
-        let mut act: Option<Active> = None;
+        let mut act: Option<Active<A::State>> = None;
         loop {
             let room = batch_size.saturating_sub(act.as_ref().map_or(0, |a| a.pos.len()));
             let new: Vec<usize> = queue.by_ref().take(room).collect();
             if !new.is_empty() {
-                let mut sub = Ctx::new(model, norm);
-                sub.forwards = vec![0; new.len()];
-                sub.backwards = vec![0; new.len()];
-                let idx = index_tensor(&new, device);
-                let seeds: Vec<u64> = new.iter().map(|&p| self.seeds[p]).collect();
-                let x0 = keep(&self.x0, &idx);
-                let label = keep(&self.label, &idx);
-                let best = keep(&self.best, &idx);
-                let best_adv = keep(&self.best_adv, &idx);
-                let step = Tensor::zeros([new.len() as i64], (Kind::Double, device));
-                let t0 = Instant::now();
-                let state = attack.init(
-                    &mut sub,
-                    &BatchView {
-                        x0: &x0,
-                        label: &label,
-                        step: &step,
-                        best: &best,
-                        best_adv: &best_adv,
-                        seeds: &seeds,
-                    },
-                )?;
-                let per = t0.elapsed().as_secs_f64() / new.len() as f64;
-                let fresh = Active {
-                    steps: vec![0; new.len()],
-                    stall: vec![0; new.len()],
-                    seconds: vec![per; new.len()],
-                    pos: new,
-                    x0,
-                    label,
-                    best,
-                    best_adv,
-                    state,
-                };
+                let fresh = self.admit(model, norm, attack, new)?;
                 act = Some(match act.take() {
-                    None => {
-                        ctx.forwards = sub.forwards;
-                        ctx.backwards = sub.backwards;
-                        fresh
-                    }
-                    Some(a) => {
-                        ctx.forwards.extend(sub.forwards);
-                        ctx.backwards.extend(sub.backwards);
-                        merge(a, fresh)
-                    }
+                    None => fresh,
+                    Some(a) => a.append_rows(fresh),
                 });
             }
             let Some(a) = act.as_mut() else { break };
             let t0 = Instant::now();
             let step = Tensor::from_slice(&a.steps.iter().map(|&s| s as f64).collect::<Vec<_>>())
                 .to_device(device);
-            let cand = attack.step(
-                &mut ctx,
-                &BatchView {
-                    x0: &a.x0,
-                    label: &a.label,
-                    step: &step,
-                    best: &a.best,
-                    best_adv: &a.best_adv,
-                    seeds: &[],
-                },
-                &mut a.state,
-            )?;
-            let dist = norm64(norm, &(&cand.x - &a.x0));
-            let better = cand.is_adv.logical_and(&dist.lt_tensor(&a.best));
-            let big = better.logical_and(&dist.lt_tensor(&(&a.best * (1.0 - MIN_IMPROVEMENT))));
-            a.best = dist.where_self(&better, &a.best);
-            a.best_adv = cand.x.where_self(&per_sample(&better, &a.x0), &a.best_adv);
+            let cand = attack.step(&mut a.ctx, &a.rows.view(&step, &[]), &mut a.state)?;
+            let r = &mut a.rows;
+            let dist = norm64(norm, &(&cand.x - &r.x0));
+            let better = cand.is_adv.logical_and(&dist.lt_tensor(&r.best));
+            let big = better.logical_and(&dist.lt_tensor(&(&r.best * (1.0 - MIN_IMPROVEMENT))));
+            r.best = dist.where_self(&better, &r.best);
+            r.best_adv = cand.x.where_self(&per_sample(&better, &r.x0), &r.best_adv);
             let big = Vec::<bool>::try_from(big.to_device(tch::Device::Cpu))?;
-            let found = Vec::<bool>::try_from(a.best.isfinite().to_device(tch::Device::Cpu))?;
+            let found = Vec::<bool>::try_from(r.best.isfinite().to_device(tch::Device::Cpu))?;
             let per = t0.elapsed().as_secs_f64() / a.pos.len() as f64;
             let mut done = Vec::new();
             for i in 0..a.pos.len() {
@@ -225,50 +274,55 @@ impl Chunk {
             progress.inc((a.pos.len() + left_early) as u64);
             if done.iter().any(|&d| d) {
                 let (fin, stay): (Vec<usize>, Vec<usize>) = (0..done.len()).partition(|&i| done[i]);
-                self.write_back(a, &fin, &ctx, budget.name, &best0)?;
-                if stay.is_empty() {
-                    act = None;
-                    ctx.forwards.clear();
-                    ctx.backwards.clear();
+                self.write_back(&a.select_rows(&Pick::new(fin, device)), budget.name, &best0)?;
+                act = if stay.is_empty() {
+                    None
                 } else {
-                    let rows = index_tensor(&stay, device);
-                    a.x0 = keep(&a.x0, &rows);
-                    a.label = keep(&a.label, &rows);
-                    a.best = keep(&a.best, &rows);
-                    a.best_adv = keep(&a.best_adv, &rows);
-                    a.state = a.state.iter().map(|t| keep(t, &rows)).collect();
-                    let pick = |v: &[usize]| stay.iter().map(|&i| v[i]).collect::<Vec<_>>();
-                    a.pos = pick(&a.pos);
-                    a.steps = pick(&a.steps);
-                    a.stall = pick(&a.stall);
-                    a.seconds = stay.iter().map(|&i| a.seconds[i]).collect();
-                    ctx.forwards = stay.iter().map(|&i| ctx.forwards[i]).collect();
-                    ctx.backwards = stay.iter().map(|&i| ctx.backwards[i]).collect();
-                }
+                    Some(a.select_rows(&Pick::new(stay, device)))
+                };
             }
         }
         Ok(())
     }
 
-    fn write_back(
-        &mut self,
-        a: &Active,
-        rows: &[usize],
-        ctx: &Ctx,
-        name: &'static str,
-        best0: &[f64],
-    ) -> Result<()> {
-        let device = self.x0.device();
-        let src = index_tensor(rows, device);
-        let pos: Vec<usize> = rows.iter().map(|&i| a.pos[i]).collect();
-        let dst = index_tensor(&pos, device);
-        let _ = self.best.index_copy_(0, &dst, &keep(&a.best, &src));
-        let _ = self.best_adv.index_copy_(0, &dst, &keep(&a.best_adv, &src));
-        let best = to_vec_f64(&keep(&a.best, &src))?;
-        for (k, (&i, &p)) in rows.iter().zip(&pos).enumerate() {
-            self.forwards[p] += ctx.forwards[i];
-            self.backwards[p] += ctx.backwards[i];
-            self.seconds[p] += a.seconds[i];
+    /// The rows of newly admitted samples (chunk positions `new`), their attack state initialised.
+    fn admit<'m, A: AttackStep + ?Sized>(
+        &self,
+        model: &'m dyn Classifier,
+        norm: Norm,
+        attack: &A,
+        new: Vec<usize>,
+    ) -> Result<Active<'m, A::State>> {
+        let n = new.len();
+        let pick = Pick::new(new, model.device());
+        let rows = self.rows(&pick);
+        let seeds = self.seeds.select_rows(&pick);
+        let step = Tensor::zeros([n as i64], (Kind::Double, model.device()));
+        let mut ctx = Ctx::for_samples(model, norm, n);
+        let t0 = Instant::now();
+        let state = attack.init(&mut ctx, &rows.view(&step, &seeds))?;
+        let per = t0.elapsed().as_secs_f64() / n as f64;
+        Ok(Active {
+            pos: pick.rows,
+            rows,
+            state,
+            ctx,
+            steps: vec![0; n],
+            stall: vec![0; n],
+            seconds: vec![per; n],
+        })
+    }
+
+    /// Folds finished rows into the chunk: best point, distance, costs and the winning attack.
+    fn write_back<S>(&mut self, a: &Active<S>, name: &'static str, best0: &[f64]) -> Result<()> {
+        let dst = Pick::new(a.pos.clone(), self.x0.device());
+        let _ = self.best.index_copy_(0, &dst.index, &a.rows.best);
+        let _ = self.best_adv.index_copy_(0, &dst.index, &a.rows.best_adv);
+        let best = to_vec_f64(&a.rows.best)?;
+        for (k, &p) in a.pos.iter().enumerate() {
+            self.forwards[p] += a.ctx.forwards[k];
+            self.backwards[p] += a.ctx.backwards[k];
+            self.seconds[p] += a.seconds[k];
             if best[k] < best0[p] {
                 self.winner[p] = name;
             }
@@ -308,13 +362,15 @@ impl Chunk {
         let device = self.x0.device();
         for part in todo.chunks(batch_size.max(1)) {
             let t0 = Instant::now();
-            let idx = index_tensor(part, device);
-            let x0 = keep(&self.x0, &idx);
-            let adv = keep(&self.best_adv, &idx);
-            let label = keep(&self.label, &idx);
+            let pick = Pick::new(part.to_vec(), device);
+            let SampleRows {
+                x0,
+                label,
+                best_adv: adv,
+                ..
+            } = self.rows(&pick);
             let dir = &adv - &x0;
-            let mut ctx = Ctx::new(model, norm);
-            ctx.forwards = vec![0; part.len()];
+            let mut ctx = Ctx::for_samples(model, norm, part.len());
             let mut lo = Tensor::zeros([part.len() as i64], (Kind::Float, device));
             let mut hi = Tensor::ones([part.len() as i64], (Kind::Float, device));
             // The point at fraction `t` of each segment, and whether it is strictly adversarial.
@@ -345,8 +401,8 @@ impl Chunk {
             }
             let x = at(&hi);
             let dist = norm64(norm, &(&x - &x0));
-            let _ = self.best_adv.index_copy_(0, &idx, &x);
-            let _ = self.best.index_copy_(0, &idx, &dist);
+            let _ = self.best_adv.index_copy_(0, &pick.index, &x);
+            let _ = self.best.index_copy_(0, &pick.index, &dist);
             let per = t0.elapsed().as_secs_f64() / part.len() as f64;
             for (k, &p) in part.iter().enumerate() {
                 self.forwards[p] += ctx.forwards[k];
@@ -371,16 +427,14 @@ impl Chunk {
         let all: Vec<usize> = (0..self.len()).collect();
         for part in all.chunks(batch_size.max(1)) {
             let t0 = Instant::now();
-            let idx = index_tensor(part, device);
-            let adv = keep(&self.best_adv, &idx);
-            let mut ctx = Ctx::new(model, norm);
-            ctx.forwards = vec![0; part.len()];
+            let r = self.rows(&Pick::new(part.to_vec(), device));
+            let mut ctx = Ctx::for_samples(model, norm, part.len());
             let wrong = Vec::<bool>::try_from(
-                beyond_boundary(&ctx.forward(&adv)?, &keep(&self.label, &idx), GAP_RTOL)
+                beyond_boundary(&ctx.forward(&r.best_adv)?, &r.label, GAP_RTOL)
                     .to_device(tch::Device::Cpu),
             )?;
-            let dist = to_vec_f64(&norm64(norm, &(&adv - keep(&self.x0, &idx))))?;
-            let claimed = to_vec_f64(&keep(&self.best, &idx))?;
+            let dist = to_vec_f64(&norm64(norm, &(&r.best_adv - &r.x0)))?;
+            let claimed = to_vec_f64(&r.best)?;
             let per = t0.elapsed().as_secs_f64() / part.len() as f64;
             for (k, &p) in part.iter().enumerate() {
                 self.forwards[p] += ctx.forwards[k];
@@ -393,31 +447,5 @@ impl Chunk {
             }
         }
         Ok(out)
-    }
-}
-
-fn merge(a: Active, b: Active) -> Active {
-    let cat = |x: &Tensor, y: &Tensor| Tensor::cat(&[x, y], 0);
-    let join = |mut x: Vec<usize>, y: Vec<usize>| {
-        x.extend(y);
-        x
-    };
-    let mut seconds = a.seconds;
-    seconds.extend(b.seconds);
-    Active {
-        x0: cat(&a.x0, &b.x0),
-        label: cat(&a.label, &b.label),
-        best: cat(&a.best, &b.best),
-        best_adv: cat(&a.best_adv, &b.best_adv),
-        state: a
-            .state
-            .iter()
-            .zip(&b.state)
-            .map(|(x, y)| cat(x, y))
-            .collect(),
-        pos: join(a.pos, b.pos),
-        steps: join(a.steps, b.steps),
-        stall: join(a.stall, b.stall),
-        seconds,
     }
 }

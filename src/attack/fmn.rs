@@ -8,12 +8,11 @@
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::project::project_ball;
-use super::{
-    cosine, margin_loss, misclassified, norm64, per_sample, AttackStep, BatchView, Budget,
-    Candidate, Ctx,
-};
+use super::ball::project_ball;
+use super::toolkit::{box_clip, cosine, l2_step, norm64, worst_case_radius};
+use super::{margin_loss, misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
+use crate::rows;
 
 #[derive(Debug)]
 pub struct Fmn {
@@ -46,7 +45,19 @@ impl Fmn {
     }
 }
 
+/// FMN's per-sample state.
+pub struct FmnState {
+    delta: Tensor,
+    /// The ball's radius ε, float64.
+    eps: Tensor,
+    /// Whether an adversarial point was seen yet (before that, ε jumps to the boundary).
+    found: Tensor,
+}
+rows!(FmnState { delta, eps, found });
+
 impl AttackStep for Fmn {
+    type State = FmnState;
+
     fn budget(&self) -> Budget {
         Budget {
             name: self.name,
@@ -55,39 +66,40 @@ impl AttackStep for Fmn {
         }
     }
 
-    /// State: `[delta, epsilon, adv_found]`.
-    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>> {
+    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<FmnState> {
         let n = b.x0.size()[0];
         let dev = b.x0.device();
         if self.warm_start {
             let found = b.best.isfinite();
-            let delta = b.best_adv - b.x0;
-            let eps = b.best.masked_fill(&found.logical_not(), f64::INFINITY);
-            return Ok(vec![delta, eps, found.to_kind(Kind::Double)]);
+            return Ok(FmnState {
+                delta: b.best_adv - b.x0,
+                eps: b.best.masked_fill(&found.logical_not(), f64::INFINITY),
+                found,
+            });
         }
-        Ok(vec![
-            b.x0.zeros_like(),
-            Tensor::full([n], f64::INFINITY, (Kind::Double, dev)),
-            Tensor::zeros([n], (Kind::Double, dev)),
-        ])
+        Ok(FmnState {
+            delta: b.x0.zeros_like(),
+            eps: Tensor::full([n], f64::INFINITY, (Kind::Double, dev)),
+            found: Tensor::zeros([n], (Kind::Bool, dev)),
+        })
     }
 
-    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate> {
-        let (delta, eps, found) = (&state[0], &state[1], state[2].gt(0.5));
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut FmnState) -> Result<Candidate> {
+        let (delta, eps) = (&state.delta, &state.eps);
         let x = b.x0 + delta;
         let (logits, grad) = ctx.grad(&x, |z| margin_loss(z, b.label))?;
         let loss = margin_loss(&logits, b.label).to_kind(Kind::Double);
         let is_adv = misclassified(&logits, b.label);
         let norm = norm64(self.norm, delta);
         let best = norm.where_self(&is_adv.logical_and(&norm.lt_tensor(b.best)), b.best);
-        let found = found.logical_or(&is_adv);
+        let found = state.found.logical_or(&is_adv);
         let gamma = cosine(b.step, self.steps, self.gamma_init, self.gamma_final);
         let alpha = cosine(b.step, self.steps, self.alpha_init, self.alpha_final);
         let gnorm = norm64(self.norm.dual(), &grad).clamp_min(1e-12);
         // Overshoot the linearised boundary by γ: on a (locally) linear model an ε exactly at
         // the boundary lands on it, a tie that never counts as adversarial.
         let to_boundary = (&norm + loss.abs() / gnorm) * (&gamma + 1.0);
-        let worst = norm64(self.norm, &b.x0.maximum(&(1.0 - b.x0)));
+        let worst = worst_case_radius(self.norm, b.x0);
         let new_eps = (eps * (gamma.neg() + 1.0))
             .minimum(&best)
             .where_self(
@@ -95,13 +107,13 @@ impl AttackStep for Fmn {
                 &(eps * (&gamma + 1.0)).where_self(&found, &to_boundary),
             )
             .minimum(&worst);
-        let g2 = norm64(Norm::L2, &grad).clamp_min(1e-12);
-        let stepped = delta + per_sample(&(alpha / g2), &grad).to_kind(grad.kind()) * &grad;
+        let stepped = l2_step(delta, &grad, &alpha);
         let projected = project_ball(self.norm, &stepped, &new_eps);
-        let new_delta = (b.x0 + projected).clamp(0.0, 1.0) - b.x0;
-        state[0] = new_delta;
-        state[1] = new_eps;
-        state[2] = found.to_kind(Kind::Double);
+        *state = FmnState {
+            delta: box_clip(b.x0, &projected),
+            eps: new_eps,
+            found,
+        };
         Ok(Candidate { x, is_adv })
     }
 }

@@ -1,29 +1,41 @@
 //! Minimum-norm attacks that estimate each sample's input margin d_in(x).
 //!
-//! Every attack is an [`AttackStep`]: it owns per-sample state tensors (one row per sample)
-//! and performs one iteration on a whole batch. The [`driver`] does everything else: batching,
+//! Minimum-norm attacks that estimate each sample's input margin d_in(x).
+//!
+//! Every attack is an [`AttackStep`]: one iteration on a whole batch, with a typed per-sample
+//! state (one row per sample, [`rows::Rows`]). The [`driver`] does everything else: batching,
 //! per-sample early stopping with refill from a queue, deterministic per-sample seeds, exact
 //! forward/backward counts, keeping the best adversarial point, and the final verification.
+//! A [`plan::Plan`] lists the attacks an `attack` setting runs.
 //!
 //! Attacks: [`fmn`] (Pintor et al. 2021), [`fab`] (Croce & Hein 2020, untargeted and targeted
 //! over the top-k classes), [`ddn`] (Rony et al. 2019, L2), [`pgd`] (PGD inside a bisection
 //! over ε, a slow reference), [`shrink`] (a polish of a found point) and [`best`] (a cheap
-//! pipeline of the above).
+//! pipeline of the above). Their shared pieces: [`toolkit`] (box clip, radius, steps),
+//! [`random`] (seeds, noise, random starts) and [`ball`] (norm-ball projections).
 
+pub mod ball;
 pub mod best;
 pub mod ddn;
 pub mod driver;
 pub mod fab;
 pub mod fmn;
 pub mod pgd;
-pub mod project;
+pub mod plan;
+pub mod random;
+pub mod rows;
 pub mod shrink;
+pub mod toolkit;
+
+pub use random::{sample_seed, uniform_in_ball, uniform_noise};
+pub use toolkit::{ascent_direction, cosine, norm64, per_sample, unit};
 
 use anyhow::Result;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::model::{logits_and_grad, logits_and_grads, logits_no_grad, Classifier};
 use crate::norm::Norm;
+use rows::{Pick, Rows};
 
 /// The attacks `brittle margins --attack` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,6 +114,16 @@ impl<'a> Ctx<'a> {
         Ok((rows / n) as u64)
     }
 
+    /// A context for `n` newly admitted samples, with no evaluation counted yet.
+    pub fn for_samples(model: &'a dyn Classifier, norm: Norm, n: usize) -> Self {
+        Ctx {
+            model,
+            norm,
+            forwards: vec![0; n],
+            backwards: vec![0; n],
+        }
+    }
+
     /// Logits and the gradient of `objective` (summed over rows) at `x`.
     pub fn grad(
         &mut self,
@@ -135,6 +157,26 @@ impl<'a> Ctx<'a> {
         let out = logits_no_grad(self.model, x)?;
         self.forwards.iter_mut().for_each(|c| *c += r);
         Ok(out)
+    }
+}
+
+/// The counters are per-sample rows: the driver keeps them aligned with its other rows.
+impl Rows for Ctx<'_> {
+    fn select_rows(&self, pick: &Pick) -> Self {
+        Ctx {
+            model: self.model,
+            norm: self.norm,
+            forwards: self.forwards.select_rows(pick),
+            backwards: self.backwards.select_rows(pick),
+        }
+    }
+
+    fn append_rows(self, other: Self) -> Self {
+        Ctx {
+            forwards: self.forwards.append_rows(other.forwards),
+            backwards: self.backwards.append_rows(other.backwards),
+            ..self
+        }
     }
 }
 
@@ -172,13 +214,15 @@ pub struct Budget {
 }
 
 /// One iteration of an attack on a batch; the [`driver`] runs it. `Debug` prints every parameter:
-/// margins files record it (see [`best::Plan::describe`]).
+/// margins files record it (see [`plan::Plan::describe`]).
 pub trait AttackStep: std::fmt::Debug {
+    /// What the attack keeps per active sample between iterations.
+    type State: Rows;
     fn budget(&self) -> Budget;
-    /// The state rows of newly admitted samples (each tensor's dim 0 indexes samples).
-    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>>;
+    /// The state of newly admitted samples.
+    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Self::State>;
     /// One iteration on all active samples; returns the point it evaluated.
-    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate>;
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut Self::State) -> Result<Candidate>;
 }
 
 /// `max_{j != y} z_j - z_y` per row: positive exactly when the row is misclassified.
@@ -219,88 +263,4 @@ pub fn beyond_boundary(logits: &Tensor, label: &Tensor, rtol: f64) -> Tensor {
 /// verification then demand the strict gap of [`beyond_boundary`].
 pub fn misclassified(logits: &Tensor, label: &Tensor) -> Tensor {
     logits.argmax(1, false).ne_tensor(label)
-}
-
-/// `[B]` reshaped to broadcast against `[B, C, H, W]`.
-pub fn per_sample(v: &Tensor, like: &Tensor) -> Tensor {
-    let mut shape = vec![-1i64];
-    shape.extend(std::iter::repeat_n(1, like.dim() - 1));
-    v.view(shape.as_slice())
-}
-
-/// The unit ascent step of `norm` along `grad` (per sample): the gradient's sign in L∞, the
-/// gradient scaled to unit norm otherwise. PGD, the `shrink` polish and training's PGD step
-/// along it.
-pub fn ascent_direction(norm: Norm, grad: &Tensor) -> Tensor {
-    match norm {
-        Norm::Linf => grad.sign(),
-        _ => unit(norm, grad),
-    }
-}
-
-/// Each row of `t` scaled to unit `norm` (rows of zero norm stay zero): gradient steps and the
-/// directions of random starts.
-pub fn unit(norm: Norm, t: &Tensor) -> Tensor {
-    t / per_sample(&norm.batch_norm(t).clamp_min(1e-12), t)
-}
-
-/// Per-sample norm as float64 `[B]`.
-pub fn norm64(norm: Norm, delta: &Tensor) -> Tensor {
-    match norm {
-        // A maximum is exact in any precision: skip the float64 copy of the whole batch.
-        Norm::Linf => norm.batch_norm(delta).to_kind(Kind::Double),
-        _ => norm.batch_norm(&delta.to_kind(Kind::Double)),
-    }
-}
-
-/// Cosine annealing from `start` (step 0) to `end` (step `steps`), per sample.
-pub fn cosine(step: &Tensor, steps: usize, start: f64, end: f64) -> Tensor {
-    let c = ((step * (std::f64::consts::PI / steps.max(1) as f64)).cos() + 1.0) * 0.5;
-    c * (start - end) + end
-}
-
-/// The deterministic seed of a sample: independent of batching, sharding and resumption.
-pub fn sample_seed(global: u64, index: usize) -> u64 {
-    // splitmix64 of the pair
-    let mut z = global ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Uniform noise in `[-1, 1]` of shape `[C, H, W]` per seed, from a per-sample ChaCha stream.
-pub fn uniform_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
-    noise(
-        seeds,
-        shape,
-        device,
-        rand::distributions::Uniform::new_inclusive(-1.0f32, 1.0),
-    )
-}
-
-/// Standard normal noise of shape `[C, H, W]` per seed, from a per-sample ChaCha stream.
-pub fn gaussian_noise(seeds: &[u64], shape: &[i64], device: Device) -> Tensor {
-    noise(seeds, shape, device, rand_distr::StandardNormal)
-}
-
-/// `[N, ..shape]` draws of `dist`, row `i` from a ChaCha stream seeded with `seeds[i]`: the
-/// noise of a sample does not depend on its batch, and no thread shares an RNG.
-fn noise(
-    seeds: &[u64],
-    shape: &[i64],
-    device: Device,
-    dist: impl rand::distributions::Distribution<f32> + Copy,
-) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let per: i64 = shape.iter().product();
-    let mut v = Vec::with_capacity(seeds.len() * per as usize);
-    for &s in seeds {
-        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(s);
-        v.extend(rng.sample_iter(dist).take(per as usize));
-    }
-    let mut full = vec![seeds.len() as i64];
-    full.extend_from_slice(shape);
-    Tensor::from_slice(&v)
-        .view(full.as_slice())
-        .to_device(device)
 }

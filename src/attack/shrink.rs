@@ -3,21 +3,18 @@
 //! Every step moves towards the boundary's far side, adversarial or not, so that the point keeps
 //! some depth when the ball shrinks under it (as FMN's steps do).
 //!
-//! FMN-1000's long schedule settles 0.1% deeper than a short pipeline on the typical sample; a
-//! few dozen of these steps from the pipeline's point close that gap for less than what the same
-//! budget of FMN steps buys (resnet_2b, L∞, median ratio to adv-lib's FMN-1000: from 1.0011 to
-//! 1.00006 at equal total cost, then to 1.00000, brittle at least as tight on 54% of 200 pool
-//! images, with the step on adversarial points too; see `bench/README.md`).
+//! Why: FMN-1000's long schedule settles 0.1% deeper than a short pipeline on the typical sample,
+//! and a few dozen of these steps close that gap for less than the same budget of FMN steps
+//! (figures in `bench/README.md`, "`best`'s defaults").
 
 use anyhow::Result;
 use tch::Tensor;
 
-use super::project::project_ball;
-use super::{
-    ascent_direction, cosine, margin_loss, misclassified, norm64, per_sample, AttackStep,
-    BatchView, Budget, Candidate, Ctx,
-};
+use super::ball::project_ball;
+use super::toolkit::{ascent_direction, box_clip, cosine, norm64, per_sample};
+use super::{margin_loss, misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
+use crate::rows;
 
 #[derive(Debug)]
 pub struct Shrink {
@@ -32,9 +29,8 @@ pub struct Shrink {
 }
 
 impl Shrink {
-    /// The settings measured on resnet_2b (L∞, 200 pool images, share of samples at least as
-    /// tight as adv-lib's FMN-1000): ρ 5e-5 → 1e-5, α 0.05 → 0.003 (54%); ρ from 1e-4 or
-    /// 3e-5: 51-52%; α from 0.03: 44%, from 0.07 or 0.1: 49-50%.
+    /// ρ 5e-5 → 1e-5, α 0.05 → 0.003: the tightest of the schedules tried on resnet_2b
+    /// (`bench/README.md`).
     pub fn new(norm: Norm, steps: usize) -> Self {
         Shrink {
             norm,
@@ -47,7 +43,17 @@ impl Shrink {
     }
 }
 
+/// The polish's per-sample state.
+pub struct ShrinkState {
+    delta: Tensor,
+    /// The ball's radius, float64.
+    radius: Tensor,
+}
+rows!(ShrinkState { delta, radius });
+
 impl AttackStep for Shrink {
+    type State = ShrinkState;
+
     fn budget(&self) -> Budget {
         // Each success improves by ρ, below the driver's 0.1% patience threshold: no early stop.
         Budget {
@@ -57,17 +63,17 @@ impl AttackStep for Shrink {
         }
     }
 
-    /// State: `[delta, radius]`, from the best point pulled inside the ball of radius
-    /// `(1 - ρ) best` (radius 0, a no-op, where nothing was found).
-    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>> {
+    /// From the best point pulled inside the ball of radius `(1 - ρ) best` (radius 0, a no-op,
+    /// where nothing was found).
+    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<ShrinkState> {
         let found = b.best.isfinite();
         let radius = (b.best * (1.0 - self.rho_init)).masked_fill(&found.logical_not(), 0.0);
         let delta = project_ball(self.norm, &(b.best_adv - b.x0), &radius);
-        Ok(vec![delta, radius])
+        Ok(ShrinkState { delta, radius })
     }
 
-    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate> {
-        let (delta, radius) = (&state[0], &state[1]);
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut ShrinkState) -> Result<Candidate> {
+        let (delta, radius) = (&state.delta, &state.radius);
         let x = b.x0 + delta;
         let (logits, grad) = ctx.grad(&x, |z| margin_loss(z, b.label))?;
         let is_adv = misclassified(&logits, b.label);
@@ -78,8 +84,8 @@ impl AttackStep for Shrink {
         let alpha = cosine(b.step, self.steps, self.alpha_init, self.alpha_final);
         let size = per_sample(&(&alpha * &radius), &grad).to_kind(grad.kind());
         let moved = delta + ascent_direction(self.norm, &grad) * size;
-        state[0] = (b.x0 + project_ball(self.norm, &moved, &radius)).clamp(0.0, 1.0) - b.x0;
-        state[1] = radius;
+        let delta = box_clip(b.x0, &project_ball(self.norm, &moved, &radius));
+        *state = ShrinkState { delta, radius };
         Ok(Candidate { x, is_adv })
     }
 }

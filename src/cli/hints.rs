@@ -35,8 +35,10 @@ pub const TEST_DATA: Flags = &[("labels", "--test-labels"), ("limit", "--test-li
 /// [`crate::score::ScoreOptions`].
 pub const SCORE: Flags = &[("batch_size", "--batch-size")];
 
-/// [`crate::margins::MarginsOptions`].
+/// [`crate::margins::MarginsOptions`] (and the attack plan made from them).
 pub const MARGINS: Flags = &[
+    ("norm", "--norm"),
+    ("steps", "--steps"),
     ("batch_size", "--batch-size"),
     ("chunk", "--chunk"),
     ("topk", "--topk"),

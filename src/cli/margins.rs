@@ -122,7 +122,8 @@ pub fn run(a: MarginsArgs) -> Result<()> {
             pb,
         )
     })
-    .with_context(|| format!("margins into --out {}", a.out.display()))?;
+    .with_context(|| format!("margins into --out {}", a.out.display()))
+    .flag_hint(hints::MARGINS)?;
     if let Some(why) = &s.restarted {
         eprintln!("warning: started {} again: {why}", a.out.display());
     }

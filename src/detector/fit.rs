@@ -17,8 +17,8 @@ use super::{
 };
 use crate::data::Dataset;
 use crate::margins::{check_unique_indices, MarginRow};
-use crate::metrics::detection::{auroc, fpr_at_tpr};
-use crate::metrics::rank::kendall_tau_b;
+use crate::metrics::correlation::kendall_tau_b;
+use crate::metrics::roc::{auroc, fpr_at_tpr};
 use crate::model::Classifier;
 use crate::norm::Norm;
 use crate::provenance::Provenance;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use crate::metrics::rank::kendall_tau_b;
+use crate::metrics::correlation::kendall_tau_b;
 use crate::util::{to_vec_f64, with_torch_seed, Check, Checked, OptionError};
 
 /// What the net reads.

@@ -27,7 +27,7 @@ pub struct Resume {
 /// The job a margins file must have been made by to be resumed.
 pub struct Job<'a> {
     pub settings: &'a Settings,
-    /// [`crate::attack::best::Plan::describe`] of the attack.
+    /// [`crate::attack::plan::Plan::describe`] of the attack.
     pub plan: &'a str,
     /// The data file, for messages.
     pub source: &'a str,

@@ -35,7 +35,7 @@ pub struct Sidecar {
     pub provenance: Provenance,
     pub settings: Settings,
     pub model: crate::model::ModelInfo,
-    /// [`crate::attack::best::Plan::describe`] of the attack that made the file (empty: made before brittle recorded
+    /// [`crate::attack::plan::Plan::describe`] of the attack that made the file (empty: made before brittle recorded
     /// it).
     #[serde(default)]
     pub plan: String,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::nan::null_is_nan;
 use crate::margins::MarginRow;
 use crate::metrics::robust::{self, Calibration};
-use crate::metrics::{bootstrap, detection, rank};
+use crate::metrics::{bootstrap, correlation, roc};
 use crate::norm::{parse_eps, Norm};
 use crate::provenance::Provenance;
 use crate::util::{Check, Checked, OptionError};
@@ -324,9 +324,9 @@ fn consistency(
             let a: Vec<f64> = idx.iter().map(|&i| d_in[i]).collect();
             let b: Vec<f64> = idx.iter().map(|&i| s[i]).collect();
             vec![
-                rank::kendall_tau_b(&a, &b),
-                rank::pearson(&a, &b),
-                rank::spearman(&a, &b),
+                correlation::kendall_tau_b(&a, &b),
+                correlation::pearson(&a, &b),
+                correlation::spearman(&a, &b),
             ]
         })
     } else {
@@ -334,21 +334,21 @@ fn consistency(
     };
     Consistency {
         oriented: format!("{}{}", if spec.sign > 0.0 { "+" } else { "-" }, spec.name),
-        kendall_tau: rank::kendall_tau_b(d_in, s),
+        kendall_tau: correlation::kendall_tau_b(d_in, s),
         kendall_tau_ci: ci[0],
-        pearson: rank::pearson(d_in, s),
+        pearson: correlation::pearson(d_in, s),
         pearson_ci: ci[1],
-        spearman: rank::spearman(d_in, s),
+        spearman: correlation::spearman(d_in, s),
         spearman_ci: ci[2],
     }
 }
 
 fn summary(score: &[f64], pos: &[bool]) -> DetectionSummary {
     DetectionSummary {
-        auroc: detection::auroc(score, pos),
-        aupr: detection::aupr(score, pos),
-        average_precision: detection::average_precision(score, pos),
-        fpr_at_95_tpr: detection::fpr_at_tpr(score, pos, 0.95).0,
+        auroc: roc::auroc(score, pos),
+        aupr: roc::aupr(score, pos),
+        average_precision: roc::average_precision(score, pos),
+        fpr_at_95_tpr: roc::fpr_at_tpr(score, pos, 0.95).0,
     }
 }
 
@@ -388,9 +388,9 @@ pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
         .map(|(label, eps)| {
             let pos: Vec<bool> = d_in.iter().map(|&d| d <= *eps).collect();
             let head = summary(&neg_lm, &pos);
-            let (_, thr) = detection::fpr_at_tpr(&neg_lm, &pos, 0.95);
-            let roc = detection::roc_curve(&neg_lm, &pos);
-            let pr = detection::precision_recall_curve(&neg_lm, &pos);
+            let (_, thr) = roc::fpr_at_tpr(&neg_lm, &pos, 0.95);
+            let roc = roc::roc_curve(&neg_lm, &pos);
+            let pr = roc::precision_recall_curve(&neg_lm, &pos);
             let positives = pos.iter().filter(|&&p| p).count();
             EpsDetection {
                 eps: *eps,

@@ -196,15 +196,14 @@ impl Check for ServeConfig {
 /// Longest timeout accepted (a day): longer ones are a mistake, and far-future deadlines overflow.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
-/// Default [`ServeConfig::spin`] in microseconds. On the 2-core development machine (resnet_2b,
-/// one client) the model thread's poll took the one-image p50 from 0.36 ms to 0.27 ms. The poll
-/// yields the core to any other runnable thread; an idle server polls for 1 ms after a request.
+/// Default [`ServeConfig::spin`] in microseconds: polling spares a lone request a thread wake-up
+/// (figures in `bench/README.md`, serve). The poll yields the core to any other runnable thread;
+/// an idle server polls for 1 ms after a request.
 pub const DEFAULT_SPIN_US: u64 = 1000;
 
 /// Intra-op threads for the model when none are asked for: half the cores, leaving the rest to
-/// HTTP. On the 2-core development machine (resnet_2b) one model thread answered a one-image
-/// request in 0.25 ms (p50) against 0.47 ms with two, and served 6000-6200 images/s to 8 clients
-/// against 4100-4250.
+/// HTTP, which answered faster and served more than all cores (figures in `bench/README.md`,
+/// serve).
 pub fn default_model_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

@@ -5,10 +5,8 @@
 use anyhow::{bail, ensure, Result};
 use tch::{Kind, Reduction, Tensor};
 
-use crate::attack::project::project_ball;
-use crate::attack::{
-    ascent_direction, gaussian_noise, per_sample, sample_seed, uniform_noise, unit,
-};
+use crate::attack::ball::project_ball;
+use crate::attack::{ascent_direction, uniform_in_ball};
 use crate::model::{logits_and_grad, Classifier};
 use crate::norm::Norm;
 use crate::util::{Check, NoProgress, OptionError, Progress};
@@ -20,7 +18,7 @@ pub struct PgdConfig {
     pub eps: f64,
     pub steps: usize,
     pub step_size: f64,
-    /// Start from a uniform random point of the ball (Linf) or a random point of the ball (L2).
+    /// Start from a uniform random point of the ball.
     pub random_start: bool,
 }
 
@@ -82,19 +80,10 @@ pub fn kl_from(log_p: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
     }
 }
 
-/// A random point of the ε-ball around `x` (uniform per coordinate for Linf; uniform radius
-/// along a Gaussian direction for L2), clamped to `[0, 1]`; row `i` draws from `seeds[i]`.
+/// A uniform random point of the ε-ball around `x` (the attacks' random start), clamped to
+/// `[0, 1]`; row `i` draws from `seeds[i]`.
 fn random_start(x: &Tensor, seeds: &[u64], cfg: &PgdConfig) -> Tensor {
-    let (shape, device) = (&x.size()[1..], x.device());
-    let delta = match cfg.norm {
-        Norm::Linf => uniform_noise(seeds, shape, device) * cfg.eps,
-        _ => {
-            let direction = unit(Norm::L2, &gaussian_noise(seeds, shape, device));
-            let radius_seeds: Vec<u64> = seeds.iter().map(|&s| sample_seed(s, 1)).collect();
-            let r = (uniform_noise(&radius_seeds, &[], device) + 1.0) / 2.0;
-            direction * per_sample(&r, x) * cfg.eps
-        }
-    };
+    let delta = uniform_in_ball(cfg.norm, seeds, &x.size()[1..], x.device()) * cfg.eps;
     (x + delta).clamp(0.0, 1.0)
 }
 

@@ -13,17 +13,17 @@
 //! (AutoAttack's untargeted FAB), the top-k other classes (cheaper), or, for the targeted
 //! variant, one independent run per top-k class.
 
+pub mod projection;
+
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
-use super::project::hyperplane_in_box;
-use super::{
-    misclassified, norm64, per_sample, uniform_noise, unit, AttackStep, BatchView, Budget,
-    Candidate, Ctx,
-};
+use super::rows::{Pick, Rows};
+use super::toolkit::{norm64, per_sample};
+use super::{misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
+use projection::hyperplane_in_box;
 
-#[derive(Debug)]
 pub struct Fab {
     pub norm: Norm,
     pub steps: usize,
@@ -34,8 +34,6 @@ pub struct Fab {
     pub alpha_max: f64,
     pub eta: f64,
     pub beta: f64,
-    /// Start from a random point at this distance (0: from the clean input).
-    pub random_start: f64,
     pub patience: usize,
     pub name: &'static str,
 }
@@ -51,7 +49,6 @@ impl Fab {
             alpha_max: 0.1,
             eta: 1.05,
             beta: 0.9,
-            random_start: 0.0,
             patience: steps,
             name: if targeted { "fab-t" } else { "fab" },
         }
@@ -68,6 +65,65 @@ impl Fab {
     }
 }
 
+/// The parameters, as margins files record them ([`super::plan::Plan::describe`]). FAB always
+/// starts from the clean input; `random_start: 0.0` stays in the text so that files written
+/// when that was a (never used) option still resume and merge.
+impl std::fmt::Debug for Fab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fab")
+            .field("norm", &self.norm)
+            .field("steps", &self.steps)
+            .field("topk", &self.topk)
+            .field("targeted", &self.targeted)
+            .field("alpha_max", &self.alpha_max)
+            .field("eta", &self.eta)
+            .field("beta", &self.beta)
+            .field("random_start", &0.0)
+            .field("patience", &self.patience)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// FAB's per-sample state: `runs` rows per sample (one per targeted class, adjacent).
+pub struct FabState {
+    /// The current point of every run, `[B·R, C, H, W]`.
+    x: Tensor,
+    /// The classes of interest of every run, `[B·R, classes per run]` int64.
+    classes: Tensor,
+    runs: i64,
+}
+
+impl FabState {
+    /// The rows of the runs of the samples in `pick`.
+    fn run_rows(&self, pick: &Pick) -> Pick {
+        let r = self.runs as usize;
+        Pick::new(
+            pick.rows.iter().flat_map(|&i| i * r..(i + 1) * r).collect(),
+            self.x.device(),
+        )
+    }
+}
+
+impl Rows for FabState {
+    fn select_rows(&self, pick: &Pick) -> Self {
+        let rows = self.run_rows(pick);
+        FabState {
+            x: self.x.select_rows(&rows),
+            classes: self.classes.select_rows(&rows),
+            runs: self.runs,
+        }
+    }
+
+    fn append_rows(self, other: Self) -> Self {
+        FabState {
+            x: self.x.append_rows(other.x),
+            classes: self.classes.append_rows(other.classes),
+            runs: self.runs,
+        }
+    }
+}
+
 /// Repeats every row `r` times, keeping a sample's copies adjacent.
 fn repeat_rows(t: &Tensor, r: i64) -> Tensor {
     if r == 1 {
@@ -78,6 +134,8 @@ fn repeat_rows(t: &Tensor, r: i64) -> Tensor {
 }
 
 impl AttackStep for Fab {
+    type State = FabState;
+
     fn budget(&self) -> Budget {
         Budget {
             name: self.name,
@@ -86,37 +144,24 @@ impl AttackStep for Fab {
         }
     }
 
-    /// State: `[x (B·R rows), classes (B·R, C) int64]`.
-    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<Vec<Tensor>> {
+    fn init(&self, ctx: &mut Ctx, b: &BatchView) -> Result<FabState> {
         let logits = ctx.forward(b.x0)?;
         let k = logits.size()[1];
         let (runs, per_run) = self.layout(k);
         let others = logits.scatter_value(1, &b.label.unsqueeze(1), f64::NEG_INFINITY);
         let (_, top) = others.topk(runs * per_run, 1, true, true);
         let classes = top.view([-1, per_run]);
-        let mut x = repeat_rows(b.x0, runs);
-        if self.random_start > 0.0 {
-            let shape = &b.x0.size()[1..];
-            let seeds: Vec<u64> = b
-                .seeds
-                .iter()
-                .flat_map(|&s| (0..runs as u64).map(move |r| s.wrapping_add(r)))
-                .collect();
-            let noise = uniform_noise(&seeds, shape, ctx.device());
-            let scale = match self.norm {
-                Norm::Linf => noise,
-                _ => unit(self.norm, &noise),
-            };
-            x = (x + scale * self.random_start).clamp(0.0, 1.0);
-        }
-        Ok(vec![x, classes])
+        Ok(FabState {
+            x: repeat_rows(b.x0, runs),
+            classes,
+            runs,
+        })
     }
 
-    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut [Tensor]) -> Result<Candidate> {
-        let (x, classes) = (&state[0], &state[1]);
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, state: &mut FabState) -> Result<Candidate> {
+        let (x, classes, runs) = (&state.x, &state.classes, state.runs);
         let n = b.x0.size()[0];
         let rows = x.size()[0];
-        let runs = rows / n;
         let per_run = classes.size()[1];
         let label = repeat_rows(b.label, runs);
         let x0 = repeat_rows(b.x0, runs);
@@ -180,10 +225,37 @@ impl AttackStep for Fab {
         let (dmin, which) = cand_dist.min_dim(1, false);
         let base = Tensor::arange(n, (Kind::Int64, ctx.device())) * runs;
         let chosen = x.index_select(0, &(base + which));
-        state[0] = next;
+        state.x = next;
         Ok(Candidate {
             x: chosen,
             is_adv: dmin.isfinite(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Targeted FAB keeps one run per class, adjacent per sample: keeping samples keeps all their
+    /// runs (the driver once kept state rows by sample index, which mixed up samples' runs).
+    #[test]
+    fn state_rows_follow_their_samples() {
+        let x = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([6, 1]);
+        let classes = Tensor::arange(6, (Kind::Int64, tch::Device::Cpu)).view([6, 1]) + 10;
+        let state = FabState {
+            x,
+            classes,
+            runs: 3,
+        };
+        let kept = state.select_rows(&Pick::new(vec![1], tch::Device::Cpu));
+        assert_eq!(
+            Vec::<f32>::try_from(kept.x.flatten(0, -1)).unwrap(),
+            vec![3.0, 4.0, 5.0]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(kept.classes.flatten(0, -1)).unwrap(),
+            vec![13, 14, 15]
+        );
     }
 }
