@@ -1,6 +1,5 @@
 //! `brittle fit`: pseudo-margin on a deliberately inconsistent model, row matching, saving.
 
-mod common;
 
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
@@ -9,7 +8,7 @@ use brittle::metrics::rank::kendall_tau_b;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
-use common::{inconsistent_model, synthetic_set};
+use crate::common::{inconsistent_model, synthetic_set};
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();

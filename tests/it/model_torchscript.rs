@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use brittle::model::{load_classifier, logits_no_grad, Classifier};
 use brittle::norm::Norm;
 use brittle::score::feature_margin;
-use common::{accuracy, fixture, rel_err, spec};
+use crate::common::{accuracy, fixture, rel_err, spec};
 use tch::Tensor;
 
-mod common;
+use crate::common;
 
 #[test]
 fn scripted_features_last_linear_and_feature_margin() {

@@ -1,7 +1,7 @@
 //! `brittle train` on tiny models: the loss goes down, checkpoints resume bit-for-bit, the CLI
 //! writes loadable weights with provenance.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 

@@ -4,9 +4,9 @@
 use brittle::model::{load_classifier, logits_and_grad, logits_no_grad};
 use tch::{Kind, Tensor};
 
-mod common;
+use crate::common;
 
-use common::{rel_err, spec};
+use crate::common::{rel_err, spec};
 
 /// Top logit minus the runner-up, per sample.
 fn margin(logits: &Tensor) -> Tensor {

@@ -8,10 +8,9 @@ use brittle::model::load::ModelSpec;
 use brittle::model::native::build_network;
 use brittle::model::weights::{load_into, read_tensors};
 use brittle::model::{load_classifier, logits_and_grad};
-use common::{accuracy, fixture, rel_err, spec};
+use crate::common::{accuracy, fixture, rel_err, spec};
 use tch::{nn, Device, Kind, Tensor};
 
-mod common;
 
 fn golden(file: &str) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture(&format!("golden_{file}.safetensors")))

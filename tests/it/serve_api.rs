@@ -1,7 +1,7 @@
 //! `POST /v1/score` over loopback: answers equal the library's (and `brittle score`'s), malformed
 //! and oversized requests get 4xx, concurrent clients get their own answers, shutdown is clean.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
 use brittle::serve::{spawn, ServeConfig, ServerHandle};
-use common::{inconsistent_model, synthetic_set, SHAPE};
+use crate::common::{inconsistent_model, synthetic_set, SHAPE};
 use serde_json::{json, Value};
 use tch::Tensor;
 

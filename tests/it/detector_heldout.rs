@@ -3,7 +3,7 @@
 //! reported (within 5 points). Margins: `tests/fixtures/detector/resnet_2b_margins.csv`
 //! (made by `brittle margins`, see tests/fixtures/detector/README.md).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

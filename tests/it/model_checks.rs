@@ -2,7 +2,7 @@
 //! input normalisation. Each must stop `score` and `margins` with an error that names the cause
 //! (the normalisation check has an override flag), never exit 0 with `pred = 0`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
