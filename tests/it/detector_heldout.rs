@@ -29,10 +29,9 @@ fn fixture() -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn threshold_generalises_to_held_out_half() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let data = common::real_pool(&shared);
     let model_path = shared.join("models/resnet_2b.pt");
     let model = load_classifier(&common::spec(model_path, None, None, None), [3, 32, 32]).unwrap();
@@ -107,10 +106,9 @@ fn threshold_generalises_to_held_out_half() {
 /// The command line: fit, score with the detector, refuse a detector of another model, and
 /// refuse margins whose indices are not in the data.
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn fit_and_score_commands() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let dir = tempfile::tempdir().unwrap();
     let det = dir.path().join("det");
     let data = shared.join("data/cifar10/real-pool.bin");

@@ -23,10 +23,9 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn onnx_models_match_their_torchscript_twins() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let models = shared.join("models");
     let manifest = common::manifest(&shared);
     let data = common::real_pool(&shared);
