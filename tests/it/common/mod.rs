@@ -26,6 +26,42 @@ pub fn shared() -> PathBuf {
     p
 }
 
+/// Keeps libtorch on one intra-op thread in the calling test until dropped.
+///
+/// libtorch's `set_num_threads` sets the calling thread's OpenMP count, and also the default that
+/// threads adopt at their first parallel op; in one test binary, a bare `tch::set_num_threads(1)`
+/// left every test started after it on one thread. The first guard saves the default and the last
+/// one to drop restores it. Reading the count at once pins this thread to one (a count set by
+/// another thread in between would otherwise be adopted at this thread's first parallel op).
+pub fn one_torch_thread() -> OneTorchThread {
+    let mut state = TORCH_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    if state.0 == 0 {
+        state.1 = std::thread::spawn(tch::get_num_threads).join().unwrap();
+    }
+    state.0 += 1;
+    tch::set_num_threads(1);
+    if tch::get_num_threads() != 1 {
+        tch::set_num_threads(1);
+    }
+    OneTorchThread(())
+}
+
+/// Active guards and the default thread count they restore.
+static TORCH_THREADS: std::sync::Mutex<(usize, i32)> = std::sync::Mutex::new((0, 0));
+
+/// See [`one_torch_thread`].
+pub struct OneTorchThread(());
+
+impl Drop for OneTorchThread {
+    fn drop(&mut self) {
+        let mut state = TORCH_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 -= 1;
+        if state.0 == 0 {
+            tch::set_num_threads(state.1);
+        }
+    }
+}
+
 /// `shared/models/manifest.json`.
 pub fn manifest(shared: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(shared.join("models/manifest.json")).unwrap();
