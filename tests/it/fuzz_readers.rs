@@ -13,7 +13,7 @@
 //!
 //! Smoke pass (CI, the default): `BRITTLE_FUZZ_CASES=24` cases per reader, under a minute on
 //! two cores. Longer run, e.g. 2,000 cases per reader from another seed:
-//! `BRITTLE_FUZZ_CASES=2000 BRITTLE_FUZZ_SEED=7 cargo test --release --test fuzz_readers -- --nocapture`
+//! `BRITTLE_FUZZ_CASES=2000 BRITTLE_FUZZ_SEED=7 cargo test --release --test it fuzz_readers:: -- --nocapture`
 //! (`BRITTLE_FUZZ_READERS=npy,idx-raw` runs a subset; `BRITTLE_FUZZ_CASE_SECS` sets the
 //! per-case limit, 20 s by default).
 
