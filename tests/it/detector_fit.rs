@@ -1,6 +1,6 @@
 //! `brittle fit`: pseudo-margin on a deliberately inconsistent model, row matching, saving.
 
-
+use crate::common::{inconsistent_model, synthetic_set};
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::{Detector, ScoreKind};
@@ -8,7 +8,6 @@ use brittle::metrics::rank::kendall_tau_b;
 use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
-use crate::common::{inconsistent_model, synthetic_set};
 
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();

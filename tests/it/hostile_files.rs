@@ -3,7 +3,6 @@
 //! that used to kill the process (stack overflow) run the CLI binary, so that a signal fails
 //! the test instead of taking the test runner down.
 
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

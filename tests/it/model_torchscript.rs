@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::common::{accuracy, fixture, rel_err, spec};
 use brittle::model::{load_classifier, logits_no_grad, Classifier};
 use brittle::norm::Norm;
 use brittle::score::feature_margin;
-use crate::common::{accuracy, fixture, rel_err, spec};
 use tch::Tensor;
 
 use crate::common;

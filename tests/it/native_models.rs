@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::common::{accuracy, fixture, rel_err, spec};
 use brittle::model::load::ModelSpec;
 use brittle::model::native::build_network;
 use brittle::model::weights::{load_into, read_tensors};
 use brittle::model::{load_classifier, logits_and_grad};
-use crate::common::{accuracy, fixture, rel_err, spec};
 use tch::{nn, Device, Kind, Tensor};
-
 
 fn golden(file: &str) -> BTreeMap<String, Tensor> {
     Tensor::read_safetensors(fixture(&format!("golden_{file}.safetensors")))

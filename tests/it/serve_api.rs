@@ -6,6 +6,7 @@ use crate::common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::{inconsistent_model, synthetic_set, SHAPE};
 use brittle::detector::fit::{fit, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::Detector;
@@ -13,7 +14,6 @@ use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
 use brittle::serve::{spawn, ServeConfig, ServerHandle};
-use crate::common::{inconsistent_model, synthetic_set, SHAPE};
 use serde_json::{json, Value};
 use tch::Tensor;
 
