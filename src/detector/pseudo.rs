@@ -225,7 +225,8 @@ impl PseudoNet {
     /// Rebuilds the net and reads its weights (safetensors).
     pub fn load(shape: NetShape, path: &std::path::Path, device: Device) -> Result<Self> {
         shape.check()?;
-        let mut net = PseudoNet::new(shape, device);
+        // Random weights, overwritten at once, drawn under the RNG's lock (see `with_torch_seed`).
+        let mut net = with_torch_seed(0, || PseudoNet::new(shape, device));
         net.vs
             .load(path)
             .with_context(|| format!("loading pseudo-margin weights {}", path.display()))?;
@@ -336,7 +337,7 @@ pub fn train(
     };
     let mut net = with_torch_seed(seed, || PseudoNet::new(shape.clone(), device));
     net.set_stats(&in_mean, &in_std, t_mean, t_std);
-    let mut best = PseudoNet::new(shape, device);
+    let mut best = with_torch_seed(0, || PseudoNet::new(shape, device));
     best.vs.copy(&net.vs)?;
     let mut opt = nn::Adam::default()
         .wd(cfg.weight_decay)

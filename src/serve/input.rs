@@ -849,7 +849,7 @@ mod tests {
 
     #[test]
     fn npy_bodies_the_fuzz_harness_found_are_refused_quickly() {
-        // The three findings of `tests/fuzz_readers.rs` (seed 7, 3,000 cases) against the
+        // The three findings of `tests/it/fuzz_readers.rs` (seed 7, 3,000 cases) against the
         // serve-side NPY reader, rebuilt byte for byte where it matters, for a CIFAR-like model.
         let spec = InputSpec {
             shape: [3, 8, 8],

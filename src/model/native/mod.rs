@@ -333,7 +333,11 @@ pub fn load_native(
     let num_classes = spec.num_classes.unwrap_or(10);
     let tensors = weights::read_tensors(&spec.path)?;
     let built = small_cnn::arch_for_weights(arch, &tensors).unwrap_or_else(|| arch.to_owned());
-    let mut model = NativeClassifier::new(&built, input_shape, num_classes, spec.device)?;
+    // The initial weights, overwritten below, are drawn under the RNG's lock: unlocked draws
+    // would land inside another thread's seeded section (a fit beside a server, parallel tests).
+    let mut model = crate::util::with_torch_seed(0, || {
+        NativeClassifier::new(&built, input_shape, num_classes, spec.device)
+    })?;
     model
         .load_weights(tensors, &spec.path.display().to_string())
         .with_context(|| {

@@ -13,14 +13,52 @@ use brittle::norm::Norm;
 use brittle::score::{feature_margin, free_scores};
 use tch::{Device, Kind, Tensor};
 
-/// `../shared` beside the repository, when present; prints a skip line when absent.
-pub fn shared() -> Option<PathBuf> {
+/// `../shared` beside the repository. The tests that call it are `#[ignore = "needs ../shared
+/// ..."]` and run with `--ignored` (scripts/test does when ../shared exists), so its absence
+/// fails them: a skip that passes would read as a pass.
+pub fn shared() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    if p.join("models/manifest.json").exists() {
-        Some(p)
-    } else {
-        println!("skipping: {} is absent", p.display());
-        None
+    assert!(
+        p.join("models/manifest.json").exists(),
+        "{} is absent: this test needs the real CIFAR-10 models and pool of ../shared",
+        p.display()
+    );
+    p
+}
+
+/// Keeps libtorch on one intra-op thread in the calling test until dropped.
+///
+/// libtorch's `set_num_threads` sets the calling thread's OpenMP count, and also the default that
+/// threads adopt at their first parallel op; in one test binary, a bare `tch::set_num_threads(1)`
+/// left every test started after it on one thread. The first guard saves the default and the last
+/// one to drop restores it. Reading the count at once pins this thread to one (a count set by
+/// another thread in between would otherwise be adopted at this thread's first parallel op).
+pub fn one_torch_thread() -> OneTorchThread {
+    let mut state = TORCH_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+    if state.0 == 0 {
+        state.1 = std::thread::spawn(tch::get_num_threads).join().unwrap();
+    }
+    state.0 += 1;
+    tch::set_num_threads(1);
+    if tch::get_num_threads() != 1 {
+        tch::set_num_threads(1);
+    }
+    OneTorchThread(())
+}
+
+/// Active guards and the default thread count they restore.
+static TORCH_THREADS: std::sync::Mutex<(usize, i32)> = std::sync::Mutex::new((0, 0));
+
+/// See [`one_torch_thread`].
+pub struct OneTorchThread(());
+
+impl Drop for OneTorchThread {
+    fn drop(&mut self) {
+        let mut state = TORCH_THREADS.lock().unwrap_or_else(|e| e.into_inner());
+        state.0 -= 1;
+        if state.0 == 0 {
+            tch::set_num_threads(state.1);
+        }
     }
 }
 

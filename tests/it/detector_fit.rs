@@ -1,7 +1,6 @@
 //! `brittle fit`: pseudo-margin on a deliberately inconsistent model, row matching, saving.
 
-mod common;
-
+use crate::common::{inconsistent_model, synthetic_set};
 use brittle::detector::fit::{self, FitOptions, PseudoMode};
 use brittle::detector::pseudo::TrainConfig;
 use brittle::detector::{Detector, ScoreKind};
@@ -10,7 +9,6 @@ use brittle::norm::Norm;
 use brittle::provenance::Provenance;
 use brittle::score::free_scores;
 use brittle::util::Check;
-use common::{inconsistent_model, synthetic_set};
 
 /// [`fit::fit`] on the options checked first, as the CLI runs it.
 fn fit(

@@ -3,18 +3,12 @@
 //! that used to kill the process (stack overflow) run the CLI binary, so that a signal fails
 //! the test instead of taking the test runner down.
 
-#[path = "support/alloc_meter.rs"]
-mod alloc_meter;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alloc_meter::{peak_of, Meter};
+use crate::support::alloc_meter::peak_of;
 use brittle::data::DataSpec;
-
-#[global_allocator]
-static METER: Meter = Meter;
 
 const MIB: u64 = 1 << 20;
 

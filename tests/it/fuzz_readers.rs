@@ -13,29 +13,24 @@
 //!
 //! Smoke pass (CI, the default): `BRITTLE_FUZZ_CASES=24` cases per reader, under a minute on
 //! two cores. Longer run, e.g. 2,000 cases per reader from another seed:
-//! `BRITTLE_FUZZ_CASES=2000 BRITTLE_FUZZ_SEED=7 cargo test --release --test fuzz_readers -- --nocapture`
+//! `BRITTLE_FUZZ_CASES=2000 BRITTLE_FUZZ_SEED=7 cargo test --release --test it fuzz_readers:: -- --nocapture`
 //! (`BRITTLE_FUZZ_READERS=npy,idx-raw` runs a subset; `BRITTLE_FUZZ_CASE_SECS` sets the
 //! per-case limit, 20 s by default).
 
-#[path = "support/alloc_meter.rs"]
-mod alloc_meter;
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use alloc_meter::{peak_of, Meter};
+use crate::support::alloc_meter::peak_of;
 use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use brittle::data::{DataFormat, DataSpec};
 use brittle::model::{load_classifier, ModelFormat, ModelSpec};
-
-#[global_allocator]
-static METER: Meter = Meter;
 
 const MIB: u64 = 1 << 20;
 

@@ -59,7 +59,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn embedded_model_is_accurate_on_the_committed_subset() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let model = embedded();
     let data = subset();
     let acc = accuracy(model.as_ref(), &data, None, 500, 0).unwrap();
@@ -70,7 +70,7 @@ fn embedded_model_is_accurate_on_the_committed_subset() {
 
 #[test]
 fn embedded_model_matches_pytorch() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let model = embedded();
     let r = reference();
     let data = subset();
@@ -113,7 +113,7 @@ fn loss64(logits: &Tensor, y: &Tensor) -> Vec<f64> {
 /// bound 0.025 (the discriminating one), the per-row bound 0.15 and ‖δ‖ within 0.05.
 #[test]
 fn l2_pgd_reaches_the_pytorch_loss() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let model = embedded();
     let r = reference();
     let data = subset();
@@ -186,7 +186,7 @@ fn l2_pgd_reaches_the_pytorch_loss() {
 
 #[test]
 fn linf_pgd_stays_in_the_ball_and_lowers_accuracy() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let model = embedded();
     let data = subset();
     let (x, labels) = data.batch(0, 100);
@@ -261,7 +261,7 @@ fn random_starts_depend_on_the_seed_alone() {
 
 #[test]
 fn torchscript_export_gives_the_same_logits() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let weights = root().join("assets/mnist-small-cnn.safetensors");
     let mut native = load_native(
         &spec(weights, Some("small-cnn")),

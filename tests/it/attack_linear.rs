@@ -3,14 +3,12 @@
 //! (plus the segment bisection) must reach it to 1e-3 relative. Points sit in the middle of the
 //! box with small margins so the [0,1] constraints are inactive.
 
-mod common;
-
+use crate::common::{seeded_linear, seeded_uniform, Linear};
 use brittle::attack::driver::Chunk;
 use brittle::attack::plan::Plan;
 use brittle::attack::{sample_seed, AttackKind, GAP_RTOL, SEARCH_GAP_RTOL};
 use brittle::model::Classifier;
 use brittle::norm::Norm;
-use common::{seeded_linear, seeded_uniform, Linear};
 use tch::{Kind, Tensor};
 
 const K: i64 = 5;

@@ -2,7 +2,7 @@
 //! input normalisation. Each must stop `score` and `margins` with an error that names the cause
 //! (the normalisation check has an override flag), never exit 0 with `pred = 0`.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -322,7 +322,7 @@ fn a_normalisation_the_model_does_not_expect_stops_with_a_flag_to_override() {
 #[test]
 #[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn shared_models_wrong_normalisation_is_caught() {
-    let shared = common::shared().expect("../shared");
+    let shared = common::shared();
     let manifest = common::manifest(&shared);
     let data = shared.join("data/cifar10/real-pool.bin");
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,7 @@
 //! `best` (its defaults) against a 1000-step PGD bisection on the first 100 pool images of
 //! resnet_2b (L∞): `best` must be at least as tight on >= 95% of the samples. Needs ../shared
-//! (skipped when absent) and a minute in release, so it is ignored by default:
-//!     cargo test --release --test attack_real -- --ignored
-
-use std::path::Path;
+//! (and a minute in release), so it is ignored by default:
+//!     cargo test --release --test it attack_real:: -- --ignored
 
 use brittle::attack::driver::Chunk;
 use brittle::attack::plan::Plan;
@@ -14,12 +12,8 @@ use brittle::norm::Norm;
 
 const N: usize = 100;
 
-fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
-    let shared = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared"));
-    if !shared.exists() {
-        println!("skipping: {} is absent", shared.display());
-        return None;
-    }
+fn margins(kind: AttackKind, steps: Option<usize>) -> Vec<f64> {
+    let shared = crate::common::shared();
     let data = DataSpec {
         path: shared.join("data/cifar10/real-pool.bin"),
         limit: Some(N),
@@ -46,23 +40,19 @@ fn margins(kind: AttackKind, steps: Option<usize>) -> Option<Vec<f64>> {
     chunk
         .refine(model.as_ref(), Norm::Linf, plan.refine, 20)
         .unwrap();
-    Some(
-        chunk
-            .verify(model.as_ref(), Norm::Linf, 20)
-            .unwrap()
-            .into_iter()
-            .map(|v| v.distance)
-            .collect(),
-    )
+    chunk
+        .verify(model.as_ref(), Norm::Linf, 20)
+        .unwrap()
+        .into_iter()
+        .map(|v| v.distance)
+        .collect()
 }
 
 #[test]
-#[ignore]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn best_is_tighter_than_a_1000_step_pgd_bisection() {
-    let Some(best) = margins(AttackKind::Best, None) else {
-        return;
-    };
-    let pgd = margins(AttackKind::Pgd, Some(1000)).unwrap();
+    let best = margins(AttackKind::Best, None);
+    let pgd = margins(AttackKind::Pgd, Some(1000));
     let ok = best.iter().zip(&pgd).filter(|(b, p)| **b <= **p).count();
     println!("best <= pgd on {ok}/{N}: {best:?} vs {pgd:?}");
     assert!(best.iter().all(|b| b.is_finite()));

@@ -3,7 +3,7 @@
 //! reported (within 5 points). Margins: `tests/fixtures/detector/resnet_2b_margins.csv`
 //! (made by `brittle margins`, see tests/fixtures/detector/README.md).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,10 +30,9 @@ fn fixture() -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn threshold_generalises_to_held_out_half() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let data = common::real_pool(&shared);
     let model_path = shared.join("models/resnet_2b.pt");
     let model = load_classifier(&common::spec(model_path, None, None, None), [3, 32, 32]).unwrap();
@@ -110,10 +109,9 @@ fn threshold_generalises_to_held_out_half() {
 /// The command line: fit, score with the detector, refuse a detector of another model, and
 /// refuse margins whose indices are not in the data.
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn fit_and_score_commands() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let dir = tempfile::tempdir().unwrap();
     let det = dir.path().join("det");
     let data = shared.join("data/cifar10/real-pool.bin");

@@ -1,7 +1,7 @@
 //! `brittle train` on tiny models: the loss goes down, checkpoints resume bit-for-bit, the CLI
 //! writes loadable weights with provenance.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
@@ -60,7 +60,7 @@ fn clean_loss(t: &Trainer, data: &Dataset) -> f64 {
 
 #[test]
 fn training_reduces_the_loss_in_every_mode() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let data = subset(100);
     for mode in [Mode::Standard, Mode::Pgd, Mode::Trades] {
         let mut cfg = config(mode, 6);
@@ -101,7 +101,8 @@ fn resumed_after_one_epoch(
     first.train_epoch(data).unwrap();
     checkpoint::save(&first, dir).unwrap();
     drop(first);
-    let _ = Tensor::rand([100], (Kind::Float, Device::Cpu));
+    // Under the RNG's lock: other tests of this binary seed it and draw from it.
+    let _ = brittle::util::with_torch_seed(99, || Tensor::rand([100], (Kind::Float, Device::Cpu)));
     let mut resumed = Trainer::new(cfg.clone().check().unwrap(), shape, 10, Device::Cpu).unwrap();
     assert!(checkpoint::resume(&mut resumed, dir).unwrap());
     assert_eq!(resumed.epoch, 1);
@@ -119,7 +120,7 @@ fn assert_same_variables(a: &Trainer, b: &Trainer) {
 
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let data = subset(60);
     let cfg = config(Mode::Pgd, 2);
     let mut whole =
@@ -285,7 +286,7 @@ fn missing_weights_tensor_is_a_clear_error() {
 /// checkpoint carries those, so a resumed run still equals an uninterrupted one.
 #[test]
 fn batchnorm_trains_with_batch_statistics_and_resumes_exactly() {
-    tch::set_num_threads(1);
+    let _threads = crate::common::one_torch_thread();
     let n = 24;
     let images = common::seeded_uniform(0, n as i64, &[3, 32, 32], 0.0, 1.0);
     let labels: Vec<i64> = (0..n as i64).map(|i| i % 10).collect();

@@ -2,7 +2,7 @@
 //! exceeds `GAP_RTOL · max_j |z_j|` at every success, a tie is a failure, and the final
 //! bisection still lands next to the boundary.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,15 +1,15 @@
 //! TorchScript path against PyTorch (scripts/fixtures/native.py), and the real models of
-//! ../shared (skipped when absent): accuracy as in manifest.json, native CNN-A == TorchScript.
+//! ../shared (#[ignore]d, as every test on it): accuracy as in manifest.json, native CNN-A == TorchScript.
 
 use std::collections::BTreeMap;
 
+use crate::common::{accuracy, fixture, rel_err, spec};
 use brittle::model::{load_classifier, logits_no_grad, Classifier};
 use brittle::norm::Norm;
 use brittle::score::feature_margin;
-use common::{accuracy, fixture, rel_err, spec};
 use tch::Tensor;
 
-mod common;
+use crate::common;
 
 #[test]
 fn scripted_features_last_linear_and_feature_margin() {
@@ -57,10 +57,9 @@ fn pool_logits(model: &dyn Classifier, images: &Tensor) -> Tensor {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn real_models_reproduce_manifest_accuracy() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let manifest = common::manifest(&shared);
     let data = common::real_pool(&shared);
     let accuracy = |l: &Tensor| accuracy(l, &data.labels);

@@ -4,9 +4,9 @@
 use brittle::model::{load_classifier, logits_and_grad, logits_no_grad};
 use tch::{Kind, Tensor};
 
-mod common;
+use crate::common;
 
-use common::{rel_err, spec};
+use crate::common::{rel_err, spec};
 
 /// Top logit minus the runner-up, per sample.
 fn margin(logits: &Tensor) -> Tensor {
@@ -23,10 +23,9 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
 }
 
 #[test]
+#[ignore = "needs ../shared (real CIFAR-10 models)"]
 fn onnx_models_match_their_torchscript_twins() {
-    let Some(shared) = common::shared() else {
-        return;
-    };
+    let shared = common::shared();
     let models = shared.join("models");
     let manifest = common::manifest(&shared);
     let data = common::real_pool(&shared);
