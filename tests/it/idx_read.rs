@@ -127,7 +127,8 @@ fn bad_files_fail_with_clear_errors() {
 
     // No labels beside the images.
     let img = write(d, "alone-images-idx3-ubyte", &images_bytes(3, 2, 2), false);
-    assert_err(load(&img, None, 0, None), &img, "--labels");
+    // The library names the missing file; the CLI adds its flag (`--labels`).
+    assert_err(load(&img, None, 0, None), &img, "name the labels file");
 
     // Offset past the end.
     let img = write(d, "o-images-idx3-ubyte", &images_bytes(3, 2, 2), false);
