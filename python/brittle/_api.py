@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -157,7 +158,6 @@ def _out_path(out, name):
 
 
 def _read_csv(path):
-    # Rust writes `inf` for a failed attack; keep every column's values exactly as written.
     return pd.read_csv(path)
 
 
@@ -258,7 +258,60 @@ def analyze(margins, eps=None, report=None, *, norm=None, seed=0, bootstrap=1000
 
 
 class Detector:
-    """Placeholder until fitted: see :meth:`fit` (not yet available from Python)."""
+    """A detector of brittle decisions, as `brittle fit` makes it: a folder with detector.json
+    (threshold λ on the logit margin or on a learned pseudo-margin) and the pseudo-margin weights.
 
-    def __init__(self, *_, **__):
-        raise NotImplementedError("brittle.Detector is not available from Python yet; use `brittle fit` and `brittle score --detector`")
+    ``Detector.fit(margins, model, x, eps=...)`` fits one, ``.save(dir)`` / ``Detector.load(dir)``
+    keep it (the CLI's ``brittle score --detector dir`` reads the same folder), ``.flag(model, x)``
+    scores new images: the free scores plus ``brittle`` (1: flagged) and ``pseudo_margin``."""
+
+    def __init__(self, path, _keep=None):
+        self.path = Path(path)
+        self.spec = json.loads((self.path / "detector.json").read_text())
+        self._keep = _keep  # the temporary folder of a detector not saved yet
+
+    @classmethod
+    def fit(cls, margins, model, x, eps, y=None, *, pseudo="auto", target_tpr=0.95, seed=0,
+            batch_size=256, arch=None, num_classes=None, mean=None, std=None, device=None):
+        """Fits on `margins` (a DataFrame of `brittle.margins` on these `x`, or its CSV path).
+        ``eps``: the budget, e.g. ``"8/255"``; the norm is the margins'. ``y``: the labels
+        (default: the margins file's)."""
+        _check_images(x)
+        keep = tempfile.TemporaryDirectory(prefix="brittle-detector-")
+        csv = _margins_file(margins, keep.name)
+        table = pd.read_csv(csv)
+        side = Path(str(csv) + ".meta.json")
+        norm = json.loads(side.read_text())["settings"]["norm"] if side.exists() else "linf"
+        if y is None:
+            by_index = dict(zip(table["index"], table["label"]))
+            missing = [i for i in range(x.shape[0]) if i not in by_index]
+            if missing:
+                raise ValueError(f"the margins have no row for images {missing[:5]}...; pass y")
+            y = [int(by_index[i]) for i in range(x.shape[0])]
+        y = _check_labels(y, x.shape[0])
+        out = Path(keep.name) / "detector"
+        with _model(model, x, arch, num_classes, mean, std, device) as m:
+            _brittle.fit(m, x.detach(), y, str(csv), str(out), _eps_text(eps), norm, pseudo,
+                         target_tpr, seed, batch_size, _SOURCE.format(list(x.shape)))
+        return cls(out, _keep=keep)
+
+    @classmethod
+    def load(cls, path):
+        return cls(path)
+
+    def save(self, path):
+        """Copies the detector folder to `path` (created); returns the saved detector."""
+        shutil.copytree(self.path, path, dirs_exist_ok=True)
+        return Detector(path)
+
+    def flag(self, model, x, batch_size=256, *, arch=None, num_classes=None, mean=None, std=None, device=None):
+        """Free scores of `x` and the detector's decision: a DataFrame as `brittle score
+        --detector` writes. The model must be the one the detector was fitted on."""
+        _check_images(x)
+        with _model(model, x, arch, num_classes, mean, std, device) as m, _out_path(None, "scores.csv") as csv:
+            brittle, pseudo = _brittle.flag(m, x.detach(), str(self.path), str(csv), batch_size,
+                                            _SOURCE.format(list(x.shape)))
+            df = _read_csv(csv)
+        df["brittle"] = [int(b) for b in brittle]
+        df["pseudo_margin"] = [float("nan") if p is None else p for p in pseudo]
+        return df

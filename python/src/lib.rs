@@ -54,7 +54,30 @@ fn parse_device(s: &str) -> anyhow::Result<Device> {
 
 /// A classifier for brittle: an `nn.Module` called back, or a model file loaded by the library.
 #[pyclass(unsendable)]
-struct Model(Box<dyn Classifier>);
+struct Model {
+    classifier: Box<dyn Classifier>,
+    /// `mean`/`std` applied in front of a model file (the first-batch check tries without).
+    mean_std: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+impl Model {
+    fn new(classifier: Box<dyn Classifier>, mean_std: Option<(Vec<f64>, Vec<f64>)>) -> Self {
+        Model {
+            classifier: Box::new(Interruptible(classifier)),
+            mean_std,
+        }
+    }
+
+    fn configured(&self) -> Configured {
+        match &self.mean_std {
+            None => Configured::None,
+            Some((mean, std)) => Configured::MeanStd {
+                mean: mean.clone(),
+                std: std.clone(),
+            },
+        }
+    }
+}
 
 #[pymethods]
 impl Model {
@@ -69,8 +92,9 @@ impl Model {
         probe: PyTensor,
     ) -> PyResult<Model> {
         let build = || -> anyhow::Result<Model> {
-            let m = PyModuleClassifier::new(module, parse_device(device)?, name, fingerprint, &probe)?;
-            Ok(Model(Box::new(Interruptible(Box::new(Checked(Box::new(m)))))))
+            let m =
+                PyModuleClassifier::new(module, parse_device(device)?, name, fingerprint, &probe)?;
+            Ok(Model::new(Box::new(Checked(Box::new(m))), None))
         };
         build().map_err(to_py)
     }
@@ -92,22 +116,29 @@ impl Model {
             let mut spec = ModelSpec::new(path, parse_device(device)?);
             spec.arch = arch;
             spec.num_classes = num_classes;
+            let mean_std = match (&mean, &std) {
+                (None, None) => None,
+                (m, s) => Some((
+                    m.clone().unwrap_or_else(|| vec![0.0]),
+                    s.clone().unwrap_or_else(|| vec![1.0]),
+                )),
+            };
             spec.mean = mean;
             spec.std = std;
-            let m = load_classifier(&spec, input_shape)?;
-            Ok(Model(Box::new(Interruptible(m))))
+            Ok(Model::new(load_classifier(&spec, input_shape)?, mean_std))
         };
         build().map_err(to_py)
     }
 
     /// [`ModelInfo`] as JSON.
     fn info(&self) -> PyResult<String> {
-        serde_json::to_string(self.0.info()).map_err(|e| BrittleError::new_err(e.to_string()))
+        serde_json::to_string(self.classifier.info())
+            .map_err(|e| BrittleError::new_err(e.to_string()))
     }
 
     /// `cpu` or `cuda:N`.
     fn device(&self) -> String {
-        match self.0.device() {
+        match self.classifier.device() {
             Device::Cuda(i) => format!("cuda:{i}"),
             _ => "cpu".into(),
         }
@@ -116,7 +147,12 @@ impl Model {
 
 /// A dataset of CPU float images `[N, C, H, W]` in `[0, 1]`; without labels, the model's
 /// predictions (margins are measured to the predicted label).
-fn dataset(model: &dyn Classifier, x: &Tensor, y: Option<Vec<i64>>, source: &str) -> anyhow::Result<Dataset> {
+fn dataset(
+    model: &dyn Classifier,
+    x: &Tensor,
+    y: Option<Vec<i64>>,
+    source: &str,
+) -> anyhow::Result<Dataset> {
     let x = x.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
     let n = x.size().first().copied().unwrap_or(0);
     let labels = match y {
@@ -126,20 +162,32 @@ fn dataset(model: &dyn Classifier, x: &Tensor, y: Option<Vec<i64>>, source: &str
             for start in (0..n).step_by(256) {
                 let len = (n - start).min(256);
                 let xb = x.narrow(0, start, len).to_device(model.device());
-                let pred = logits_no_grad(model, &xb)?.argmax(1, false).to_device(Device::Cpu);
+                let pred = logits_no_grad(model, &xb)?
+                    .argmax(1, false)
+                    .to_device(Device::Cpu);
                 y.extend(Vec::<i64>::try_from(&pred)?);
             }
             y
         }
     };
     let classes = model.info().num_classes;
-    Dataset::new(x, labels, classes, (0..n as usize).collect(), source.to_string())
+    Dataset::new(
+        x,
+        labels,
+        classes,
+        (0..n as usize).collect(),
+        source.to_string(),
+    )
 }
 
 /// The first-batch check of the CLI (accuracy near chance or better with other normalisation
 /// stops the run) on labelled data.
-fn first_batch_check(model: &dyn Classifier, data: &Dataset, allow_low_accuracy: bool) -> anyhow::Result<()> {
-    match check_first_batch(model, data, &Configured::None) {
+fn first_batch_check(
+    model: &Model,
+    data: &Dataset,
+    allow_low_accuracy: bool,
+) -> anyhow::Result<()> {
+    match check_first_batch(model.classifier.as_ref(), data, &model.configured()) {
         Err(e) if e.downcast_ref::<SanityError>().is_some() && !allow_low_accuracy => Err(e.context(
             "the model looks wrongly normalised for these inputs (give mean/std, or allow_low_accuracy=True)",
         )),
@@ -171,15 +219,14 @@ fn margins(
     allow_low_accuracy: bool,
 ) -> PyResult<()> {
     let run = || -> anyhow::Result<()> {
-        let m = model.0.as_ref();
+        let m = model.classifier.as_ref();
         let labelled = y.is_some();
         let data = dataset(m, &x, y, source)?;
         if labelled {
-            first_batch_check(m, &data, allow_low_accuracy)?;
+            first_batch_check(model, &data, allow_low_accuracy)?;
         }
         let norm: Norm = norm.parse()?;
-        let attack: AttackKind = serde_json::from_value(serde_json::Value::String(attack.into()))
-            .map_err(|_| anyhow::anyhow!("unknown attack {attack:?}: expected fmn, fab, fab-t, ddn, pgd or best"))?;
+        let attack: AttackKind = from_name("attack (fmn, fab, fab-t, ddn, pgd, best)", attack)?;
         anyhow::ensure!(batch_size > 0, "batch_size must be positive");
         let settings = MarginsSettings {
             model_fingerprint: m.info().fingerprint.clone(),
@@ -221,11 +268,89 @@ fn scores(
     source: &str,
 ) -> PyResult<()> {
     let run = || -> anyhow::Result<()> {
-        let m = model.0.as_ref();
+        let m = model.classifier.as_ref();
         let data = dataset(m, &x, y, source)?;
         let rows = score_dataset(m, &data, batch_size, norm.parse()?)?;
         let file = std::fs::File::create(&out)?;
         write_scores_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())
+    };
+    without_gil(py, run).map_err(to_py)
+}
+
+/// A library enum from its serde name (`"best"`, `"auto"`), the text the CLI's flags take.
+fn from_name<T: serde::de::DeserializeOwned>(what: &str, name: &str) -> anyhow::Result<T> {
+    serde_json::from_value(serde_json::Value::String(name.into()))
+        .map_err(|e| anyhow::anyhow!("unknown {what} {name:?}: {e}"))
+}
+
+/// `brittle fit` on in-memory data: a detector fitted on `margins` (rows of `x`), saved to `out`.
+#[pyfunction]
+#[pyo3(signature = (model, x, y, margins, out, eps, norm, pseudo, target_tpr, seed, batch_size, source))]
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    py: Python<'_>,
+    model: &Model,
+    x: PyTensor,
+    y: Vec<i64>,
+    margins: PathBuf,
+    out: PathBuf,
+    eps: &str,
+    norm: &str,
+    pseudo: &str,
+    target_tpr: f64,
+    seed: u64,
+    batch_size: usize,
+    source: &str,
+) -> PyResult<()> {
+    let run = || -> anyhow::Result<()> {
+        let m = model.classifier.as_ref();
+        let data = dataset(m, &x, Some(y), source)?;
+        let rows = read_margins(&margins)?;
+        let norm: Norm = norm.parse()?;
+        let eps = parse_eps(eps)?;
+        norm.check_eps(eps, Some(data.input_shape()))?;
+        let opts = FitOptions {
+            eps,
+            norm,
+            target_tpr,
+            pseudo: from_name("pseudo mode (auto, on, off)", pseudo)?,
+            train: TrainConfig::default(),
+            val_fraction: 0.3,
+            seed,
+            batch_size,
+            margins_name: margins.display().to_string(),
+        };
+        fit_detector(m, &data, &rows, &opts, Provenance::current(Some(seed)))?.save(&out)
+    };
+    without_gil(py, run).map_err(to_py)
+}
+
+/// `brittle score --detector`: the free scores CSV written to `out`; returns each sample's
+/// decision and pseudo-margin.
+#[pyfunction]
+#[pyo3(signature = (model, x, detector, out, batch_size, source))]
+fn flag(
+    py: Python<'_>,
+    model: &Model,
+    x: PyTensor,
+    detector: PathBuf,
+    out: PathBuf,
+    batch_size: usize,
+    source: &str,
+) -> PyResult<(Vec<bool>, Vec<Option<f64>>)> {
+    let run = || -> anyhow::Result<(Vec<bool>, Vec<Option<f64>>)> {
+        let m = model.classifier.as_ref();
+        let det = Detector::load(&detector, m.device())?;
+        det.check_model(m.info())?;
+        let data = dataset(m, &x, None, source)?;
+        let rows = score_dataset(m, &data, batch_size, det.spec.norm)?;
+        let decisions = detect_dataset(&det, m, &data, &rows, batch_size)?;
+        let file = std::fs::File::create(&out)?;
+        write_scores_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())?;
+        Ok(decisions
+            .iter()
+            .map(|d| (d.brittle, d.pseudo_margin))
+            .unzip())
     };
     without_gil(py, run).map_err(to_py)
 }
@@ -245,6 +370,8 @@ fn _brittle(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Model>()?;
     m.add_function(wrap_pyfunction!(margins, m)?)?;
     m.add_function(wrap_pyfunction!(scores, m)?)?;
+    m.add_function(wrap_pyfunction!(fit, m)?)?;
+    m.add_function(wrap_pyfunction!(flag, m)?)?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;
     m.add("BrittleError", m.py().get_type::<BrittleError>())?;
     m.add("TORCH_VERSION", "2.13.0")?;

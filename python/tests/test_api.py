@@ -4,6 +4,7 @@ nn.Module (PreActResNet-18, defined here as in RobustBench) runs through margins
 import json
 
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,3 +101,29 @@ def test_robustbench_preact_resnet18_through_margins_and_analyze():
     model.train()
     brittle.margins(model, x[:2], attack="fmn", steps=2, progress=False)
     assert model.training and model.bn.training
+
+
+def test_detector_fit_save_load_flag_agrees_with_the_cli(embedded_model, mnist, tmp_path, cli):
+    n = 60
+    x, y = mnist[0][:n], mnist[1][:n]
+    # A detector is bound to its model's fingerprint; a model file has the same one in Python
+    # and in the CLI, so the CLI can use a detector fitted in Python on that file.
+    path = tmp_path / "m.pt"
+    torch.jit.trace(embedded_model, x[:2]).save(str(path))
+    df = brittle.margins(str(path), x, y, attack="fmn", steps=30, batch_size=30, progress=False)
+    eps = float(df["input_margin"].median())  # half the samples on each side
+    det = brittle.Detector.fit(df, str(path), x, eps=eps, pseudo="off")
+    assert det.spec["score"] == "logit_margin" and det.spec["eps"] == eps
+    saved = det.save(tmp_path / "det")
+    flags = brittle.Detector.load(tmp_path / "det").flag(str(path), x[:20])
+    # The rule it applies: flagged exactly when the logit margin is at most λ.
+    lam = saved.spec["lambda"]
+    assert list(flags["brittle"]) == [int(v <= lam) for v in flags["logit_margin"]]
+    assert 0 < flags["brittle"].sum() < 20
+    out = tmp_path / "s.csv"
+    cli("score", "--model", path, "--data", ASSETS / "mnist-test-1000-images-idx3-ubyte.gz", "--limit", 20,
+        "--detector", tmp_path / "det", "--device", "cpu", "--out", out)
+    assert list(pd.read_csv(out)["brittle"]) == list(flags["brittle"])
+    # Another model is refused.
+    with pytest.raises(brittle.BrittleError, match="fitted on model"):
+        saved.flag(embedded_model, x[:4])

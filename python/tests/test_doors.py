@@ -42,7 +42,7 @@ def three_doors(module, x, y, tmp_path, cli, data_args, **kw):
 
 
 def test_embedded_model_same_margins_through_every_door(embedded_model, mnist, tmp_path, cli):
-    n = 24
+    n = 16
     x, y = mnist[0][:n], mnist[1][:n]
     data = ["--data", "assets/mnist-test-1000-images-idx3-ubyte.gz", "--limit", n]
     from conftest import REPO
@@ -57,7 +57,7 @@ def test_embedded_model_same_margins_through_every_door(embedded_model, mnist, t
 @pytest.mark.shared
 def test_shared_cifar_model_same_margins_through_every_door(tmp_path, cli):
     pool = shared_path("data", "cifar10", "real-pool.bin")
-    n = 12
+    n = 8
     x, y = read_cifar_bin(pool, n)
 
     class AsModule(nn.Module):
@@ -72,5 +72,5 @@ def test_shared_cifar_model_same_margins_through_every_door(tmp_path, cli):
 
     module = AsModule(torch.jit.load(str(shared_path("models", "resnet_2b.pt")))).eval()
     df = three_doors(module, x, y, tmp_path, cli, ["--data", pool, "--limit", n],
-                     norm="linf", attack="best", batch_size=6, seed=0)
+                     norm="linf", attack="best", batch_size=4, seed=0)
     assert df["success"].sum() >= n - 1

@@ -139,7 +139,7 @@ def no_timing(df):
 
 def test_keyboard_interrupt_mid_run_stops_and_the_files_resume(embedded_model, mnist, tmp_path):
     x, y = mnist[0][:16], mnist[1][:16]
-    kw = dict(norm="linf", attack="best", batch_size=8, chunk=8, progress=False)
+    kw = dict(norm="linf", attack="fmn", steps=40, batch_size=8, chunk=8, progress=False)
     whole = Counting(embedded_model)
     ref = brittle.margins(whole, x, y, out=tmp_path / "ref.csv", **kw)
     # Interrupt during the second chunk: the first chunk's rows are on disk, flushed.
