@@ -257,6 +257,7 @@ fn margins(
 /// The free scores of `brittle score`, written as its CSV to `out`.
 #[pyfunction]
 #[pyo3(signature = (model, x, y, out, norm, batch_size, source))]
+#[allow(clippy::too_many_arguments)]
 fn scores(
     py: Python<'_>,
     model: &Model,
