@@ -9,7 +9,8 @@ Reports the time per sample of each, and the share of samples within 1% of the b
 any of them found. All on the CPU with the same thread count.
 
 Needs the Python package's venv (scripts/python-env.sh, with the wheel installed as
-scripts/test does), `pip install adv-lib` there (adv-lib is skipped with a note when absent),
+scripts/test does), adv-lib there (`pip install --no-deps adv-lib "torchvision==0.28.*" tqdm
+visdom`: plain `pip install adv-lib` downgrades torch; skipped with a note when absent),
 and a brittle binary (default target/release/brittle, else target/debug/brittle):
     python bench/python_margins.py --n 100 --threads 2
 """
