@@ -1,16 +1,17 @@
 //! Every item of the brittle library the bindings use, in one place, so that a move inside the
 //! library changes these lines only.
 
-pub use brittle::attack::job::{run_with_progress as run_margins_job, Settings as MarginsSettings};
-pub use brittle::attack::table::read_margins;
 pub use brittle::attack::AttackKind;
-pub use brittle::cli::score::{detect_dataset, score_dataset};
+pub use brittle::cli::progress::work_bar;
 pub use brittle::cli::{run as run_cli, Cli};
+pub use brittle::detector::apply::score_dataset;
 pub use brittle::data::Dataset;
 pub use brittle::detector::fit::{fit as fit_detector, FitOptions};
 pub use brittle::detector::pseudo::TrainConfig;
 pub use brittle::detector::Detector;
-pub use brittle::model::checked::Checked;
+pub use brittle::margins::job::{run_with_progress as run_margins_job, Output as MarginsOutput};
+pub use brittle::margins::{read_margins, MarginsOptions};
+pub use brittle::model::checked::Guarded;
 pub use brittle::model::sanity::{check_first_batch, Configured, SanityError};
 pub use brittle::model::{
     load_classifier, logits_no_grad, Classifier, DeviceChoice, ModelInfo, ModelSpec,
@@ -18,4 +19,5 @@ pub use brittle::model::{
 pub use brittle::norm::{parse_eps, Norm};
 pub use brittle::provenance::Provenance;
 pub use brittle::score::table::write_csv as write_scores_csv;
-pub use brittle::util::{work_bar, NoProgress};
+pub use brittle::score::ScoreOptions;
+pub use brittle::util::{Check, NoProgress};

@@ -94,7 +94,7 @@ impl Model {
         let build = || -> anyhow::Result<Model> {
             let m =
                 PyModuleClassifier::new(module, parse_device(device)?, name, fingerprint, &probe)?;
-            Ok(Model::new(Box::new(Checked(Box::new(m))), None))
+            Ok(Model::new(Box::new(Guarded(Box::new(m))), None))
         };
         build().map_err(to_py)
     }
@@ -227,28 +227,28 @@ fn margins(
         }
         let norm: Norm = norm.parse()?;
         let attack: AttackKind = from_name("attack (fmn, fab, fab-t, ddn, pgd, best)", attack)?;
-        anyhow::ensure!(batch_size > 0, "batch_size must be positive");
-        let settings = MarginsSettings {
-            model_fingerprint: m.info().fingerprint.clone(),
-            data: data.source.clone(),
-            window: (0, data.len()),
-            norm,
-            attack,
+        let options = MarginsOptions {
             steps,
             topk,
             seed,
             target_true,
             batch_size,
             chunk: chunk.unwrap_or(4 * batch_size),
-            shard: None,
+            ..MarginsOptions::new(norm, attack)
+        }
+        .check()?;
+        let output = || MarginsOutput {
+            margins: &out,
+            save_adv: None,
+            restart_stale: false,
         };
         if progress {
             let bar = work_bar(attack.as_str());
-            let r = run_margins_job(m, &data, &settings, &out, None, false, &bar);
+            let r = run_margins_job(m, &data, &options, output(), &bar);
             bar.finish_and_clear();
             r.map(|_| ())
         } else {
-            run_margins_job(m, &data, &settings, &out, None, false, &NoProgress).map(|_| ())
+            run_margins_job(m, &data, &options, output(), &NoProgress).map(|_| ())
         }
     };
     without_gil(py, run).map_err(to_py)
@@ -271,7 +271,12 @@ fn scores(
     let run = || -> anyhow::Result<()> {
         let m = model.classifier.as_ref();
         let data = dataset(m, &x, y, source)?;
-        let rows = score_dataset(m, &data, batch_size, norm.parse()?)?;
+        let opts = ScoreOptions {
+            batch_size,
+            norm: norm.parse()?,
+        }
+        .check()?;
+        let (rows, _) = score_dataset(m, None, &data, &opts, &NoProgress)?;
         let file = std::fs::File::create(&out)?;
         write_scores_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())
     };
@@ -309,18 +314,18 @@ fn fit(
         let rows = read_margins(&margins)?;
         let norm: Norm = norm.parse()?;
         let eps = parse_eps(eps)?;
-        norm.check_eps(eps, Some(data.input_shape()))?;
         let opts = FitOptions {
             eps,
             norm,
             target_tpr,
             pseudo: from_name("pseudo mode (auto, on, off)", pseudo)?,
-            train: TrainConfig::default(),
+            train: TrainConfig::default().check()?,
             val_fraction: 0.3,
             seed,
             batch_size,
             margins_name: margins.display().to_string(),
-        };
+        }
+        .check()?;
         fit_detector(m, &data, &rows, &opts, Provenance::current(Some(seed)))?.save(&out)
     };
     without_gil(py, run).map_err(to_py)
@@ -344,8 +349,12 @@ fn flag(
         let det = Detector::load(&detector, m.device())?;
         det.check_model(m.info())?;
         let data = dataset(m, &x, None, source)?;
-        let rows = score_dataset(m, &data, batch_size, det.spec.norm)?;
-        let decisions = detect_dataset(&det, m, &data, &rows, batch_size)?;
+        let opts = ScoreOptions {
+            batch_size,
+            norm: det.spec.norm,
+        }
+        .check()?;
+        let (rows, decisions) = score_dataset(m, Some(&det), &data, &opts, &NoProgress)?;
         let file = std::fs::File::create(&out)?;
         write_scores_csv(std::io::BufWriter::new(file), &rows, &[], |_| Vec::new())?;
         Ok(decisions
