@@ -4,13 +4,14 @@
 pub use brittle::attack::AttackKind;
 pub use brittle::cli::progress::work_bar;
 pub use brittle::cli::{run as run_cli, Cli};
-pub use brittle::detector::apply::score_dataset;
 pub use brittle::data::Dataset;
+pub use brittle::detector::apply::score_dataset;
 pub use brittle::detector::fit::{fit as fit_detector, FitOptions};
 pub use brittle::detector::pseudo::TrainConfig;
 pub use brittle::detector::Detector;
-pub use brittle::margins::job::{run_with_progress as run_margins_job, Output as MarginsOutput};
-pub use brittle::margins::{read_margins, MarginsOptions};
+pub use brittle::margins::{
+    read_margins, run_with_progress as run_margins_job, MarginsOptions, Output as MarginsOutput,
+};
 pub use brittle::model::checked::Guarded;
 pub use brittle::model::sanity::{check_first_batch, Configured, SanityError};
 pub use brittle::model::{
