@@ -250,11 +250,11 @@ fn wrong_input_shape_at_run_time_is_an_error() {
 /// advertorch's legacy-format MNIST checkpoints (fetched at dev time by
 /// `scripts/fixtures/native.py advertorch DIR`): brittle's accuracy equals PyTorch's.
 #[test]
+#[ignore = "needs BRITTLE_ADVERTORCH=DIR, written by scripts/fixtures/native.py advertorch DIR"]
 fn advertorch_lenet5_on_mnist() {
-    let Some(dir) = std::env::var_os("BRITTLE_ADVERTORCH").map(PathBuf::from) else {
-        println!("skipped: BRITTLE_ADVERTORCH is not set");
-        return;
-    };
+    let dir = std::env::var_os("BRITTLE_ADVERTORCH")
+        .map(PathBuf::from)
+        .expect("BRITTLE_ADVERTORCH names the folder of scripts/fixtures/native.py advertorch");
     let expected: BTreeMap<String, f64> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let data = brittle::data::DataSpec {
