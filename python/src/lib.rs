@@ -226,7 +226,7 @@ fn margins(
             first_batch_check(model, &data, allow_low_accuracy)?;
         }
         let norm: Norm = norm.parse()?;
-        let attack: AttackKind = from_name("attack (fmn, fab, fab-t, ddn, pgd, best)", attack)?;
+        let attack: AttackKind = from_name("attack", attack)?;
         let options = MarginsOptions {
             steps,
             topk,
@@ -283,10 +283,18 @@ fn scores(
     without_gil(py, run).map_err(to_py)
 }
 
-/// A library enum from its serde name (`"best"`, `"auto"`), the text the CLI's flags take.
-fn from_name<T: serde::de::DeserializeOwned>(what: &str, name: &str) -> anyhow::Result<T> {
-    serde_json::from_value(serde_json::Value::String(name.into()))
-        .map_err(|e| anyhow::anyhow!("unknown {what} {name:?}: {e}"))
+/// A library enum from the name the CLI's flags take (`"best"`, `"auto"`), through the same
+/// `FromStr` the CLI's parser uses; an unknown name lists the valid ones.
+fn from_name<T: std::str::FromStr + strum::VariantNames>(
+    what: &str,
+    name: &str,
+) -> anyhow::Result<T> {
+    name.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "unknown {what} {name:?} (one of {})",
+            T::VARIANTS.join(", ")
+        )
+    })
 }
 
 /// `brittle fit` on in-memory data: a detector fitted on `margins` (rows of `x`), saved to `out`.
@@ -318,7 +326,7 @@ fn fit(
             eps,
             norm,
             target_tpr,
-            pseudo: from_name("pseudo mode (auto, on, off)", pseudo)?,
+            pseudo: from_name("pseudo mode", pseudo)?,
             train: TrainConfig::default().check()?,
             val_fraction: 0.3,
             seed,
