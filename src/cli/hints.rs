@@ -62,6 +62,8 @@ pub const TRAIN: Flags = &[
     ("norm", "--norm"),
     ("eps", "--eps"),
     ("step_size", "--step-size"),
+    ("steps", "--steps"),
+    ("beta", "--beta"),
     ("epochs", "--epochs"),
     ("batch_size", "--batch-size"),
     ("lr", "--lr"),

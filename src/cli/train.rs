@@ -1,5 +1,6 @@
-//! `brittle train`: standard, PGD (Madry) or TRADES training of a native small CNN, with
-//! resumable checkpoints; `brittle eval-pgd`: clean and PGD accuracy of any model.
+//! `brittle train`: standard or adversarial training (`--mode`: the paper's reference losses,
+//! [`crate::train::loss`]) of a native model, with resumable checkpoints; `brittle eval-pgd`:
+//! clean and PGD accuracy of any model.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -89,9 +90,10 @@ pub struct TrainArgs {
     pub lr: f64,
     #[arg(long, value_parser = enum_parser::<LrSchedule>(), default_value = "constant")]
     pub lr_schedule: LrSchedule,
-    /// Weight of the TRADES KL term.
-    #[arg(long, default_value_t = 6.0)]
-    pub trades_beta: f64,
+    /// Weight β of the robust term of trades, pm-trades, mart, alp, clp and htrades (the
+    /// reference code's params.yaml uses 4 for all of them).
+    #[arg(long, visible_alias = "trades-beta", default_value_t = 6.0)]
+    pub beta: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Trained weights (`.safetensors`); a `.meta.json` sidecar records provenance and accuracies.
@@ -168,7 +170,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         batch_size: a.batch_size,
         lr: a.lr,
         lr_schedule: a.lr_schedule,
-        trades_beta: a.trades_beta,
+        beta: a.beta,
         eps_warmup_epochs: a.eps_warmup_epochs,
         arch,
         seed: a.seed,

@@ -1,9 +1,12 @@
-//! Training small classifiers, standard and adversarial (Madry PGD-AT, TRADES), with
-//! checkpoints that resume bit-for-bit and a robust-accuracy evaluation sharing the same PGD.
+//! Training small classifiers, standard and adversarial (the paper's reference losses: Madry
+//! PGD-AT, TRADES, MMA, MART, ALP, CLP, HTRADES, GAIRAT and margin-reweighted variants, in
+//! [`loss`]), with checkpoints that resume bit-for-bit and a robust-accuracy evaluation sharing
+//! the same PGD.
 
 pub mod adam;
 pub mod checkpoint;
 pub mod eval;
+pub mod loss;
 pub mod pgd;
 
 use std::f64::consts::PI;
@@ -12,7 +15,7 @@ use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::attack::sample_seed;
 use crate::data::Dataset;
@@ -21,20 +24,39 @@ use crate::model::weights;
 use crate::model::Classifier;
 use crate::util::{with_torch_seed, Check, Checked, NoProgress, OptionError, Progress};
 use adam::Adam;
-use pgd::{cross_entropy, kl_from, pgd_with_progress, PgdConfig};
+use loss::{Batch, Setting, Step};
+use pgd::PgdConfig;
 
-/// What the training loss attacks.
+/// The training loss (see [`loss`]; papers cited there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 #[derive(strum::EnumString, strum::VariantNames, strum::AsRefStr, strum::EnumMessage)]
 #[strum(serialize_all = "kebab-case")]
 pub enum Mode {
     /// Cross-entropy on clean inputs.
     Standard,
-    /// Madry et al.: cross-entropy on PGD adversarial examples.
+    /// Madry et al. 2018: cross-entropy on PGD adversarial examples.
     Pgd,
-    /// Zhang et al.: clean cross-entropy + beta * KL(clean || adversarial), PGD on the KL.
+    /// Zhang et al. 2019: clean cross-entropy + beta * KL(clean || adversarial), PGD on the KL.
     Trades,
+    /// Ding et al. 2020 (MMA): cross-entropy at each sample's shortest adversarial point (FMN), up to eps.
+    Mma,
+    /// The reference code's MMA at a fixed eps: PGD cross-entropy if clean-correct, else clean.
+    MmaFixed,
+    /// Wang et al. 2020 (MART): boosted PGD cross-entropy + beta * KL weighted by clean doubt.
+    Mart,
+    /// Kannan et al. 2018 (ALP): PGD cross-entropy + beta * squared clean-adversarial probability gap.
+    Alp,
+    /// Kannan et al. 2018 (CLP): clean cross-entropy + beta * squared clean-adversarial probability gap.
+    Clp,
+    /// The reference code's TRADES variant: PGD on the entropy gap, squared log-probability gap.
+    Htrades,
+    /// Zhang et al. 2021 (GAIRAT): PGD cross-entropy weighted by the PGD steps a sample withstood.
+    Gairat,
+    /// Madry reweighted by the probabilistic margin at the PGD point (the reference's pm_madry).
+    PmMadry,
+    /// TRADES with its KL reweighted by the probabilistic margin (the reference's pm_trades).
+    PmTrades,
 }
 
 /// How the learning rate changes over the run (per optimizer step).
@@ -59,7 +81,10 @@ pub struct TrainConfig {
     pub batch_size: usize,
     pub lr: f64,
     pub lr_schedule: LrSchedule,
-    pub trades_beta: f64,
+    /// Weight β of the robust term (TRADES' KL and the losses that add a term to a
+    /// cross-entropy: MART, ALP, CLP, HTRADES, PM-TRADES). Named `trades_beta` before those.
+    #[serde(alias = "trades_beta")]
+    pub beta: f64,
     /// ε (and step size) grow linearly from 0 over this many epochs.
     pub eps_warmup_epochs: f64,
     /// Registered native architecture (`--arch`, with its `@N` width).
@@ -90,6 +115,19 @@ impl Check for TrainConfig {
             bail!(OptionError::new(
                 "lr",
                 format!("the learning rate must be positive, got {}", self.lr)
+            ));
+        }
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!(OptionError::new(
+                "beta",
+                format!("β must be a finite non-negative number, got {}", self.beta)
+            ));
+        }
+        // GAIRAT weighs a sample by the PGD steps it withstood, against half the steps.
+        if self.mode == Mode::Gairat && self.attack.steps < 2 {
+            bail!(OptionError::new(
+                "steps",
+                "GAIRAT needs at least 2 PGD steps (it weighs samples by the steps they withstand)"
             ));
         }
         if !(self.eps_warmup_epochs.is_finite() && self.eps_warmup_epochs >= 0.0) {
@@ -236,48 +274,21 @@ impl Trainer {
                 .iter()
                 .map(|&i| sample_seed(epoch_seed, i as usize))
                 .collect();
-            let (loss, clean_logits, adv_logits) = match c.mode {
-                Mode::Standard => {
-                    let logits = self.model.logits_t(&x, true)?;
-                    let loss = logits.cross_entropy_for_logits(&y);
-                    (loss, logits.shallow_clone(), logits)
-                }
-                Mode::Pgd => {
-                    let adv = pgd_with_progress(
-                        &self.model,
-                        &x,
-                        &seeds,
-                        &attack,
-                        cross_entropy(&y),
-                        progress,
-                    )?;
-                    let adv_logits = self.model.logits_t(&adv, true)?;
-                    let loss = adv_logits.cross_entropy_for_logits(&y);
-                    let clean = tch::no_grad(|| self.model.logits(&x))?;
-                    (loss, clean, adv_logits)
-                }
-                Mode::Trades => {
-                    let log_p =
-                        tch::no_grad(|| self.model.logits(&x))?.log_softmax(-1, Kind::Float);
-                    let adv = pgd_with_progress(
-                        &self.model,
-                        &x,
-                        &seeds,
-                        &attack,
-                        kl_from(&log_p),
-                        progress,
-                    )?;
-                    let clean = self.model.logits_t(&x, true)?;
-                    let adv_logits = self.model.logits_t(&adv, true)?;
-                    let kl = adv_logits.log_softmax(-1, Kind::Float).kl_div(
-                        &clean.log_softmax(-1, Kind::Float),
-                        Reduction::Sum,
-                        true,
-                    ) / chunk.len() as f64;
-                    let loss = clean.cross_entropy_for_logits(&y) + kl * c.trades_beta;
-                    (loss, clean, adv_logits)
-                }
+            let setting = Setting {
+                config: &c,
+                attack,
+                epoch: self.epoch,
             };
+            let batch = Batch {
+                x: &x,
+                y: &y,
+                seeds: &seeds,
+            };
+            let Step {
+                loss,
+                clean_logits,
+                adv_logits,
+            } = loss::loss(&setting, &self.model, &batch, progress)?;
             let loss_v = loss.double_value(&[]);
             if !loss_v.is_finite() {
                 bail!(

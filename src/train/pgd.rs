@@ -109,6 +109,20 @@ pub fn pgd_with_progress(
     objective: impl Fn(&Tensor) -> Tensor,
     progress: &dyn Progress,
 ) -> Result<Tensor> {
+    pgd_observed(model, x, seeds, cfg, objective, progress, |_| {})
+}
+
+/// [`pgd_with_progress`] showing `observe` the logits of every iterate before its step (the
+/// start included, the final point not): GAIRAT counts the steps a sample stays correct.
+pub fn pgd_observed(
+    model: &dyn Classifier,
+    x: &Tensor,
+    seeds: &[u64],
+    cfg: &PgdConfig,
+    objective: impl Fn(&Tensor) -> Tensor,
+    progress: &dyn Progress,
+    mut observe: impl FnMut(&Tensor),
+) -> Result<Tensor> {
     cfg.validate()?;
     let x = x.detach();
     let mut adv = if cfg.random_start && cfg.eps > 0.0 {
@@ -126,7 +140,8 @@ pub fn pgd_with_progress(
     // the box `[0, 1]`.
     let eps = Tensor::full([x.size()[0]], cfg.eps, (Kind::Float, x.device()));
     for _ in 0..cfg.steps {
-        let (_, grad) = logits_and_grad(model, &adv, &objective)?;
+        let (logits, grad) = logits_and_grad(model, &adv, &objective)?;
+        observe(&logits);
         let step = ascent_direction(cfg.norm, &grad) * cfg.step_size;
         adv = tch::no_grad(|| {
             (&x + project_ball(cfg.norm, &(adv + step - &x), &eps)).clamp(0.0, 1.0)

@@ -32,5 +32,6 @@ mod onnx_shared;
 mod score_reference;
 mod serve_api;
 mod train_embedded;
+mod train_losses;
 mod train_small;
 mod usability;

@@ -1,0 +1,29 @@
+//! HTRADES, the reference code's entropy variant of TRADES (`htrades_loss`; no paper): PGD
+//! maximises the squared gap between the predictive entropies at the adversarial point and at
+//! the clean input; the loss is clean cross-entropy plus β times the squared distance between
+//! the adversarial log-probabilities and the clean probabilities, as the reference writes it.
+
+use tch::{Kind, Tensor};
+
+use super::per_batch;
+
+/// Predictive entropy `−Σ_j p_j log p_j` per row.
+fn entropy(logits: &Tensor) -> Tensor {
+    let log_p = logits.log_softmax(-1, Kind::Float);
+    -(log_p.exp() * log_p).sum_dim_intlist([1].as_slice(), false, Kind::Float)
+}
+
+/// PGD's objective `[N]`: `(H(adv) − H(clean))²` for fixed clean logits.
+pub fn entropy_gap(clean: &Tensor) -> impl Fn(&Tensor) -> Tensor + '_ {
+    let h_clean = entropy(clean).detach();
+    move |adv: &Tensor| (entropy(adv) - &h_clean).square()
+}
+
+/// `CE(clean, y) + β · Σ_ij (log(p'_ij + 1e-12) − p_ij)² / N`, `p'` adversarial and `p` clean
+/// probabilities (the reference's 1e-12 kept: it bounds the log of a vanishing probability, and
+/// with it the loss).
+pub fn loss(clean: &Tensor, adv: &Tensor, y: &Tensor, beta: f64) -> Tensor {
+    let log_adv = (adv.softmax(-1, Kind::Float) + 1e-12).log();
+    let d = log_adv - clean.softmax(-1, Kind::Float);
+    clean.cross_entropy_for_logits(y) + per_batch(&d.square(), clean.size()[0]) * beta
+}
