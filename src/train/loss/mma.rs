@@ -21,11 +21,18 @@ use crate::model::Classifier;
 use crate::train::pgd::PgdConfig;
 use crate::util::Progress;
 
+/// Bisection steps on the segment from the clean input to FMN's point: as the paper's AN-PGD
+/// ends, so the point sits on the boundary. Measured on a small-cnn@8 MMA-trained for 4 epochs
+/// (200 MNIST images, L∞): FMN-10 alone median distance 0.260, with these 10 steps 0.204 (FMN-20:
+/// 0.204 at twice the cost; FMN-40: 0.139), for 28% more time than FMN-10.
+const BISECTION_STEPS: usize = 10;
+
 /// Weight of the clean cross-entropy (the authors' `clean_loss_coeff`, 1/3 for their MMA models).
 const CLEAN_WEIGHT: f64 = 1.0 / 3.0;
 
-/// FMN (`attack.steps` iterations, in `attack.norm`) from every clean input; the points within
-/// `attack.eps` are the adversarial points, the other rows keep their clean input.
+/// FMN (`attack.steps` iterations, in `attack.norm`) from every clean input, then a bisection
+/// towards it ([`Chunk::refine`]); the points within `attack.eps` are the adversarial points, the
+/// other rows keep their clean input.
 pub fn adversary(
     model: &NativeClassifier,
     b: &Batch,
@@ -42,6 +49,7 @@ pub fn adversary(
     );
     let fmn = Fmn::new(attack.norm, attack.steps);
     chunk.run_with(model, attack.norm, &fmn, b.seeds.len(), progress)?;
+    chunk.refine(model, attack.norm, BISECTION_STEPS, b.seeds.len())?;
     let inside = chunk
         .best
         .lt(attack.eps)
