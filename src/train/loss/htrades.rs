@@ -27,3 +27,19 @@ pub fn loss(clean: &Tensor, adv: &Tensor, y: &Tensor, beta: f64) -> Tensor {
     let d = log_adv - clean.softmax(-1, Kind::Float);
     clean.cross_entropy_for_logits(y) + per_batch(&d.square(), clean.size()[0]) * beta
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entropy_gap_is_zero_at_the_clean_prediction_only() {
+        let clean = Tensor::from_slice(&[2.0f32, 0.0, -1.0, 0.5, 0.5, 0.5]).view([2, 3]);
+        let gap = entropy_gap(&clean);
+        assert_eq!(Vec::<f32>::try_from(gap(&clean)).unwrap(), [0.0, 0.0]);
+        // Row 0 made uniform (maximal entropy ln 3), row 1 made confident.
+        let other = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 9.0, 0.0, 0.0]).view([2, 3]);
+        let g = Vec::<f32>::try_from(gap(&other)).unwrap();
+        assert!(g.iter().all(|&v| v > 0.1), "{g:?}");
+    }
+}
