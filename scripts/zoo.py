@@ -69,9 +69,10 @@ ZOO = [
     ("mnist", "scnn", "pgd", {"--eps": "0.4", "--step-size": "0.13"}),
     ("mnist", "lenet5", "pgd", {}),
     ("mnist", "lenet5", "trades", {}),
-    # The reference's other losses (issue 16), on the small CNN; MMA (the paper's inconsistent
-    # model) first, then MMA longer as the paper's lever.
-    ("mnist", "scnn", "mma", {}),
+    # The reference's other losses (issue 16), on the small CNN. MMA first (the paper's inconsistent
+    # model): its hinge d_max is --eps, 0.45 as Ding et al.'s MNIST MMA-45, and its adversary is
+    # FMN with --steps iterations (10: FMN needs more than PGD's 5 to come near the margin).
+    ("mnist", "scnn", "mma", {"--eps": "0.45", "--steps": "10"}),
     ("mnist", "scnn", "mma-fixed", {}),
     ("mnist", "scnn", "mart", {}),
     ("mnist", "scnn", "pm-madry", {}),
@@ -80,8 +81,9 @@ ZOO = [
     ("mnist", "scnn", "clp", {}),
     ("mnist", "scnn", "htrades", {}),
     ("mnist", "scnn", "gairat", {}),
-    ("fashion", "scnn", "mma", {}),
-    ("mnist", "scnn", "mma", {"--epochs": "6"}),
+    ("fashion", "scnn", "mma", {"--eps": "0.15", "--steps": "10"}),
+    # The paper's lever, longer: MMA-45 for twice the epochs.
+    ("mnist", "scnn", "mma", {"--eps": "0.45", "--steps": "10", "--epochs": "6"}),
     ("mnist", "lenet5", "standard", {}),
     ("fashion", "lenet5", "pgd", {}),
     ("fashion", "lenet5", "trades", {}),
@@ -167,7 +169,10 @@ class Model:
         return os.path.join(DATA, self.d["dir"], self.d[which])
 
     def model_args(self):
-        return ["--model", self.weights, "--arch", ARCHS[self.arch][1], "--device", "cpu", "--threads", "1"]
+        # --allow-low-accuracy: these models take [0, 1] inputs by construction, and a poorly trained
+        # one (e.g. MART at 68% clean) can trip the wrong-normalisation check; it stays a warning.
+        return ["--model", self.weights, "--arch", ARCHS[self.arch][1], "--device", "cpu", "--threads", "1",
+                "--allow-low-accuracy"]
 
     def train_argv(self):
         """`brittle train` for this model: the common recipe, with the entry's flags replacing or
@@ -396,6 +401,12 @@ def pct(x):
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def robust_by_margins(metrics, ds):
+    e = float(DATASETS[ds]["eps"])
+    v = [x["value"] for x in metrics["robust_accuracy"] if abs(x["eps"] - e) < 1e-9]
+    return v[0] if v else None
+
+
 def det_at(metrics, e):
     return min(metrics["detection"], key=lambda d: abs(d["eps"] - float(e)))
 
@@ -434,7 +445,7 @@ def scatter_svg(rows, path):
              f'stroke-dasharray="6,4"/>')
     s.append(f'<text x="{W - R - 4}" y="{Y(0.5) - 5:.1f}" font-size="12" text-anchor="end" fill="#7f7f7f">τ = 0.5</text>')
     s.append(f'<text x="{(L + W - R) / 2}" y="{H - 12}" font-size="15" text-anchor="middle">'
-             f'PGD-{PGD_EVAL_STEPS} robust accuracy at the training ε</text>')
+             f'PGD-{PGD_EVAL_STEPS} robust accuracy (MNIST ε = 0.3, Fashion-MNIST ε = 0.1)</text>')
     s.append(f'<text transform="translate(18,{(T + H - B) / 2}) rotate(-90)" font-size="15" '
              f'text-anchor="middle">Kendall τ(input margin, score)</text>')
     for r in pts:
@@ -554,6 +565,19 @@ def findings(done):
         if rest:
             parts.append(f"within each other's CIs on {rest}")
         L.append(head + "; ".join(parts) + ".")
+    # `brittle fit --pseudo auto` keeps the pseudo-margin when its validation τ beats the logit
+    # margin's on the fit samples: does that choice hold on the held-out ones?
+    agree = []
+    for r in pms:
+        loss, pm = chosen_pseudo(r["pm"])
+        fv = pm["fit_validation"]
+        keeps = fv["pseudo_margin"]["kendall_tau"] > fv["logit_margin"]["kendall_tau"]
+        better = pm["kendall_tau"] > r["pm"]["logit_margin"]["kendall_tau"]
+        agree.append((r, keeps, keeps == better))
+    kept = [r["name"] for r, k, _ in agree if k]
+    L.append(f"- `brittle fit --pseudo auto` (its own validation split decides) would keep the pseudo-margin on "
+             f"{len(kept)} of {len(pms)} models ({', '.join(kept) or 'none'}); its choice agrees with the held-out "
+             f"comparison on {sum(a for _, _, a in agree)} of {len(pms)}.")
     L.append("")
     return L
 
@@ -566,9 +590,12 @@ def write_markdown(rows):
          "run time of each stage. Do not edit by hand: edit `scripts/zoo.py` and rerun it.", ""]
     L += [f"**Protocol.** Training: the first {TRAIN['n']} training images, {TRAIN['epochs']} epochs, batch "
           f"{TRAIN['batch']}, Adam {TRAIN['lr']} cosine, L∞ PGD-{TRAIN['steps']} (MNIST ε = 0.3, step 0.1; "
-          "Fashion-MNIST ε = 0.1, step 0.03) with ε warm-up over 0.3 epoch, seed 0, one thread. "
+          "Fashion-MNIST ε = 0.1, step 0.03) with ε warm-up over 0.3 epoch, seed 0, one thread; β of the "
+          "regularised losses (TRADES, MART, ALP, CLP, HTRADES, PM-TRADES) is brittle's default 6 (the reference's "
+          "params.yaml uses 4). A model named `…-flagvalue` was trained with those `brittle train` flags instead "
+          "(e.g. `mma-eps0.45-steps10`: MMA with d_max 0.45, FMN-10 as its adversary). "
           f"Evaluation on the first {N_EVAL} test images: clean and PGD-{PGD_EVAL_STEPS} accuracy at the "
-          "training ε (`brittle eval-pgd`, step 2.5ε/20); input margins by `brittle margins --attack best` "
+          "data set's ε (0.3 and 0.1, also for the models trained at another ε; `brittle eval-pgd`, step 2.5ε/20); input margins by `brittle margins --attack best` "
           f"(L∞); `brittle analyze` for Kendall τ(d_in, logit margin) with its {BOOTSTRAP}-resample bootstrap "
           "95% CI and AUROC / AP / FPR@95TPR of the logit margin for the non-robust samples (d_in ≤ ε) at two ε. "
           f"Pseudo-margin: `brittle fit --pseudo on` on test images 0–{N_FIT - 1} (its MLP early-stops on a 30% "
@@ -576,20 +603,22 @@ def write_markdown(rows):
           "the pseudo-margin and the logit margin are compared on the same samples (τ with bootstrap CI, "
           "FPR@95TPR).", ""]
     L += ["## The table", "",
-          "| model | data | arch | loss | clean | PGD | τ logit [95% CI] | ε | AUROC | AP | FPR@95 |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| model | data | arch | loss | clean | PGD-20 | robust (d_in > ε) | τ logit [95% CI] | ε | AUROC | AP | FPR@95 |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in done:
         m = r["metrics"]
         acc = r["pgd"]["accuracy"]
         for i, e in enumerate(DATASETS[r["data"]]["eps_eval"]):
             d = det_at(m, e)
             head = (f"| {r['name']} | {DATASETS[r['data']]['label']} | {r['arch']} | {r['mode']} | "
-                    f"{pct(acc['clean'])} | {pct(acc.get('robust'))} | "
+                    f"{pct(acc['clean'])} | {pct(acc.get('robust'))} | {pct(robust_by_margins(m, r['data']))} | "
                     f"{f3(m['kendall_tau'])} [{f3(m['kendall_tau_ci'][0])}, {f3(m['kendall_tau_ci'][1])}]") \
-                if i == 0 else "| | | | | | | "
+                if i == 0 else "| | | | | | | |"
             L.append(f"{head} | {e} | {f3(d['auroc'])} | {f3(d['average_precision'])} | {f3(d['fpr_at_95_tpr'])} |")
-    L += ["", "Clean and PGD accuracy in %, on the first "
-          f"{N_EVAL} test images; τ and detection on the successfully attacked ones among them.", "",
+    L += ["", f"Clean, PGD-20 and robust accuracy in %, on the first {N_EVAL} test images, at the data set's ε "
+          "(MNIST 0.3, Fashion-MNIST 0.1); \"robust (d_in > ε)\" counts the correctly classified samples whose "
+          "minimum-norm input margin exceeds ε (`brittle analyze`'s robust accuracy: a stronger attack than "
+          "PGD-20, hence lower). τ and detection on the successfully attacked samples.", "",
           "![τ against PGD robust accuracy](zoo/tau-vs-robust.svg)", ""]
     eps_cols = " / ".join("ε₁ ε₂".split())
     L += ["## Pseudo-margin against logit margin on held-out samples", "",
@@ -686,6 +715,9 @@ def main():
                     m.train()
                 if a.stage in ("all", "eval") and os.path.exists(m.weights + ".meta.json"):
                     m.evaluate()
+            except subprocess.CalledProcessError as e:
+                # One model's failure must not stop the zoo; the next run retries it.
+                log(f"{m.name}: FAILED ({' '.join(portable(e.cmd[:2]))} exited {e.returncode}); next")
             finally:
                 lk.close()
     report(models, modes)
