@@ -5,6 +5,7 @@
 //! ([`score`], [`serve`]). Every stage sees models through [`model::Classifier`].
 
 pub mod attack;
+pub mod certify;
 pub mod cli;
 pub mod data;
 pub mod detector;

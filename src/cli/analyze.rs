@@ -81,5 +81,18 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
             d.eps_label, d.positives, d.auroc, d.aupr, d.fpr_at_95_tpr, d.threshold_at_95_tpr
         );
     }
+    if let Some(b) = &analysis.brackets {
+        let r = &b.ratio;
+        println!(
+            "brackets: {} samples ({} certified at no eps, {} violations), ratio median {:.3} [q25 {:.3}, q75 {:.3}], Kendall tau lower {:.4} / upper {:.4}",
+            b.n, b.n_uncertified, b.violations, r.median, r.q25, r.q75, b.kendall_tau_lower, b.kendall_tau_upper
+        );
+        for (c, d) in b.certified_accuracy.iter().zip(&b.detection) {
+            println!(
+                "  eps {:>7}: certified accuracy {:.4}, AUROC lower {:.4} / upper {:.4}",
+                c.eps_label, c.value, d.auroc_lower, d.auroc_upper
+            );
+        }
+    }
     Ok(())
 }

@@ -48,6 +48,13 @@ pub const MARGINS: Flags = &[
     ),
 ];
 
+/// [`crate::certify::job::CertifyOptions`].
+pub const CERTIFY: Flags = &[
+    ("norm", "--norm"),
+    ("rel_tol", "--rel-tol"),
+    ("batch_size", "--batch-size (or --chunk)"),
+];
+
 /// [`crate::report::AnalyzeOptions`].
 pub const ANALYZE: Flags = &[
     ("norm", "--norm"),

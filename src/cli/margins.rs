@@ -9,6 +9,7 @@ use super::args::{DataArgs, ModelArgs};
 use super::hints::{self, FlagHint};
 use super::progress::{with_bar, work_bar};
 use crate::attack::AttackKind;
+use crate::certify::Method;
 use crate::margins::{self, MarginsOptions, Shard};
 use crate::norm::Norm;
 use crate::util::Check;
@@ -59,6 +60,10 @@ pub struct MarginsArgs {
     /// Shard count when the index comes from JOB_COMPLETION_INDEX (Kubernetes indexed jobs).
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Also certify a lower bound on every margin (a `certified_radius` column): crown when
+    /// given without a value, or ibp, alpha-crown.
+    #[arg(long, num_args = 0..=1, default_missing_value = "crown", value_parser = super::values::enum_parser::<Method>())]
+    pub certify: Option<Method>,
 }
 
 /// `--shard`, else SLURM_ARRAY_TASK_ID/COUNT (offset by SLURM_ARRAY_TASK_MIN), else
@@ -105,6 +110,7 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         batch_size: a.batch_size,
         chunk: a.chunk.unwrap_or(4 * a.batch_size),
         shard,
+        certify: a.certify,
     }
     .check()
     .flag_hint(hints::MARGINS)?;

@@ -2,6 +2,7 @@
 
 pub mod analyze;
 pub mod args;
+pub mod certify;
 pub mod demo;
 pub mod fit;
 pub mod hints;
@@ -39,6 +40,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Input margins (distance to the decision boundary) of every sample, by minimum-norm attacks.
     Margins(margins::MarginsArgs),
+    /// Certified lower bounds on the input margins (IBP, CROWN, α-CROWN), by bisection over ε.
+    Certify(certify::CertifyArgs),
     /// Joins the shard files of one `margins` job, checking every sample appears exactly once.
     Merge(merge::MergeArgs),
     /// Margin consistency, detection of non-robust samples and robust accuracy from a margins file.
@@ -57,6 +60,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fit(a) => fit::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Margins(a) => margins::run(a),
+        Command::Certify(a) => certify::run(a),
         Command::Merge(a) => merge::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Train(a) => train::run(a),

@@ -16,14 +16,17 @@ use tch::Tensor;
 use super::adv_store::AdvStore;
 use super::options::MarginsOptions;
 use super::resume::{resume, Job, Resume};
-use super::row::{write_margins, MarginRow, MarginWriter};
+use super::row::{write_margins, MarginRow, MarginWriter, Optional};
 use super::shard::shard_chunks;
 use super::sidecar::{data_sha256, Sidecar};
 use crate::attack::driver::Chunk;
 use crate::attack::plan::Plan;
 use crate::attack::sample_seed;
+use crate::certify::radius::Search;
+use crate::certify::{bound_graph, certified_radii, BoundGraph, Method};
 use crate::data::Dataset;
 use crate::model::Classifier;
+use crate::norm::Norm;
 use crate::provenance::{write_sidecar, Provenance};
 use crate::score::score_batch;
 use crate::util::{Checked, NoProgress, Progress};
@@ -105,16 +108,23 @@ pub fn run_with_progress(
     };
     write_sidecar(out, &side)?;
     // Rewrite what survived (drops a partial last line), then append.
-    let with_fm = model.last_linear().is_some();
+    let optional = Optional {
+        feature_margin: model.last_linear().is_some(),
+        certified_radius: o.certify.is_some(),
+    };
+    let certify = match o.certify {
+        Some(method) => Some((bound_graph(model)?, method)),
+        None => None,
+    };
     if has_header {
-        write_margins(out, &done.values().cloned().collect::<Vec<_>>(), with_fm)?;
+        write_margins(out, &done.values().cloned().collect::<Vec<_>>(), optional)?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(out)
         .with_context(|| format!("opening {}", out.display()))?;
-    let mut writer = MarginWriter::new(std::io::BufWriter::new(file), with_fm, !has_header)?;
+    let mut writer = MarginWriter::new(std::io::BufWriter::new(file), optional, !has_header)?;
     // A fresh run drops adversarial examples left by an unrelated earlier run.
     let mut adv = save_adv
         .map(|p| AdvStore::open(p, data.input_shape(), resumed == 0))
@@ -139,7 +149,19 @@ pub fn run_with_progress(
             progress.set_message(format!("{finished}/{total} samples"));
             continue;
         }
-        let rows = attack_chunk(model, data, o, &plan, range.clone(), adv.as_mut(), progress)?;
+        let mut rows = attack_chunk(model, data, o, &plan, range.clone(), adv.as_mut(), progress)?;
+        if let Some((graph, method)) = &certify {
+            certify_chunk(
+                graph,
+                *method,
+                o.norm,
+                data,
+                range.clone(),
+                &mut rows,
+                model,
+                o.target_true,
+            )?;
+        }
         let new: Vec<MarginRow> = rows
             .into_iter()
             .filter(|r| !done.contains_key(&r.index))
@@ -154,7 +176,7 @@ pub fn run_with_progress(
     }
     drop(writer);
     let rows: Vec<MarginRow> = done.into_values().collect();
-    write_margins(out, &rows, with_fm)?;
+    write_margins(out, &rows, optional)?;
     if let (Some(store), Some(path)) = (adv, save_adv) {
         let indices: Vec<usize> = chunks
             .iter()
@@ -174,6 +196,33 @@ pub fn run_with_progress(
         resumed,
         restarted,
     })
+}
+
+/// Fills `certified_radius` of the rows of the samples at window positions `range`: the
+/// certified radius around the prediction, its search started at the attack's margin (0 for a
+/// sample whose attacked class is not its prediction: it has no margin to bound).
+#[allow(clippy::too_many_arguments)]
+fn certify_chunk(
+    graph: &BoundGraph,
+    method: Method,
+    norm: Norm,
+    data: &Dataset,
+    range: std::ops::Range<usize>,
+    rows: &mut [MarginRow],
+    model: &dyn Classifier,
+    target_true: bool,
+) -> Result<()> {
+    let (x, _) = data.batch(range.start, range.end);
+    let x = x.to_device(model.device());
+    let pred: Vec<i64> = rows.iter().map(|r| r.pred).collect();
+    let hints: Vec<f64> = rows.iter().map(|r| r.input_margin).collect();
+    let radii = certified_radii(graph, &x, &pred, Some(&hints), Search::new(norm, method))
+        .with_context(|| format!("certifying samples {}..{}", range.start, range.end))?;
+    for (row, r) in rows.iter_mut().zip(radii) {
+        let wrong = target_true && row.pred != row.label;
+        row.certified_radius = Some(if wrong { 0.0 } else { r.radius });
+    }
+    Ok(())
 }
 
 /// Attacks the samples at window positions `range`; returns their rows in order.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::row::{read_margins, write_margins, MarginRow};
+use super::row::{read_margins, write_margins, MarginRow, Optional};
 use super::sidecar::{read_sidecar, Settings, Sidecar};
 use crate::provenance::{write_sidecar, Provenance};
 
@@ -81,7 +81,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
         bail!("merge: sample {extra} lies outside the window {start}..{end}");
     }
     let rows: Vec<MarginRow> = rows.into_values().map(|(r, _)| r).collect();
-    write_margins(out, &rows, rows.iter().any(|r| r.feature_margin.is_some()))?;
+    write_margins(out, &rows, Optional::of(&rows))?;
     let side = first.context("merge: no sidecar")?;
     write_sidecar(
         out,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::sidecar::Settings;
 use super::Shard;
 use crate::attack::AttackKind;
+use crate::certify::Method;
 use crate::data::Dataset;
 use crate::model::ModelInfo;
 use crate::norm::Norm;
@@ -31,6 +32,10 @@ pub struct MarginsOptions {
     /// default: 4 batches).
     pub chunk: usize,
     pub shard: Option<Shard>,
+    /// Also certify a lower bound on each margin with this method (a `certified_radius`
+    /// column); absent from the sidecars of files made without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certify: Option<Method>,
 }
 
 impl MarginsOptions {
@@ -47,6 +52,7 @@ impl MarginsOptions {
             batch_size: 128,
             chunk: 512,
             shard: None,
+            certify: None,
         }
     }
 }

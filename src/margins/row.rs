@@ -71,6 +71,14 @@ pub struct MarginRow {
         skip_serializing_if = "Option::is_none"
     )]
     pub feature_margin: Option<f64>,
+    /// Written only by `brittle margins` with certification: a lower bound on `input_margin`
+    /// ([`crate::certify`]); a file has the column for every row or for none.
+    #[serde(
+        default,
+        serialize_with = "text::opt_float",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub certified_radius: Option<f64>,
     /// Read when a hand-made file has it; `brittle margins` never writes it.
     #[serde(default, skip_serializing)]
     pub pseudo_margin: Option<f64>,
@@ -119,16 +127,37 @@ impl MarginRow {
             entropy: Some(s.entropy),
             energy: Some(s.energy),
             feature_margin: s.feature_margin,
+            certified_radius: None,
             pseudo_margin: None,
         }
     }
 }
 
-/// The header of a margins file with or without the feature margin.
-pub fn header(with_feature_margin: bool) -> Vec<&'static str> {
+/// The optional columns a margins file has (for every row or for none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Optional {
+    pub feature_margin: bool,
+    pub certified_radius: bool,
+}
+
+impl Optional {
+    /// The columns of `rows` (those the first row has).
+    pub fn of(rows: &[MarginRow]) -> Self {
+        rows.first().map_or_else(Optional::default, |r| Optional {
+            feature_margin: r.feature_margin.is_some(),
+            certified_radius: r.certified_radius.is_some(),
+        })
+    }
+}
+
+/// The header of a margins file with its optional columns.
+pub fn header(optional: Optional) -> Vec<&'static str> {
     let mut h = MARGIN_COLUMNS.to_vec();
-    if with_feature_margin {
+    if optional.feature_margin {
         h.push("feature_margin");
+    }
+    if optional.certified_radius {
+        h.push("certified_radius");
     }
     h
 }
@@ -137,43 +166,45 @@ pub fn header(with_feature_margin: bool) -> Vec<&'static str> {
 /// that was reported written.
 pub struct MarginWriter<W: Write> {
     w: csv::Writer<W>,
-    with_feature_margin: bool,
+    optional: Optional,
 }
 
 impl<W: Write> MarginWriter<W> {
     /// A writer; `write_header` is false when appending to an existing file. The header is
     /// written here (not by serde on the first row) so that a file without rows has one too.
-    pub fn new(out: W, with_feature_margin: bool, write_header: bool) -> Result<Self> {
+    pub fn new(out: W, optional: Optional, write_header: bool) -> Result<Self> {
         let mut w = csv::WriterBuilder::new()
             .has_headers(false)
             .from_writer(out);
         if write_header {
-            w.write_record(header(with_feature_margin))?;
+            w.write_record(header(optional))?;
             w.flush()?;
         }
-        Ok(MarginWriter {
-            w,
-            with_feature_margin,
-        })
+        Ok(MarginWriter { w, optional })
     }
 
     pub fn write(&mut self, rows: &[MarginRow]) -> Result<()> {
         for r in rows {
-            if r.feature_margin.is_some() != self.with_feature_margin {
-                bail!(
-                    "sample {}: feature_margin is {}, but the file {} that column",
-                    r.index,
-                    if r.feature_margin.is_some() {
-                        "set"
-                    } else {
-                        "absent"
-                    },
-                    if self.with_feature_margin {
-                        "has"
-                    } else {
-                        "lacks"
-                    },
-                );
+            for (name, set, has) in [
+                (
+                    "feature_margin",
+                    r.feature_margin.is_some(),
+                    self.optional.feature_margin,
+                ),
+                (
+                    "certified_radius",
+                    r.certified_radius.is_some(),
+                    self.optional.certified_radius,
+                ),
+            ] {
+                if set != has {
+                    bail!(
+                        "sample {}: {name} is {}, but the file {} that column",
+                        r.index,
+                        if set { "set" } else { "absent" },
+                        if has { "has" } else { "lacks" },
+                    );
+                }
             }
             self.w.serialize(r)?;
         }
@@ -183,13 +214,13 @@ impl<W: Write> MarginWriter<W> {
 }
 
 /// Writes a complete margins file atomically (temporary file, then rename).
-pub fn write_margins(path: &Path, rows: &[MarginRow], with_fm: bool) -> Result<()> {
+pub fn write_margins(path: &Path, rows: &[MarginRow], optional: Optional) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    MarginWriter::new(std::io::BufWriter::new(file), with_fm, true)?
+    MarginWriter::new(std::io::BufWriter::new(file), optional, true)?
         .write(rows)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
@@ -283,6 +314,13 @@ pub fn check_unique_indices(rows: &[MarginRow]) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn fm(feature_margin: bool) -> Optional {
+        Optional {
+            feature_margin,
+            certified_radius: false,
+        }
+    }
+
     fn row(feature_margin: Option<f64>) -> MarginRow {
         MarginRow {
             index: 7,
@@ -301,13 +339,14 @@ mod tests {
             entropy: Some(f64::NAN),
             energy: Some(-12.5),
             feature_margin,
+            certified_radius: None,
             pseudo_margin: Some(9.0),
         }
     }
 
     fn written(rows: &[MarginRow], with_fm: bool) -> String {
         let mut out = Vec::new();
-        MarginWriter::new(&mut out, with_fm, true)
+        MarginWriter::new(&mut out, fm(with_fm), true)
             .unwrap()
             .write(rows)
             .unwrap();
@@ -340,15 +379,15 @@ mod tests {
         let mut w = csv::Writer::from_writer(Vec::new());
         w.serialize(row(Some(0.5))).unwrap();
         let text = String::from_utf8(w.into_inner().unwrap()).unwrap();
-        assert_eq!(text.lines().next().unwrap(), header(true).join(","));
+        assert_eq!(text.lines().next().unwrap(), header(fm(true)).join(","));
     }
 
     #[test]
     fn a_row_must_match_the_files_feature_margin_column() {
-        let mut w = MarginWriter::new(Vec::new(), true, true).unwrap();
+        let mut w = MarginWriter::new(Vec::new(), fm(true), true).unwrap();
         let e = w.write(&[row(None)]).unwrap_err().to_string();
         assert!(e.contains("sample 7: feature_margin is absent"), "{e}");
-        let mut w = MarginWriter::new(Vec::new(), false, true).unwrap();
+        let mut w = MarginWriter::new(Vec::new(), fm(false), true).unwrap();
         assert!(w.write(&[row(Some(1.0))]).is_err());
     }
 
@@ -362,7 +401,7 @@ mod tests {
         b.index = 8;
         b.input_margin = f64::INFINITY;
         b.success = 0;
-        write_margins(&p, &[a.clone(), b.clone()], true).unwrap();
+        write_margins(&p, &[a.clone(), b.clone()], fm(true)).unwrap();
         let back = read_margins(&p).unwrap();
         // `seconds` is rounded to the microsecond and `pseudo_margin` is not written.
         for (r, mut w) in back.into_iter().zip([a, b]) {

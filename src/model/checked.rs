@@ -9,6 +9,7 @@ use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
 use super::{Classifier, ModelInfo};
+use crate::certify::{BoundGraph, NodeId};
 
 /// Why a model's logits cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -86,6 +87,10 @@ impl Classifier for Guarded {
 
     fn last_linear(&self) -> Option<(Tensor, Tensor)> {
         self.0.last_linear()
+    }
+
+    fn append_bound_graph(&self, graph: &mut BoundGraph, input: NodeId) -> Result<NodeId> {
+        self.0.append_bound_graph(graph, input)
     }
 
     fn device(&self) -> Device {

@@ -22,6 +22,7 @@ use std::path::Path;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::certify::{BoundGraph, NodeId};
 pub use device::DeviceChoice;
 pub use load::load_classifier;
 pub use spec::{InputLayout, ModelFormat, ModelSpec};
@@ -79,6 +80,19 @@ pub trait Classifier: Send {
     /// Weight `[K, D]` and bias `[K]` of a last linear layer with `logits = W f + b`, when known.
     fn last_linear(&self) -> Option<(Tensor, Tensor)> {
         None
+    }
+
+    /// Appends the model's layers (normalisation included) to a bound graph after the pixel
+    /// node `input` and returns the logits node, for [`crate::certify`]; a format whose layers
+    /// brittle cannot see refuses.
+    fn append_bound_graph(&self, graph: &mut BoundGraph, input: NodeId) -> Result<NodeId> {
+        let _ = (graph, input);
+        let info = self.info();
+        anyhow::bail!(
+            "model {} (format {}) exposes no layers to bound",
+            info.name,
+            info.format
+        )
     }
 
     /// The device the model's weights live on; inputs must be moved there.

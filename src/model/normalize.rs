@@ -5,6 +5,7 @@ use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::{Classifier, ModelInfo};
+use crate::certify::{BoundGraph, NodeId};
 use crate::util::OptionError;
 
 /// Mean and std per channel, kept on the model's device.
@@ -101,6 +102,15 @@ impl<C: Classifier> Classifier for Normalized<C> {
 
     fn last_linear(&self) -> Option<(Tensor, Tensor)> {
         self.inner.last_linear()
+    }
+
+    fn append_bound_graph(&self, graph: &mut BoundGraph, input: NodeId) -> Result<NodeId> {
+        let n = &self.normalizer;
+        let c = n.channels;
+        let scale = n.std.f_reciprocal()?.f_view([c, 1, 1])?;
+        let shift = n.mean.f_neg()?.f_div(&n.std)?.f_view([c, 1, 1])?;
+        let x = graph.affine(input, &scale, &shift, "normalisation")?;
+        self.inner.append_bound_graph(graph, x)
     }
 
     fn device(&self) -> Device {

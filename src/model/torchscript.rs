@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use super::{is_last_linear, Classifier, ModelInfo};
+use crate::certify::{BoundGraph, NodeId};
 use crate::data::bounded;
 
 /// Deepest expression nesting accepted in one statement of a TorchScript code member, counted
@@ -251,6 +252,15 @@ impl Classifier for TorchScriptClassifier {
         self.last_linear
             .as_ref()
             .map(|(w, b)| (w.shallow_clone(), b.shallow_clone()))
+    }
+
+    fn append_bound_graph(&self, _: &mut BoundGraph, _: NodeId) -> Result<NodeId> {
+        anyhow::bail!(
+            "model {}: a TorchScript module is a black box (brittle runs it but cannot see its \
+             layers), so no bound can be computed; certify its ONNX export or a native \
+             architecture with the same weights",
+            self.info.name
+        )
     }
 
     fn device(&self) -> Device {

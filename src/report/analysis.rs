@@ -8,6 +8,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::brackets::{brackets, Brackets};
 use super::nan::null_is_nan;
 use crate::margins::MarginRow;
 use crate::metrics::robust::{self, Calibration};
@@ -293,6 +294,9 @@ pub struct Analysis {
     pub robust_accuracy: Vec<EpsValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub robust_accuracy_estimate: Option<Vec<RobustEstimate>>,
+    /// Certified lower bounds beside the attack's upper bounds, when the file has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brackets: Option<Brackets>,
     pub bootstrap: usize,
     pub seed: u64,
     pub provenance: Provenance,
@@ -454,6 +458,7 @@ pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
         detection,
         robust_accuracy,
         robust_accuracy_estimate,
+        brackets: brackets(rows, &sweep),
         bootstrap: opts.bootstrap,
         seed: opts.seed,
         provenance: opts.provenance.clone(),

@@ -402,3 +402,76 @@ impl Figure for MarginHistogram<'_> {
         Ok(())
     }
 }
+
+/// Each sample's bracket `[certified radius, attack margin]` as a vertical segment, samples
+/// sorted by the attack margin: the gap between the two curves is what no tool can yet say.
+pub struct BracketPlot<'a> {
+    /// `(lower, upper)` per sample.
+    pub brackets: &'a [(f64, f64)],
+    pub norm_label: &'a str,
+}
+
+impl Figure for BracketPlot<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE)?;
+        let mut b: Vec<(f64, f64)> = self
+            .brackets
+            .iter()
+            .copied()
+            .filter(|(_, u)| u.is_finite())
+            .collect();
+        b.sort_by(|x, y| x.1.total_cmp(&y.1));
+        let top = finite_max(&b.iter().map(|p| p.1).collect::<Vec<_>>());
+        let top = if top.is_finite() && top > 0.0 {
+            top * 1.05
+        } else {
+            1.0
+        };
+        let n = b.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(root)
+            .caption("Margin brackets", (FAMILY, 22))
+            .margin(12)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0.0..n, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .x_desc("samples, sorted by attack margin")
+            .y_desc(format!("input margin ({})", self.norm_label))
+            .label_style((FAMILY, 14))
+            .axis_desc_style((FAMILY, 16))
+            .light_line_style(BLACK.mix(0.05))
+            .draw()?;
+        chart.draw_series(b.iter().enumerate().map(|(i, &(l, u))| {
+            let x = i as f64 + 0.5;
+            PathElement::new([(x, l), (x, u)], color(7).mix(0.6).stroke_width(1))
+        }))?;
+        for (k, (name, pick)) in [
+            ("attack margin (upper)", 1usize),
+            ("certified radius (lower)", 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = color(k);
+            chart
+                .draw_series(b.iter().enumerate().map(move |(i, p)| {
+                    let y = if pick == 1 { p.1 } else { p.0 };
+                    Circle::new((i as f64 + 0.5, y), 2, c.filled())
+                }))?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 8, y), 3, c.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .label_font((FAMILY, 14))
+            .draw()?;
+        Ok(())
+    }
+}

@@ -127,6 +127,30 @@ figcaption{{text-align:center;color:#555}}code{{background:#f6f6f6;padding:1px 4
         }
         h.push_str("</table>\n");
     }
+    if let Some(b) = &a.brackets {
+        let r = &b.ratio;
+        let _ = write!(
+            h,
+            "<h2>Margin brackets</h2>\n<p class=\"note\">Per sample, the true input margin lies between the certified radius (lower bound) and the attack's margin (upper bound). Ratio = upper / lower over the {} samples with a positive radius ({} certified at no ε); violations = samples whose lower bound exceeds the upper one (must be 0).</p>\n\
+<table><tr><th>samples with both bounds</th><td>{}</td></tr><tr><th>violations</th><td>{}</td></tr>\
+<tr><th>bracket ratio median [q25, q75]</th><td>{} [{}, {}]</td></tr><tr><th>bracket ratio q10, q90</th><td>{}, {}</td></tr>\
+<tr><th>Kendall τ with the logit margin: lower / upper bound</th><td>{} / {}</td></tr></table>\n\
+<table><tr><th>ε</th><th>certified accuracy</th><th>AUROC (lower bound ≤ ε)</th><th>AUROC (upper bound ≤ ε)</th></tr>\n",
+            b.n - b.n_uncertified, b.n_uncertified, b.n, b.violations, num(r.median), num(r.q25), num(r.q75),
+            num(r.q10), num(r.q90), num(b.kendall_tau_lower), num(b.kendall_tau_upper)
+        );
+        for (c, d) in b.certified_accuracy.iter().zip(&b.detection) {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&c.eps_label),
+                num(c.value),
+                num(d.auroc_lower),
+                num(d.auroc_upper)
+            );
+        }
+        h.push_str("</table>\n");
+    }
     let p = &a.provenance;
     let _ = write!(
         h,

@@ -2,6 +2,7 @@
 //! tables, no JavaScript) and every figure as SVG and PNG.
 
 pub mod analysis;
+pub mod brackets;
 pub mod figures;
 mod html;
 mod nan;
@@ -14,7 +15,7 @@ use plotters::prelude::SeriesLabelPosition;
 pub use analysis::{analyze, default_eps, Analysis, AnalyzeOptions};
 
 use crate::margins::MarginRow;
-use figures::{render, Curves, MarginHistogram, MarginScatter, TauBars};
+use figures::{render, BracketPlot, Curves, MarginHistogram, MarginScatter, TauBars};
 
 /// File name of the numbers inside a report folder.
 pub const METRICS_FILE: &str = "metrics.json";
@@ -126,6 +127,21 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         "Histogram of input margins",
         render(&hist, wide, dir, "input_margins")?,
     ));
+    if a.brackets.is_some() {
+        let b: Vec<(f64, f64)> = used
+            .iter()
+            .filter_map(|r| r.certified_radius.map(|l| (l, r.input_margin)))
+            .collect();
+        let plot = BracketPlot {
+            brackets: &b,
+            norm_label,
+        };
+        figs.push((
+            "brackets",
+            "Margin brackets: certified radius and attack margin per sample",
+            render(&plot, wide, dir, "brackets")?,
+        ));
+    }
     let page = dir.join("report.html");
     std::fs::write(&page, html::page(a, &figs))
         .with_context(|| format!("writing {}", page.display()))?;
@@ -161,6 +177,7 @@ mod tests {
                 entropy: Some(1.0 / (i + 1) as f64),
                 energy: None,
                 feature_margin: None,
+                certified_radius: None,
                 pseudo_margin: None,
             })
             .collect();

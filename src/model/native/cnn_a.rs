@@ -6,7 +6,10 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{downsampled, no_width, ArchConfig, Network};
+use super::{
+    bound_conv, bound_flatten, bound_linear, bound_relu, downsampled, no_width, ArchConfig, Network,
+};
+use crate::certify::graph::{BoundGraph, NodeId};
 
 struct CnnA {
     conv0: nn::Conv2D,
@@ -40,5 +43,15 @@ impl Network for CnnA {
 
     fn head(&self) -> &nn::Linear {
         &self.fc7
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let x = bound_conv(g, x, &self.conv0, 2, 1, "0")?;
+        let x = bound_relu(g, x, "1")?;
+        let x = bound_conv(g, x, &self.conv2, 2, 1, "2")?;
+        let x = bound_relu(g, x, "3")?;
+        let x = bound_flatten(g, x)?;
+        let x = bound_linear(g, x, &self.fc5, "5")?;
+        bound_relu(g, x, "6")
     }
 }

@@ -5,7 +5,11 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{downsampled, no_width, ArchConfig, Network};
+use super::{
+    bound_conv, bound_flatten, bound_linear, bound_max_pool, bound_relu, downsampled, no_width,
+    ArchConfig, Network,
+};
+use crate::certify::graph::{BoundGraph, NodeId};
 
 struct LeNet5 {
     conv1: nn::Conv2D,
@@ -46,5 +50,17 @@ impl Network for LeNet5 {
 
     fn head(&self) -> &nn::Linear {
         &self.linear2
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let x = bound_conv(g, x, &self.conv1, 1, 1, "conv1")?;
+        let x = bound_relu(g, x, "relu1")?;
+        let x = bound_max_pool(g, x, 2, "pool1")?;
+        let x = bound_conv(g, x, &self.conv2, 1, 1, "conv2")?;
+        let x = bound_relu(g, x, "relu2")?;
+        let x = bound_max_pool(g, x, 2, "pool2")?;
+        let x = bound_flatten(g, x)?;
+        let x = bound_linear(g, x, &self.linear1, "linear1")?;
+        bound_relu(g, x, "relu3")
     }
 }

@@ -22,6 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::spec::ModelSpec;
 use super::{weights, Classifier, ModelInfo};
+use crate::certify::graph::{BoundGraph, Conv, Layer, NodeId};
 use crate::util::OptionError;
 
 /// What a builder needs to size its layers.
@@ -46,6 +47,12 @@ pub trait Network: Send {
     }
     /// The last linear layer.
     fn head(&self) -> &nn::Linear;
+    /// Appends the layers of [`Network::features`] (eval mode) to a bound graph after `x`;
+    /// returns the features node.
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let _ = (g, x);
+        anyhow::bail!("this architecture's layers have no bound graph yet")
+    }
 }
 
 /// Builds a network under the root path of a `VarStore`.
@@ -186,6 +193,60 @@ pub fn avg_pool(x: &Tensor, k: i64) -> Tensor {
     x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
 }
 
+/// Appends a convolution layer of stride `stride` and padding `padding` (as it was built).
+pub fn bound_conv(
+    g: &mut BoundGraph,
+    x: NodeId,
+    conv: &nn::Conv2D,
+    stride: i64,
+    padding: i64,
+    label: &str,
+) -> Result<NodeId> {
+    let layer = Layer::Conv(Conv {
+        weight: conv.ws.detach(),
+        bias: conv.bs.as_ref().map(Tensor::detach),
+        stride: [stride; 2],
+        padding: [padding; 2],
+        dilation: [1, 1],
+        groups: 1,
+    });
+    g.push(layer, &[x], label)
+}
+
+/// Appends a linear layer.
+pub fn bound_linear(
+    g: &mut BoundGraph,
+    x: NodeId,
+    lin: &nn::Linear,
+    label: &str,
+) -> Result<NodeId> {
+    let bias = lin.bs.as_ref().map_or_else(
+        || Tensor::zeros([lin.ws.size()[0]], (Kind::Float, lin.ws.device())),
+        Tensor::detach,
+    );
+    let layer = Layer::Linear {
+        weight: lin.ws.detach(),
+        bias,
+    };
+    g.push(layer, &[x], label)
+}
+
+/// Appends a ReLU.
+pub fn bound_relu(g: &mut BoundGraph, x: NodeId, label: &str) -> Result<NodeId> {
+    g.push(Layer::Relu, &[x], label)
+}
+
+/// Appends non-overlapping max pooling of kernel `k`.
+pub fn bound_max_pool(g: &mut BoundGraph, x: NodeId, k: i64, label: &str) -> Result<NodeId> {
+    g.push(Layer::MaxPool { kernel: [k, k] }, &[x], label)
+}
+
+/// Appends `flatten(1, -1)`.
+pub fn bound_flatten(g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+    let n = g.node(x).numel();
+    g.reshape(x, &[n], "flatten")
+}
+
 /// A native architecture with its weights, behind [`Classifier`].
 pub struct NativeClassifier {
     /// Owns the weights the network's layers point to.
@@ -301,6 +362,14 @@ impl Classifier for NativeClassifier {
             Tensor::shallow_clone,
         );
         Some((head.ws.detach(), b.detach()))
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, input: NodeId) -> Result<NodeId> {
+        let f = self
+            .net
+            .append_bound_graph(g, input)
+            .with_context(|| format!("{} ({})", self.info.name, self.info.format))?;
+        bound_linear(g, f, self.net.head(), "head")
     }
 
     fn device(&self) -> Device {

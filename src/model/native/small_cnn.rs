@@ -9,7 +9,11 @@ use anyhow::{ensure, Result};
 use tch::nn;
 use tch::Tensor;
 
-use super::{downsampled, ArchConfig, Network};
+use super::{
+    bound_conv, bound_flatten, bound_linear, bound_max_pool, bound_relu, downsampled, ArchConfig,
+    Network,
+};
+use crate::certify::graph::{BoundGraph, NodeId};
 
 /// The `--arch` name.
 pub const ARCH: &str = "small-cnn";
@@ -71,5 +75,17 @@ impl Network for SmallCnn {
 
     fn head(&self) -> &nn::Linear {
         &self.fc2
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let x = bound_conv(g, x, &self.conv1, 1, 1, "conv1")?;
+        let x = bound_relu(g, x, "relu1")?;
+        let x = bound_max_pool(g, x, 2, "pool1")?;
+        let x = bound_conv(g, x, &self.conv2, 1, 1, "conv2")?;
+        let x = bound_relu(g, x, "relu2")?;
+        let x = bound_max_pool(g, x, 2, "pool2")?;
+        let x = bound_flatten(g, x)?;
+        let x = bound_linear(g, x, &self.fc1, "fc1")?;
+        bound_relu(g, x, "relu3")
     }
 }

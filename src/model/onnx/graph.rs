@@ -14,14 +14,14 @@ use crate::util::to_vec_i64;
 /// Opsets of the default domain brittle reads (the operator semantics of 9 to 21 are covered).
 pub(super) const OPSETS: std::ops::RangeInclusive<i64> = 9..=21;
 
-struct Node {
+pub(super) struct Node {
     /// Node name, or its position and output when unnamed, for error messages.
-    label: String,
-    op_type: String,
-    op: Op,
+    pub label: String,
+    pub op_type: String,
+    pub op: Op,
     /// Value slots of the inputs; `None` for an absent optional input.
-    inputs: Vec<Option<usize>>,
-    output: usize,
+    pub inputs: Vec<Option<usize>>,
+    pub output: usize,
 }
 
 /// `logits = features W^T + b` read off a graph that ends in Gemm or MatMul (+ Add).
@@ -35,9 +35,9 @@ pub(super) struct LinearHead {
 
 pub(super) struct Graph {
     pub opset: i64,
-    nodes: Vec<Node>,
+    pub nodes: Vec<Node>,
     /// One entry per value slot: the tensor of constants (initializers, folded nodes).
-    constants: Vec<Option<Tensor>>,
+    pub constants: Vec<Option<Tensor>>,
     pub input: usize,
     pub input_name: String,
     /// Declared shape of the input (`None` entries: symbolic or unknown).

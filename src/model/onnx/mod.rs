@@ -39,13 +39,15 @@
 mod graph;
 mod ops;
 mod proto;
+mod relax;
 
 use anyhow::{ensure, Context, Result};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use self::graph::Graph;
 use super::spec::{InputLayout, ModelSpec};
 use super::{is_last_linear, rel_diff, Classifier, ModelInfo, PROBE_TOL};
+use crate::certify::{BoundGraph, NodeId};
 use crate::util::OptionError;
 
 /// How the graph's input is produced from NCHW pixels.
@@ -265,6 +267,26 @@ impl Classifier for OnnxClassifier {
             .head
             .as_ref()
             .map(|h| (h.weight.shallow_clone(), h.bias.shallow_clone()))
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, input: NodeId) -> Result<NodeId> {
+        let [c, h, w] = self.info.input_shape;
+        let (x, probe) = match self.feed {
+            Feed::Nchw => (
+                input,
+                Tensor::f_zeros([1, c, h, w], (Kind::Float, self.device))?,
+            ),
+            Feed::Flat => (
+                g.reshape(input, &[c * h * w], "flat input")?,
+                Tensor::f_zeros([1, c * h * w], (Kind::Float, self.device))?,
+            ),
+            Feed::Nhwc => anyhow::bail!(
+                "{}: the NHWC input permutation has no relaxation; certify an NCHW export",
+                self.info.name
+            ),
+        };
+        relax::append(&self.graph, g, x, &probe)
+            .with_context(|| format!("{}: building the bound graph", self.info.name))
     }
 
     fn device(&self) -> Device {

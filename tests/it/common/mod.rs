@@ -239,6 +239,7 @@ pub fn synthetic_set(
             entropy: None,
             energy: None,
             feature_margin: None,
+            certified_radius: None,
             pseudo_margin: None,
         })
         .collect();

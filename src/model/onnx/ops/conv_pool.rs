@@ -3,7 +3,11 @@
 use anyhow::{anyhow, bail, ensure, Result};
 use tch::Tensor;
 
-use super::{arity, input, norm_axis, opt_input, NodeInfo, Operator};
+use tch::Kind;
+
+use super::{arity, first_computed_only, input, norm_axis, opt_input, NodeInfo, Operator, Relaxed};
+use crate::certify::graph as bound;
+use crate::certify::Layer;
 use crate::model::onnx::proto::Attrs;
 use crate::util::to_vec_i64;
 
@@ -185,6 +189,41 @@ impl Operator for Conv {
             self.group,
         )?)
     }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let (x, w) = (input(ins, 0)?, input(ins, 1)?);
+        ensure!(w.dim() == 4, "only 2-D convolutions have a relaxation");
+        let kernel = &w.size()[2..];
+        let strides = self.strides.clone().unwrap_or_else(|| vec![1; 2]);
+        let dil = self.dilations.clone().unwrap_or_else(|| vec![1; 2]);
+        let padding = symmetric(self.pads.resolve(x, kernel, &strides, &dil)?)?;
+        Ok(Relaxed::Layer(Layer::Conv(bound::Conv {
+            weight: w.f_to_kind(Kind::Float)?,
+            bias: opt_input(ins, 2).map(|b| b.to_kind(Kind::Float)),
+            stride: pair(&strides)?,
+            padding,
+            dilation: pair(&dil)?,
+            groups: self.group,
+        })))
+    }
+}
+
+/// A 2-D attribute as an array.
+fn pair(v: &[i64]) -> Result<[i64; 2]> {
+    match v {
+        [a, b] => Ok([*a, *b]),
+        _ => bail!("{v:?} is not 2-D"),
+    }
+}
+
+/// Begin and end pads that are equal, as the symmetric 2-D padding of a relaxation.
+fn symmetric((begin, end): (Vec<i64>, Vec<i64>)) -> Result<[i64; 2]> {
+    ensure!(
+        begin == end,
+        "asymmetric padding (begin {begin:?}, end {end:?}) has no relaxation"
+    );
+    pair(&begin)
 }
 
 /// Window attributes shared by MaxPool and AveragePool.
@@ -286,6 +325,22 @@ impl Operator for MaxPool {
             _ => x.f_max_pool3d(&p.kernel, &strides, &padding, &dil, p.ceil_mode)?,
         })
     }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let p = &self.0;
+        let x = input(ins, 0)?;
+        let (strides, dil) = p.strides_dilations(x)?;
+        let padding = symmetric(p.pads.resolve(x, &p.kernel, &strides, &dil)?)?;
+        ensure!(
+            strides == p.kernel && padding == [0, 0] && dil == [1, 1] && !p.ceil_mode,
+            "only 2-D max pooling over non-overlapping windows (strides = kernel, no padding, \
+             dilation or ceil_mode) has a relaxation"
+        );
+        Ok(Relaxed::Layer(Layer::MaxPool {
+            kernel: pair(&p.kernel)?,
+        }))
+    }
 }
 
 /// `AveragePool`, with or without the padding in the divisor.
@@ -345,6 +400,26 @@ impl Operator for AveragePool {
             }
         })
     }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let p = &self.pool;
+        let x = input(ins, 0)?;
+        let (strides, dil) = p.strides_dilations(x)?;
+        let padding = symmetric(p.pads.resolve(x, &p.kernel, &strides, &dil)?)?;
+        ensure!(
+            !p.ceil_mode && (self.count_include_pad || padding == [0, 0]),
+            "average pooling has a relaxation only without ceil_mode and with the padding counted"
+        );
+        let conv = bound::avg_pool_conv(
+            x.size()[1],
+            pair(&p.kernel)?,
+            pair(&strides)?,
+            padding,
+            x.device(),
+        )?;
+        Ok(Relaxed::Layer(Layer::Conv(conv)))
+    }
 }
 
 /// `GlobalAveragePool` and `GlobalMaxPool`: over every spatial dimension.
@@ -374,6 +449,18 @@ impl Operator for GlobalPool {
         } else {
             x.f_amax(dims.as_slice(), true)?
         })
+    }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let x = input(ins, 0)?;
+        ensure!(
+            !self.max && x.dim() == 4,
+            "only 2-D global average pooling has a relaxation"
+        );
+        let s = x.size();
+        let conv = bound::avg_pool_conv(s[1], [s[2], s[3]], [1, 1], [0, 0], x.device())?;
+        Ok(Relaxed::Layer(Layer::Conv(conv)))
     }
 }
 
@@ -411,6 +498,20 @@ impl Operator for BatchNorm {
             self.eps,
             true,
         )?)
+    }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let rank = input(ins, 0)?.dim() - 1;
+        let (scale, shift) = bound::batch_norm_affine(
+            Some(input(ins, 1)?),
+            Some(input(ins, 2)?),
+            input(ins, 3)?,
+            input(ins, 4)?,
+            self.eps,
+            rank,
+        )?;
+        Ok(Relaxed::Affine(scale, shift))
     }
 }
 

@@ -3,7 +3,11 @@
 use anyhow::{anyhow, bail, ensure, Result};
 use tch::{Kind, Tensor};
 
-use super::{arity, input, norm_axis, opt_input, same_device, LinearRole, NodeInfo, Operator};
+use super::{
+    arity, first_computed_only, input, norm_axis, opt_input, same_device, LinearRole, NodeInfo,
+    Operator, Relaxed,
+};
+use crate::certify::Layer;
 use crate::model::onnx::proto::Attrs;
 
 /// `Add`, `Sub`, `Mul`, `Div` with numpy broadcasting.
@@ -37,6 +41,34 @@ impl Operator for BinaryOp {
         })
     }
 
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        let one = |c: &Tensor| c.f_ones_like();
+        let zero = |c: &Tensor| c.f_zeros_like();
+        Ok(match (computed, self) {
+            ([true, true], BinaryOp::Add) => Relaxed::Layer(Layer::Add),
+            ([true, true], _) => bail!("{self:?} of two computed values has no relaxation"),
+            ([true, false], op) => {
+                let c = input(ins, 1)?.f_to_kind(Kind::Float)?;
+                match op {
+                    BinaryOp::Add => Relaxed::Affine(one(&c)?, c),
+                    BinaryOp::Sub => Relaxed::Affine(one(&c)?, c.f_neg()?),
+                    BinaryOp::Mul => Relaxed::Affine(c.shallow_clone(), zero(&c)?),
+                    BinaryOp::Div => Relaxed::Affine(c.f_reciprocal()?, zero(&c)?),
+                }
+            }
+            ([false, true], op) => {
+                let c = input(ins, 0)?.f_to_kind(Kind::Float)?;
+                match op {
+                    BinaryOp::Add => Relaxed::Affine(one(&c)?, c),
+                    BinaryOp::Sub => Relaxed::Affine(one(&c)?.f_neg()?, c),
+                    BinaryOp::Mul => Relaxed::Affine(c.shallow_clone(), zero(&c)?),
+                    BinaryOp::Div => bail!("division by a computed value has no relaxation"),
+                }
+            }
+            _ => bail!("has no computed input"),
+        })
+    }
+
     fn linear_role(&self) -> Option<LinearRole> {
         (*self == BinaryOp::Add).then_some(LinearRole::Add)
     }
@@ -67,6 +99,14 @@ impl Operator for Unary {
             Unary::Tanh => x.f_tanh()?,
             Unary::Identity => x.shallow_clone(),
         })
+    }
+
+    fn relax(&self, _: &[Option<&Tensor>], _: &[bool]) -> Result<Relaxed> {
+        match self {
+            Unary::Relu => Ok(Relaxed::Layer(Layer::Relu)),
+            Unary::Identity => Ok(Relaxed::Same),
+            _ => bail!("{self:?} has no linear relaxation"),
+        }
     }
 }
 
@@ -218,5 +258,10 @@ impl Operator for Dropout {
             );
         }
         Ok(input(inp, 0)?.shallow_clone())
+    }
+
+    fn relax(&self, _: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        Ok(Relaxed::Same)
     }
 }

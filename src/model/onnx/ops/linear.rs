@@ -1,9 +1,12 @@
 //! `Gemm` and `MatMul`, the operators a last linear layer is read off.
 
 use anyhow::{ensure, Result};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::{arity, input, opt_input, same_device, NodeInfo, Operator};
+use super::{
+    arity, first_computed_only, input, opt_input, same_device, NodeInfo, Operator, Relaxed,
+};
+use crate::certify::Layer;
 use crate::model::onnx::proto::Attrs;
 
 /// The part a node can play in `logits = features W^T + b` (see `Graph::head`).
@@ -71,6 +74,31 @@ impl Operator for Gemm {
         })
     }
 
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        ensure!(!self.trans_a, "transA=1 has no relaxation");
+        let b = input(ins, 1)?.f_to_kind(Kind::Float)?;
+        ensure!(b.dim() == 2, "weight of shape {:?} is not 2-D", b.size());
+        let w = if self.trans_b {
+            b
+        } else {
+            b.f_transpose(0, 1)?
+        };
+        let out = w.size()[0];
+        let bias = match opt_input(ins, 2) {
+            Some(c) => c
+                .f_to_kind(Kind::Float)?
+                .f_mul_scalar(self.beta)?
+                .f_broadcast_to([out])?
+                .f_contiguous()?,
+            None => Tensor::f_zeros([out], (Kind::Float, w.device()))?,
+        };
+        Ok(Relaxed::Layer(Layer::Linear {
+            weight: w.f_mul_scalar(self.alpha)?.f_contiguous()?,
+            bias,
+        }))
+    }
+
     fn linear_role(&self) -> Option<LinearRole> {
         Some(LinearRole::Gemm {
             alpha: self.alpha,
@@ -96,6 +124,17 @@ impl Operator for MatMul {
     fn run(&self, inp: &[Option<&Tensor>]) -> Result<Tensor> {
         let (a, b) = same_device(input(inp, 0)?, input(inp, 1)?)?;
         Ok(a.f_matmul(&b)?)
+    }
+
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        let w = input(ins, 1)?.f_to_kind(Kind::Float)?;
+        ensure!(w.dim() == 2, "weight of shape {:?} is not 2-D", w.size());
+        let out = w.size()[1];
+        Ok(Relaxed::Layer(Layer::Linear {
+            weight: w.f_transpose(0, 1)?.f_contiguous()?,
+            bias: Tensor::f_zeros([out], (Kind::Float, w.device()))?,
+        }))
     }
 
     fn linear_role(&self) -> Option<LinearRole> {

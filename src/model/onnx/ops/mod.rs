@@ -21,6 +21,7 @@ use tch::{Device, Tensor};
 
 use self::elementwise::BinaryOp;
 use super::proto::Attrs;
+use crate::certify::Layer;
 
 pub(super) use self::linear::LinearRole;
 
@@ -47,6 +48,13 @@ pub(super) trait Operator: Debug + Send {
         None
     }
 
+    /// This node in a bound graph ([`crate::certify`]): `ins` are its inputs on a one-sample
+    /// probe, `computed[i]` says whether input `i` depends on the pixels (weights do not).
+    fn relax(&self, ins: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        let _ = (ins, computed);
+        bail!("has no linear relaxation")
+    }
+
     /// For a Reshape: turns the batch rewrite on or off (see the module docs of
     /// [`super`]) and returns `true`; other operators return `false`.
     fn set_batch_rewrite(&mut self, on: bool) -> bool {
@@ -56,6 +64,29 @@ pub(super) trait Operator: Debug + Send {
 }
 
 pub(super) type Op = Box<dyn Operator>;
+
+/// What a node becomes in a bound graph (see [`Operator::relax`]).
+pub(super) enum Relaxed {
+    /// A layer reading the node's computed inputs, in order.
+    Layer(Layer),
+    /// `x · scale + shift` with constants that broadcast against the computed input.
+    Affine(Tensor, Tensor),
+    /// The computed input, unchanged (Identity, Dropout at inference).
+    Same,
+    /// The computed input in the output's shape.
+    Reshape,
+    /// A value that does not depend on the pixels (the Shape of a computed tensor).
+    Static,
+}
+
+/// Fails unless the first input is the only one computed from the pixels.
+fn first_computed_only(computed: &[bool]) -> Result<()> {
+    ensure!(
+        computed.first() == Some(&true) && computed.iter().skip(1).all(|c| !c),
+        "only its first input may depend on the pixels (its weights must be constants)"
+    );
+    Ok(())
+}
 
 /// Parses one node of an operator type.
 type Parse = fn(&mut Attrs, &NodeInfo) -> Result<Op>;

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::{arity, input, norm_axis, opt_input, NodeInfo, Operator};
+use super::{arity, first_computed_only, input, norm_axis, opt_input, NodeInfo, Operator, Relaxed};
 use crate::model::onnx::proto::{tensor_from_proto, Attrs};
 use crate::util::to_vec_i64;
 
@@ -37,6 +37,15 @@ impl Operator for Flatten {
         let outer: i64 = size[..axis].iter().product();
         let inner: i64 = size[axis..].iter().product();
         Ok(x.f_reshape([outer, inner])?)
+    }
+
+    fn relax(&self, _: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        ensure!(
+            self.axis != 0,
+            "Flatten with axis 0 mixes the samples of a batch"
+        );
+        Ok(Relaxed::Reshape)
     }
 }
 
@@ -80,6 +89,11 @@ impl Operator for Reshape {
             }
         }
         Ok(x.f_reshape(&shape)?)
+    }
+
+    fn relax(&self, _: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        Ok(Relaxed::Reshape)
     }
 
     fn set_batch_rewrite(&mut self, on: bool) -> bool {
@@ -209,6 +223,10 @@ impl Operator for Shape {
         let (s, e) = (clampi(self.start), clampi(self.end.unwrap_or(r)));
         Ok(Tensor::from_slice(&size[s..e.max(s)]))
     }
+
+    fn relax(&self, _: &[Option<&Tensor>], _: &[bool]) -> Result<Relaxed> {
+        Ok(Relaxed::Static)
+    }
 }
 
 /// The axes of Unsqueeze and Squeeze: from the attribute (opset < 13), else the second input.
@@ -256,6 +274,11 @@ impl Operator for Unsqueeze {
         }
         Ok(x)
     }
+
+    fn relax(&self, _: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        Ok(Relaxed::Reshape)
+    }
 }
 
 /// `Squeeze`: removes the given dimensions of size 1 (all of them without axes).
@@ -295,6 +318,11 @@ impl Operator for Squeeze {
             y = y.f_squeeze_dim(a as i64)?;
         }
         Ok(y)
+    }
+
+    fn relax(&self, _: &[Option<&Tensor>], computed: &[bool]) -> Result<Relaxed> {
+        first_computed_only(computed)?;
+        Ok(Relaxed::Reshape)
     }
 }
 
