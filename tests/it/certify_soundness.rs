@@ -317,8 +317,8 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
 }
 
 /// VNN-COMP 2021 cifar10_resnet: the pool rows rebuilt from the resnet2b specs (ε = 2/255),
-/// verified with α-CROWN on resnet_2b (no branch and bound). Prints the count; the assertion
-/// keeps the count measured when this was written (29 of 48) from falling.
+/// verified with α-CROWN on resnet_2b (no branch and bound). Prints the counts (the figure
+/// for the report); asserts that α-CROWN certifies at least what CROWN does.
 #[test]
 #[ignore = "needs ../shared (resnet_2b.onnx, real pool and its csv)"]
 fn vnncomp_cifar10_resnet_2b_instances_certified_by_alpha_crown() {
