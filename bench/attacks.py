@@ -15,9 +15,12 @@ file, data file, norm, n, threads and the attack with its budget), so a rerun af
 brittle's defaults only runs brittle. The pair's time is kept in the cache with the 1-minute load
 average when it was measured; `--retime` measures the pair again.
 
-Installs nothing. Needs the dev venv plus the three reference libraries (once):
+Installs nothing. Needs the dev venv plus the three reference libraries (once; adv-lib imports
+visdom, whose sdist needs an old setuptools; pin torchvision to the venv's torch, or torchattacks'
+dependency on it upgrades torch):
     BRITTLE_DEV=1 source scripts/env.sh
-    pip install --no-deps adv-lib && pip install torchattacks foolbox safetensors
+    echo 'setuptools<70' > /tmp/c.txt && PIP_CONSTRAINT=/tmp/c.txt pip install visdom
+    pip install --no-deps adv-lib && pip install torchattacks foolbox safetensors 'torchvision==0.28.*'
     cargo build --release
     python bench/attacks.py --norm linf --n 100                    # resnet_2b
     python bench/attacks.py --all-models --n 100                   # every model, both norms

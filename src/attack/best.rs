@@ -4,8 +4,10 @@
 //! projections land close to the boundary, and looking at every class finds the boundaries FMN's
 //! max-other-class loss misses), then FMN started from FAB's point (it walks along the boundary
 //! towards the clean input), then a cold FMN pass from the clean input (FMN warm-started from FAB
-//! stays in FAB's basin), in L2 a DDN pass from the clean input, then [`Shrink`] (signed-gradient
-//! PGD in a ball shrinking below the best point: the last 0.1%), then a bisection on the segment
+//! stays in FAB's basin), in L2 a DDN pass from the clean input, then [`Shrink::probe`] (the same
+//! steps from a random point of the ball 2% below the best distance: other basins), then
+//! [`Shrink`] (signed-gradient PGD in a ball shrinking below the best point: the last 0.1%), then
+//! a bisection on the segment
 //! from the clean input to the best point (forwards only). Every pass only keeps a point closer
 //! than the best so far.
 //!
@@ -39,6 +41,9 @@ pub fn shrink_steps(norm: Norm) -> usize {
         _ => 40,
     }
 }
+/// Steps of the random-start [`Shrink::probe`] before the polish: 60 put 89% of the MNIST
+/// model's samples within 1% of the best known margin (L∞), 30 only 55-64%.
+pub const PROBE_STEPS: usize = 60;
 /// FAB's iterations and patience: most samples stop improving within 25 steps.
 const FAB_STEPS: usize = 25;
 const FAB_PATIENCE: usize = 8;
@@ -64,6 +69,7 @@ pub fn plan(norm: Norm, cold_steps: usize, topk: i64) -> Plan {
         passes.push(Box::new(Ddn::new(DDN_STEPS)));
     }
     if norm != Norm::L1 {
+        passes.push(Box::new(Shrink::probe(norm, PROBE_STEPS)));
         passes.push(Box::new(Shrink::new(norm, shrink_steps(norm))));
     }
     Plan {

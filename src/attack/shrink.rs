@@ -1,5 +1,7 @@
 //! A polish for the best point found so far: signed-gradient PGD (normalised gradient in L2)
 //! inside a ball whose radius shrinks by a factor `1 - ρ` below each adversarial point it reaches.
+//! [`Shrink::probe`] runs the same steps from a random point of a ball just below the best
+//! distance instead: a restart that looks for another basin.
 //! Every step moves towards the boundary's far side, adversarial or not, so that the point keeps
 //! some depth when the ball shrinks under it (as FMN's steps do).
 //!
@@ -11,6 +13,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::ball::project_ball;
+use super::random::uniform_in_ball;
 use super::toolkit::{ascent_direction, box_clip, cosine, norm64, per_sample};
 use super::{margin_loss, misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
@@ -26,6 +29,10 @@ pub struct Shrink {
     /// Step size relative to the radius, cosine-annealed.
     pub alpha_init: f64,
     pub alpha_final: f64,
+    /// Start from a uniform point of the ball (the sample's seed) instead of the best point: a
+    /// search for another basin just below the best distance.
+    pub random_start: bool,
+    pub name: &'static str,
 }
 
 impl Shrink {
@@ -39,6 +46,24 @@ impl Shrink {
             rho_final: 1e-5,
             alpha_init: 0.05,
             alpha_final: 0.003,
+            random_start: false,
+            name: "shrink",
+        }
+    }
+
+    /// The `probe`: from a uniform random point of the ball 2% below the best distance, large
+    /// steps (α 0.5 → 0.01), ρ 2% → 1e-5. It finds basins that FMN and FAB, which walk from the
+    /// clean input or along the boundary, miss: on the embedded PGD-trained MNIST model (L∞)
+    /// `best` went from 13% to 89% of samples within 1% of the best known margin with 60 steps
+    /// (ρ 1% or α 0.25: 76%; α 0.1: 22%; 30 steps: 55-64%); figures in `bench/README.md`.
+    pub fn probe(norm: Norm, steps: usize) -> Self {
+        Shrink {
+            rho_init: 0.02,
+            alpha_init: 0.5,
+            alpha_final: 0.01,
+            random_start: true,
+            name: "probe",
+            ..Shrink::new(norm, steps)
         }
     }
 }
@@ -57,7 +82,7 @@ impl AttackStep for Shrink {
     fn budget(&self) -> Budget {
         // Each success improves by ρ, below the driver's 0.1% patience threshold: no early stop.
         Budget {
-            name: "shrink",
+            name: self.name,
             steps: self.steps,
             patience: self.steps,
         }
@@ -68,7 +93,13 @@ impl AttackStep for Shrink {
     fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> Result<ShrinkState> {
         let found = b.best.isfinite();
         let radius = (b.best * (1.0 - self.rho_init)).masked_fill(&found.logical_not(), 0.0);
-        let delta = project_ball(self.norm, &(b.best_adv - b.x0), &radius);
+        let start = if self.random_start {
+            let unit = uniform_in_ball(self.norm, b.seeds, &b.x0.size()[1..], b.x0.device());
+            unit * per_sample(&radius, b.x0).to_kind(b.x0.kind())
+        } else {
+            b.best_adv - b.x0
+        };
+        let delta = box_clip(b.x0, &project_ball(self.norm, &start, &radius));
         Ok(ShrinkState { delta, radius })
     }
 

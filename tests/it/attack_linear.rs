@@ -188,3 +188,42 @@ fn shrink_polishes_every_point_towards_the_boundary() {
         assert!(gains[n / 2] >= 1e-3, "{norm}: gains {gains:?}");
     }
 }
+
+/// The `probe` restarts from a random point of the ball 2% below the best distance: on a linear
+/// model, from FMN's first adversarial point (ε jumps to 1.05 x the linearised boundary), it
+/// must bring every sample at least 2% closer (its first success lies inside that ball), and
+/// never below the true margin.
+#[test]
+fn probe_restarts_below_the_best_point() {
+    use brittle::attack::fmn::Fmn;
+    use brittle::attack::shrink::Shrink;
+    for norm in [Norm::Linf, Norm::L2] {
+        let (m, x) = setup(12);
+        let want = closed_form(&m, &x, norm, GAP_RTOL);
+        let n = x.size()[0] as usize;
+        let label = m.logits(&x).unwrap().argmax(1, false);
+        let seeds = (0..n).map(|i| sample_seed(1, i)).collect();
+        let mut chunk = Chunk::new(x.shallow_clone(), label, seeds, &vec![false; n]);
+        chunk.run(&m, norm, &Fmn::new(norm, 2), 8).unwrap();
+        let before = Vec::<f64>::try_from(&chunk.best).unwrap();
+        chunk.run(&m, norm, &Shrink::probe(norm, 20), 8).unwrap();
+        let after = Vec::<f64>::try_from(&chunk.best).unwrap();
+        for i in 0..n {
+            let (lo, ..) = want[i];
+            assert!(
+                before[i].is_finite(),
+                "{norm} sample {i}: FMN found nothing"
+            );
+            assert!(
+                after[i] <= 0.98 * before[i],
+                "{norm} sample {i}: {} -> {} (margin {lo})",
+                before[i],
+                after[i]
+            );
+            assert!(
+                after[i] >= lo * (1.0 - 1e-5) - 1e-7,
+                "{norm} sample {i} below the margin"
+            );
+        }
+    }
+}
