@@ -320,7 +320,7 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
 /// verified with α-CROWN on resnet_2b (no branch and bound). Prints the counts (measured
 /// 2026-12-02: 48 of 48 correct, CROWN 27, α-CROWN 28); asserts that no count falls.
 #[test]
-#[ignore = "needs ../shared (resnet_2b.onnx, real pool and its csv)"]
+#[ignore = "needs ../shared (resnet_2b.onnx, real pool and its csv); ~17 min: scripts/test runs it only with BRITTLE_VNNCOMP set"]
 fn vnncomp_cifar10_resnet_2b_instances_certified_by_alpha_crown() {
     let shared = common::shared();
     let csv = std::fs::read_to_string(shared.join("data/cifar10/real-pool.csv")).unwrap();
