@@ -24,6 +24,27 @@ pub(super) struct Node {
     pub output: usize,
 }
 
+impl Node {
+    /// This node's inputs from the value slots `vals` (`None` for an absent optional input); a
+    /// slot without a value is an error whose message ends with `missing`.
+    pub(super) fn input_values<'a>(
+        &self,
+        vals: &'a [Option<Tensor>],
+        missing: &str,
+    ) -> Result<Vec<Option<&'a Tensor>>> {
+        self.inputs
+            .iter()
+            .map(|s| match s {
+                None => Ok(None),
+                Some(s) => vals[*s]
+                    .as_ref()
+                    .map(Some)
+                    .ok_or_else(|| anyhow!("value slot {s} {missing}")),
+            })
+            .collect()
+    }
+}
+
 /// `logits = features W^T + b` read off a graph that ends in Gemm or MatMul (+ Add).
 pub(super) struct LinearHead {
     pub features: usize,
@@ -336,28 +357,24 @@ impl Graph {
         count
     }
 
-    /// Runs the graph on `x` (already normalised and in the graph's layout); returns the output
-    /// and, when asked and known, the features of [`Graph::head`].
-    pub(super) fn run(&self, x: &Tensor, want_features: bool) -> Result<(Tensor, Option<Tensor>)> {
+    /// The value slots before the first node: the constants, and `x` in the input's slot.
+    pub(super) fn values_with_input(&self, x: &Tensor) -> Vec<Option<Tensor>> {
         let mut vals: Vec<Option<Tensor>> = self
             .constants
             .iter()
             .map(|c| c.as_ref().map(Tensor::shallow_clone))
             .collect();
         vals[self.input] = Some(x.shallow_clone());
+        vals
+    }
+
+    /// Runs the graph on `x` (already normalised and in the graph's layout); returns the output
+    /// and, when asked and known, the features of [`Graph::head`].
+    pub(super) fn run(&self, x: &Tensor, want_features: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let mut vals = self.values_with_input(x);
         for (node, frees) in self.nodes.iter().zip(&self.free_after) {
             let y = {
-                let ins = node
-                    .inputs
-                    .iter()
-                    .map(|s| match s {
-                        None => Ok(None),
-                        Some(s) => vals[*s]
-                            .as_ref()
-                            .map(Some)
-                            .ok_or_else(|| anyhow!("value slot {s} was released too early")),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                let ins = node.input_values(&vals, "was released too early")?;
                 node.op
                     .run(&ins)
                     .with_context(|| format!("node {} ({})", node.label, node.op_type))?

@@ -17,27 +17,12 @@ pub(super) fn append(
     x: NodeId,
     probe: &Tensor,
 ) -> Result<NodeId> {
-    let mut vals: Vec<Option<Tensor>> = graph
-        .constants
-        .iter()
-        .map(|c| c.as_ref().map(Tensor::shallow_clone))
-        .collect();
-    vals[graph.input] = Some(probe.shallow_clone());
+    let mut vals = graph.values_with_input(probe);
     let mut bound: Vec<Option<NodeId>> = vec![None; vals.len()];
     bound[graph.input] = Some(x);
     for node in &graph.nodes {
         let what = || format!("node {} (operator {})", node.label, node.op_type);
-        let ins = node
-            .inputs
-            .iter()
-            .map(|s| match s {
-                None => Ok(None),
-                Some(s) => vals[*s]
-                    .as_ref()
-                    .map(Some)
-                    .ok_or_else(|| anyhow!("value slot {s} is not computed")),
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let ins = node.input_values(&vals, "is not computed")?;
         let y = tch::no_grad(|| node.op.run(&ins)).with_context(what)?;
         let computed: Vec<bool> = node
             .inputs
