@@ -7,9 +7,8 @@
 //! stays in FAB's basin), in L2 a DDN pass from the clean input, then [`Shrink::probe`] (the same
 //! steps from a random point of the ball 2% below the best distance: other basins), then
 //! [`Shrink`] (signed-gradient PGD in a ball shrinking below the best point: the last 0.1%), then
-//! a bisection on the segment
-//! from the clean input to the best point (forwards only). Every pass only keeps a point closer
-//! than the best so far.
+//! a bisection on the segment from the clean input to the best point (forwards only). Every pass
+//! only keeps a strictly adversarial point ([`super::Candidate`]) closer than the best so far.
 //!
 //! Why these passes and budgets: each was measured against adv-lib's FMN-1000 and FAB-100 on the
 //! shared CIFAR-10 models; the figures, and what was tried and dropped, are in `bench/README.md`

@@ -82,6 +82,6 @@ impl AttackStep for Ddn {
             delta: box_clip(b.x0, &scaled),
             eps: new_eps,
         };
-        Ok(Candidate { x, is_adv })
+        Ok(Candidate::new(x, &logits, b.label))
     }
 }

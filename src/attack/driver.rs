@@ -249,7 +249,7 @@ impl Chunk {
             let cand = attack.step(&mut a.ctx, &a.rows.view(&step, &[]), &mut a.state)?;
             let r = &mut a.rows;
             let dist = norm64(norm, &(&cand.x - &r.x0));
-            let better = cand.is_adv.logical_and(&dist.lt_tensor(&r.best));
+            let better = cand.strict.logical_and(&dist.lt_tensor(&r.best));
             let big = better.logical_and(&dist.lt_tensor(&(&r.best * (1.0 - MIN_IMPROVEMENT))));
             r.best = dist.where_self(&better, &r.best);
             r.best_adv = cand.x.where_self(&per_sample(&better, &r.x0), &r.best_adv);

@@ -114,6 +114,6 @@ impl AttackStep for Fmn {
             eps: new_eps,
             found,
         };
-        Ok(Candidate { x, is_adv })
+        Ok(Candidate::new(x, &logits, b.label))
     }
 }

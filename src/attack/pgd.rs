@@ -153,7 +153,7 @@ impl AttackStep for Pgd {
             k: Tensor::zeros_like(&k1).where_self(&round_over, &k1),
             seeds: new_seeds,
         };
-        Ok(Candidate { x, is_adv })
+        Ok(Candidate::new(x, &logits, b.label))
     }
 }
 

@@ -117,6 +117,6 @@ impl AttackStep for Shrink {
         let moved = delta + ascent_direction(self.norm, &grad) * size;
         let delta = box_clip(b.x0, &project_ball(self.norm, &moved, &radius));
         *state = ShrinkState { delta, radius };
-        Ok(Candidate { x, is_adv })
+        Ok(Candidate::new(x, &logits, b.label))
     }
 }

@@ -9,7 +9,9 @@ use std::path::Path;
 use brittle::attack::best::REFINE_STEPS;
 use brittle::attack::driver::Chunk;
 use brittle::attack::plan::Plan;
-use brittle::attack::{margin_loss, AttackKind, GAP_RTOL};
+use brittle::attack::{
+    margin_loss, AttackKind, AttackStep, BatchView, Budget, Candidate, Ctx, GAP_RTOL,
+};
 use brittle::data::DataSpec;
 use brittle::model::{load_classifier, logits_no_grad, ModelInfo, ModelSpec};
 use brittle::norm::Norm;
@@ -81,6 +83,52 @@ fn bisection_ends_strictly_beyond_the_boundary_and_next_to_it() {
         v[0].distance > 0.1 && v[0].distance < 0.1 + 0.2 / 65536.0 + 1e-5,
         "{v:?}"
     );
+}
+
+/// A pass that proposes one fixed point for every sample, at every step.
+#[derive(Debug)]
+struct Propose(Tensor);
+
+impl AttackStep for Propose {
+    type State = Tensor;
+
+    fn budget(&self) -> Budget {
+        Budget {
+            name: "propose",
+            steps: 3,
+            patience: 3,
+        }
+    }
+
+    fn init(&self, _ctx: &mut Ctx, b: &BatchView) -> anyhow::Result<Tensor> {
+        Ok(b.x0.zeros_like())
+    }
+
+    fn step(&self, ctx: &mut Ctx, b: &BatchView, _state: &mut Tensor) -> anyhow::Result<Candidate> {
+        let logits = ctx.forward(&self.0)?;
+        Ok(Candidate::new(self.0.shallow_clone(), &logits, b.label))
+    }
+}
+
+/// A pass keeps only strictly adversarial points: a closer argmax flip within rounding of the
+/// boundary must not replace a good point (it used to, and where the final bisection could not
+/// push it past the boundary the sample ended with no margin at all).
+#[test]
+fn a_pass_never_replaces_a_strict_point_by_a_near_tie() {
+    let model = identity2();
+    let mut chunk = class_one_at(point(0.4, 0.6));
+    chunk.best = Tensor::from_slice(&[0.2f64]);
+    chunk.best_adv = point(0.6, 0.4);
+    // Argmax says class 0 (gap 2e-6 · max |z|), closer than the best point: not kept.
+    let near_tie = Propose(point(0.500_001, 0.499_999));
+    chunk.run(&model, Norm::Linf, &near_tie, 8).unwrap();
+    assert_eq!(chunk.best.double_value(&[0]), 0.2);
+    assert_eq!(chunk.winner[0], "none");
+    // Past the search tolerance: kept.
+    let strict = Propose(point(0.5001, 0.4999));
+    chunk.run(&model, Norm::Linf, &strict, 8).unwrap();
+    assert!((chunk.best.double_value(&[0]) - 0.1001).abs() < 1e-6);
+    assert_eq!(chunk.winner[0], "propose");
 }
 
 /// FMN and the segment bisection on the embedded MNIST CNN: every reported success has a logit
