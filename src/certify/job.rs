@@ -1,26 +1,28 @@
 //! A certify job (`brittle certify`): the certified radius of every sample of a dataset window
 //! or of one shard of it, in `bounds.csv` (`index,certified_radius,method,passes,seconds`) with
-//! its provenance sidecar. It runs on the margins machinery: the same chunks and shards
-//! ([`shard_chunks`], whole chunks per shard, so shards give the same rows as one run), the same
-//! image fingerprint ([`data_sha256`]) and resume rule (a file is continued only when its
-//! sidecar holds the same settings and images; a killed run's partial last line is dropped).
+//! its sidecar ([`Sidecar`] of [`CertifyOptions`]). It runs on the margins machinery: the same
+//! chunks and shards ([`shard_chunks`], whole chunks per shard, so shards give the same rows as
+//! one run), the same sidecar, image fingerprint and resume rule ([`resume`]: a file is
+//! continued only when its sidecar holds the same settings and images; a killed run's partial
+//! last line is dropped).
 //! Radii do not depend on the batch a sample is bounded in, so a resumed or sharded file
 //! equals an uninterrupted one bar `seconds`.
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::radius::{certified_radii, Search};
 use super::{bound_graph, Method};
 use crate::data::Dataset;
-use crate::margins::{data_sha256, shard_chunks, Shard};
-use crate::model::{logits_no_grad, Classifier, ModelInfo};
+use crate::margins::{
+    read_complete_lines, resume, shard_chunks, JobOptions, JobRow, Shard, Sidecar,
+};
+use crate::model::{logits_no_grad, Classifier};
 use crate::norm::Norm;
-use crate::provenance::{sidecar_path, write_sidecar, Provenance};
+use crate::provenance::write_sidecar;
 use crate::util::{OptionError, Progress};
 
 /// What a certify job computes.
@@ -57,28 +59,6 @@ impl CertifyOptions {
     }
 }
 
-/// Everything that changes the numbers of a bounds file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    pub model_fingerprint: String,
-    pub data: String,
-    /// Dataset indices `start..end` of the window (before sharding).
-    pub window: (usize, usize),
-    #[serde(flatten)]
-    pub options: CertifyOptions,
-}
-
-/// The sidecar `bounds.csv.meta.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Sidecar {
-    pub provenance: Provenance,
-    pub settings: Settings,
-    pub model: ModelInfo,
-    /// True once every sample of the shard is in the file, sorted.
-    pub complete: bool,
-    pub data_sha256: String,
-}
-
 /// One sample of a bounds file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoundRow {
@@ -101,24 +81,8 @@ pub fn run(
 ) -> Result<Vec<BoundRow>> {
     options.check()?;
     let graph = bound_graph(model)?;
-    let settings = Settings {
-        model_fingerprint: model.info().fingerprint.clone(),
-        data: data.source.clone(),
-        window: (
-            data.indices.first().copied().unwrap_or(0),
-            data.indices.last().map_or(0, |i| i + 1),
-        ),
-        options: options.clone(),
-    };
-    let data_sha = data_sha256(data)?;
-    let mut done = resume(out, &settings, &data_sha)?;
-    let side = Sidecar {
-        provenance: Provenance::current(None),
-        settings,
-        model: model.info().clone(),
-        complete: false,
-        data_sha256: data_sha,
-    };
+    let side = Sidecar::start(model.info(), data, options.clone(), None)?;
+    let mut done = resume::<_, BoundRow>(out, &side, false)?.done;
     write_sidecar(out, &side)?;
     write_rows(out, &done.values().cloned().collect::<Vec<_>>())?;
     let file = std::fs::OpenOptions::new()
@@ -166,47 +130,25 @@ pub fn run(
     drop(writer);
     let rows: Vec<BoundRow> = done.into_values().collect();
     write_rows(out, &rows)?;
-    write_sidecar(
-        out,
-        &Sidecar {
-            complete: true,
-            ..side
-        },
-    )?;
+    side.finish(out)?;
     Ok(rows)
 }
 
-/// The rows `out` holds of this job (none when it does not exist); a file of other settings or
-/// images is refused.
-fn resume(out: &Path, settings: &Settings, data_sha: &str) -> Result<BTreeMap<usize, BoundRow>> {
-    if !out.exists() {
-        return Ok(BTreeMap::new());
+impl JobOptions for CertifyOptions {
+    const FILE: &'static str = "bounds";
+    const MERGED: bool = false;
+    fn seed(&self) -> Option<u64> {
+        None
     }
-    let side_path = sidecar_path(out);
-    let side: Sidecar = serde_json::from_str(
-        &std::fs::read_to_string(&side_path)
-            .with_context(|| format!("{} exists: reading its sidecar", out.display()))?,
-    )
-    .with_context(|| format!("{}: not a bounds sidecar", side_path.display()))?;
-    if side.settings != *settings || side.data_sha256 != data_sha {
-        bail!(
-            "{} was made with other settings or images ({}); write elsewhere or delete it\nthere: {:?}\nnow:   {:?}",
-            out.display(),
-            side_path.display(),
-            side.settings,
-            settings
-        );
+}
+
+impl JobRow for BoundRow {
+    fn index(&self) -> usize {
+        self.index
     }
-    let mut text = String::new();
-    std::fs::File::open(out)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .with_context(|| format!("reading {}", out.display()))?;
-    // A killed run may have left a partial last line.
-    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
-    Ok(parse(complete.as_bytes(), &out.display().to_string())?
-        .into_iter()
-        .map(|r| (r.index, r))
-        .collect())
+    fn read_partial(path: &Path) -> Result<(Vec<Self>, bool)> {
+        read_complete_lines(path, |text, name| parse(text, name))
+    }
 }
 
 fn parse<R: Read>(input: R, name: &str) -> Result<Vec<BoundRow>> {

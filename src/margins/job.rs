@@ -15,10 +15,10 @@ use tch::Tensor;
 
 use super::adv_store::AdvStore;
 use super::options::MarginsOptions;
-use super::resume::{resume, Job, Resume};
+use super::resume::{resume, Resume};
 use super::row::{write_margins, MarginRow, MarginWriter, Optional};
 use super::shard::shard_chunks;
-use super::sidecar::{data_sha256, Sidecar};
+use super::sidecar::Sidecar;
 use crate::attack::driver::Chunk;
 use crate::attack::plan::Plan;
 use crate::attack::sample_seed;
@@ -27,7 +27,7 @@ use crate::certify::{bound_graph, certified_radii, BoundGraph, Method};
 use crate::data::Dataset;
 use crate::model::Classifier;
 use crate::norm::Norm;
-use crate::provenance::{write_sidecar, Provenance};
+use crate::provenance::write_sidecar;
 use crate::score::score_batch;
 use crate::util::{Checked, NoProgress, Progress};
 
@@ -76,36 +76,16 @@ pub fn run_with_progress(
         save_adv,
         restart_stale,
     } = output;
-    let settings = options.settings(model.info(), data);
     let o: &MarginsOptions = options;
     let plan = Plan::new(o.attack, o.norm, o.steps, o.topk, model.info().num_classes)?;
-    let plan_text = plan.describe();
     let chunks = shard_chunks(data.len(), o.chunk, o.shard);
-    let data_sha = data_sha256(data)?;
+    let side = Sidecar::start(model.info(), data, o.clone(), Some(plan.describe()))?;
     let Resume {
         mut done,
         has_header,
         restarted,
-    } = resume(
-        out,
-        &Job {
-            settings: &settings,
-            plan: &plan_text,
-            source: &data.source,
-            data_sha256: &data_sha,
-        },
-        restart_stale,
-    )?;
+    } = resume(out, &side, restart_stale)?;
     let resumed = done.len();
-    let side = Sidecar {
-        provenance: Provenance::current(Some(o.seed)),
-        settings: settings.clone(),
-        model: model.info().clone(),
-        plan: plan_text,
-        complete: false,
-        merged_from: Vec::new(),
-        data_sha256: data_sha,
-    };
     write_sidecar(out, &side)?;
     // Rewrite what survived (drops a partial last line), then append.
     let optional = Optional {
@@ -184,13 +164,7 @@ pub fn run_with_progress(
             .collect();
         store.finish(path, &indices)?;
     }
-    write_sidecar(
-        out,
-        &Sidecar {
-            complete: true,
-            ..side
-        },
-    )?;
+    side.finish(out)?;
     Ok(Summary {
         rows,
         resumed,

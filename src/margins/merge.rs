@@ -15,7 +15,7 @@ use crate::provenance::{write_sidecar, Provenance};
 /// that every sample of the window appears exactly once.
 pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
     anyhow::ensure!(!inputs.is_empty(), "merge: no input files");
-    let mut settings: Option<(Settings, String, &Path)> = None;
+    let mut settings: Option<(Settings, Option<String>, &Path)> = None;
     let mut first: Option<Sidecar> = None;
     let mut rows: BTreeMap<usize, (MarginRow, &Path)> = BTreeMap::new();
     for p in inputs {
@@ -32,12 +32,13 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             None => settings = Some((s, side.plan.clone(), p)),
             Some((s0, plan0, p0)) if *s0 != s || *plan0 != side.plan => {
                 bail!(
-                    "{} and {} were made with different settings or attack versions:\n{:?}\n{plan0}\n{:?}\n{}",
+                    "{} and {} were made with different settings or attack versions:\n{:?}\n{}\n{:?}\n{}",
                     p0.display(),
                     p.display(),
                     s0,
+                    plan0.as_deref().unwrap_or_default(),
                     s,
-                    side.plan
+                    side.plan.as_deref().unwrap_or_default()
                 )
             }
             _ => {}
@@ -91,7 +92,7 @@ pub fn merge(inputs: &[PathBuf], out: &Path) -> Result<usize> {
             model: side.model,
             plan,
             complete: true,
-            merged_from: inputs.iter().map(|p| p.display().to_string()).collect(),
+            merged_from: Some(inputs.iter().map(|p| p.display().to_string()).collect()),
             data_sha256: side.data_sha256,
         },
     )?;

@@ -4,17 +4,15 @@
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 
-use super::sidecar::Settings;
+use super::sidecar::JobOptions;
 use super::Shard;
 use crate::attack::AttackKind;
 use crate::certify::Method;
-use crate::data::Dataset;
-use crate::model::ModelInfo;
 use crate::norm::Norm;
-use crate::util::{Check, Checked, OptionError};
+use crate::util::{Check, OptionError};
 
 /// A margins job as asked for, before [`MarginsOptions::check`]; a margins file records the
-/// options that made it (in [`Settings`]).
+/// options that made it (in [`super::Settings`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MarginsOptions {
     pub norm: Norm,
@@ -85,18 +83,11 @@ impl Check for MarginsOptions {
     }
 }
 
-impl Checked<MarginsOptions> {
-    /// The settings a job with these options records for `model` on `data`.
-    pub fn settings(&self, model: &ModelInfo, data: &Dataset) -> Settings {
-        Settings {
-            model_fingerprint: model.fingerprint.clone(),
-            data: data.source.clone(),
-            window: (
-                data.indices.first().copied().unwrap_or(0),
-                data.indices.last().map_or(0, |i| i + 1),
-            ),
-            options: (**self).clone(),
-        }
+impl JobOptions for MarginsOptions {
+    const FILE: &'static str = "margins";
+    const MERGED: bool = true;
+    fn seed(&self) -> Option<u64> {
+        Some(self.seed)
     }
 }
 

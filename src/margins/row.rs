@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::resume::read_complete_lines;
 use crate::score::FreeScores;
 
 /// The columns `brittle margins` writes, in order (without the optional `feature_margin`).
@@ -230,16 +231,7 @@ pub fn write_margins(path: &Path, rows: &[MarginRow], optional: Optional) -> Res
 /// Reads the rows of a margins file that a killed run may have left with a partial last line
 /// (which is dropped); returns the rows and whether the file has a header at all.
 pub fn read_partial_margins(path: &Path) -> Result<(Vec<MarginRow>, bool)> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .with_context(|| format!("reading {}", path.display()))?;
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => return Ok((Vec::new(), false)),
-    };
-    let rows = parse_margins(complete.as_bytes(), &path.display().to_string())?;
-    Ok((rows, true))
+    read_complete_lines(path, |text, name| parse_margins(text, name))
 }
 
 /// Reads every row of a margins file, with errors naming the file and the line.

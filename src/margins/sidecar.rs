@@ -1,59 +1,75 @@
-//! The sidecar `<margins>.meta.json` of a margins file: the settings that made its numbers, the
-//! model, the attack plan and a fingerprint of the images. [`read_sidecar`] is the one reader
-//! of it (`analyze`, `fit`, `merge` and resume use it); `scripts/results.py` reads the same
-//! fields.
+//! The sidecar `<file>.meta.json` of a resumable job's file, a margins file or a bounds file
+//! (`brittle certify`): the settings that made its numbers, the model, the attack plan and a
+//! fingerprint of the images. Both jobs share it so that one resume rule ([`super::resume`])
+//! serves both. [`read_sidecar`] is the one reader of a margins sidecar (`analyze`, `fit`,
+//! `merge` and resume use it); `scripts/results.py` reads the same fields.
 
+use std::fmt::Debug;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tch::Kind;
 
 use super::MarginsOptions;
 use crate::data::Dataset;
+use crate::model::ModelInfo;
 use crate::norm::Norm;
-use crate::provenance::{sidecar_path, Provenance};
+use crate::provenance::{sidecar_path, write_sidecar, Provenance};
 use crate::score::batched::for_each_batch;
 use crate::util::NoProgress;
 
-/// Everything that changes the numbers in a margins file; a resumed run or a merged shard must
+/// The options of a job whose file carries a [`Sidecar`]: what sets the sidecar's few
+/// differences between a margins file and a bounds file.
+pub trait JobOptions: Clone + PartialEq + Debug + Serialize + DeserializeOwned {
+    /// What the job's file holds, for messages (`margins`, `bounds`).
+    const FILE: &'static str;
+    /// Whether shard files of the job are merged: their sidecars list the files merged.
+    const MERGED: bool;
+    /// The seed the provenance records.
+    fn seed(&self) -> Option<u64>;
+}
+
+/// Everything that changes the numbers in a job's file; a resumed run or a merged shard must
 /// have the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
+pub struct Settings<O = MarginsOptions> {
     pub model_fingerprint: String,
     pub data: String,
     /// Dataset indices `start..end` of the window attacked (before sharding).
     pub window: (usize, usize),
     /// The options of the job (flattened: the sidecar lists them beside the fields above).
     #[serde(flatten)]
-    pub options: MarginsOptions,
+    pub options: O,
 }
 
-/// The sidecar of a margins file.
+/// The sidecar of a margins file (`O` = [`MarginsOptions`]) or of a bounds file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Sidecar {
+pub struct Sidecar<O = MarginsOptions> {
     pub provenance: Provenance,
-    pub settings: Settings,
-    pub model: crate::model::ModelInfo,
-    /// [`crate::attack::plan::Plan::describe`] of the attack that made the file (empty: made before brittle recorded
-    /// it).
-    #[serde(default)]
-    pub plan: String,
+    pub settings: Settings<O>,
+    pub model: ModelInfo,
+    /// [`crate::attack::plan::Plan::describe`] of the attack that made a margins file (`None`
+    /// in a bounds file, which no attack makes, and in a margins file made before brittle
+    /// recorded it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
     /// True once every sample of the shard is in the file, sorted.
     pub complete: bool,
-    #[serde(default)]
-    pub merged_from: Vec<String>,
+    /// The shard files a merged file joins (empty in a job's own file; `None` where the job's
+    /// files are never merged, [`JobOptions::MERGED`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_from: Option<Vec<String>>,
     /// [`data_sha256`] of the window the rows came from (empty: made before brittle recorded
     /// it). A resume or merge on other images at the same path is refused.
     #[serde(default)]
     pub data_sha256: String,
 }
 
+/// Reads the sidecar of the margins file `csv`.
 pub fn read_sidecar(csv: &Path) -> Result<Sidecar> {
-    let p = sidecar_path(csv);
-    let text = std::fs::read_to_string(&p)
-        .with_context(|| format!("reading the sidecar {} of {}", p.display(), csv.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a margins sidecar", p.display()))
+    Sidecar::read(csv)
 }
 
 /// The sidecar of a margins file when it has one (a hand-made margins file may have none).
@@ -65,7 +81,54 @@ pub fn find_sidecar(csv: &Path) -> Result<Option<Sidecar>> {
     }
 }
 
-impl Sidecar {
+impl<O: JobOptions> Sidecar<O> {
+    /// The sidecar of a job with `options` on `model` and `data` that has not finished yet;
+    /// `plan` describes its attack.
+    pub fn start(
+        model: &ModelInfo,
+        data: &Dataset,
+        options: O,
+        plan: Option<String>,
+    ) -> Result<Self> {
+        Ok(Sidecar {
+            provenance: Provenance::current(options.seed()),
+            settings: Settings {
+                model_fingerprint: model.fingerprint.clone(),
+                data: data.source.clone(),
+                window: (
+                    data.indices.first().copied().unwrap_or(0),
+                    data.indices.last().map_or(0, |i| i + 1),
+                ),
+                options,
+            },
+            model: model.clone(),
+            plan,
+            complete: false,
+            merged_from: O::MERGED.then(Vec::new),
+            data_sha256: data_sha256(data)?,
+        })
+    }
+
+    /// Reads the sidecar of the job's file `csv`.
+    pub fn read(csv: &Path) -> Result<Self> {
+        let p = sidecar_path(csv);
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("reading the sidecar {} of {}", p.display(), csv.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a {} sidecar", p.display(), O::FILE))
+    }
+
+    /// The job's last write: its file `out` is whole and sorted.
+    pub fn finish(self, out: &Path) -> Result<()> {
+        write_sidecar(
+            out,
+            &Sidecar {
+                complete: true,
+                ..self
+            },
+        )
+    }
+
     /// [`Sidecar::data_sha256`] for messages.
     pub(super) fn fingerprint(&self) -> &str {
         if self.data_sha256.is_empty() {
@@ -74,7 +137,9 @@ impl Sidecar {
             &self.data_sha256
         }
     }
+}
 
+impl Sidecar<MarginsOptions> {
     /// The norm of the file's margins; `asked` (a caller's explicit choice) must agree, since
     /// margins measured in one norm analysed as another give wrong numbers, not an error.
     pub fn norm(&self, csv: &Path, asked: Option<Norm>) -> Result<Norm> {
