@@ -62,14 +62,21 @@ pub struct Chunk {
     /// Attacked labels `[N]`.
     pub label: Tensor,
     pub seeds: Vec<u64>,
-    /// Best distance `[N]` float64 (`inf`: nothing found yet, 0: already misclassified).
+    /// Best distance `[N]` float64 of a strictly adversarial point ([`Candidate`]): the result
+    /// (`inf`: nothing found yet, 0: already misclassified).
     pub best: Tensor,
     pub best_adv: Tensor,
+    /// The closest misclassified point, strict or not: the point the passes follow (their step
+    /// rules were tuned on argmax flips), and where the final bisection starts when it can be
+    /// pushed past the boundary closer than `best`. `lead <= best`.
+    pub lead: Tensor,
+    pub lead_adv: Tensor,
     pub forwards: Vec<u64>,
     pub backwards: Vec<u64>,
     pub seconds: Vec<f64>,
-    /// The attack that found `best`.
+    /// The attack that found `best`, and the one that found `lead`.
     pub winner: Vec<&'static str>,
+    pub lead_winner: Vec<&'static str>,
 }
 
 /// A sample's verified result.
@@ -80,28 +87,33 @@ pub struct Verified {
     pub success: bool,
 }
 
-/// A chunk's per-sample rows that an attack reads: clean input, label and best point so far.
+/// A chunk's per-sample rows that an attack reads: clean input, label, best and lead points.
 struct SampleRows {
     x0: Tensor,
     label: Tensor,
     best: Tensor,
     best_adv: Tensor,
+    lead: Tensor,
+    lead_adv: Tensor,
 }
 rows!(SampleRows {
     x0,
     label,
     best,
-    best_adv
+    best_adv,
+    lead,
+    lead_adv
 });
 
 impl SampleRows {
+    /// What a pass sees: the lead (see [`Chunk::lead`]).
     fn view<'a>(&'a self, step: &'a Tensor, seeds: &'a [u64]) -> BatchView<'a> {
         BatchView {
             x0: &self.x0,
             label: &self.label,
             step,
-            best: &self.best,
-            best_adv: &self.best_adv,
+            best: &self.lead,
+            best_adv: &self.lead_adv,
             seeds,
         }
     }
@@ -146,9 +158,12 @@ impl<S: Rows> Rows for Active<'_, S> {
     }
 }
 
-/// Where the final bisection looks past a point the search left only weakly adversarial (a gap
-/// within rounding of the boundary): 1.0001, 1.001, 1.01 and 1.1 times its segment.
-const OVERSHOOTS: &[f64] = &[1.0001, 1.001, 1.01, 1.1];
+/// Where the final bisection looks past a point that is only weakly adversarial (a gap within
+/// rounding of the boundary), in multiples of its segment. The large ones are for near-ties: a
+/// sample whose clean logit gap is itself within a few [`SEARCH_GAP_RTOL`]s of the logits'
+/// scale must go well past the argmax boundary the passes converge to (resnet_2b pool image
+/// 497, clean gap 1.6e-4: about 1.4 times).
+pub const OVERSHOOTS: &[f64] = &[1.0, 1.0001, 1.001, 1.01, 1.1, 1.5, 2.0, 4.0];
 
 impl Chunk {
     /// A chunk of clean inputs whose attacked labels are `label`; already-misclassified samples
@@ -160,6 +175,8 @@ impl Chunk {
             .masked_fill(&zero, 0.0);
         Chunk {
             best_adv: x0.copy(),
+            lead_adv: x0.copy(),
+            lead: best.copy(),
             x0,
             label,
             seeds,
@@ -168,6 +185,7 @@ impl Chunk {
             backwards: vec![0; n],
             seconds: vec![0.0; n],
             winner: vec!["none"; n],
+            lead_winner: vec!["none"; n],
         }
     }
 
@@ -186,6 +204,8 @@ impl Chunk {
             label: self.label.shallow_clone(),
             best: self.best.shallow_clone(),
             best_adv: self.best_adv.shallow_clone(),
+            lead: self.lead.shallow_clone(),
+            lead_adv: self.lead_adv.shallow_clone(),
         }
         .select_rows(pick)
     }
@@ -226,11 +246,11 @@ impl Chunk {
     ) -> Result<()> {
         let device = model.device();
         let budget = attack.budget();
-        let best0 = to_vec_f64(&self.best)?;
+        let best0 = (to_vec_f64(&self.best)?, to_vec_f64(&self.lead)?);
         // Samples at distance 0 are already adversarial: nothing to attack.
-        let skipped = best0.iter().filter(|&&b| b <= 0.0).count();
+        let skipped = best0.0.iter().filter(|&&b| b <= 0.0).count();
         progress.inc((skipped * budget.steps) as u64);
-        let mut queue = (0..self.len()).filter(|&i| best0[i] > 0.0);
+        let mut queue = (0..self.len()).filter(|&i| best0.0[i] > 0.0);
         let mut act: Option<Active<A::State>> = None;
         loop {
             let room = batch_size.saturating_sub(act.as_ref().map_or(0, |a| a.pos.len()));
@@ -249,12 +269,15 @@ impl Chunk {
             let cand = attack.step(&mut a.ctx, &a.rows.view(&step, &[]), &mut a.state)?;
             let r = &mut a.rows;
             let dist = norm64(norm, &(&cand.x - &r.x0));
+            let closer = cand.is_adv.logical_and(&dist.lt_tensor(&r.lead));
+            let big = closer.logical_and(&dist.lt_tensor(&(&r.lead * (1.0 - MIN_IMPROVEMENT))));
+            r.lead = dist.where_self(&closer, &r.lead);
+            r.lead_adv = cand.x.where_self(&per_sample(&closer, &r.x0), &r.lead_adv);
             let better = cand.strict.logical_and(&dist.lt_tensor(&r.best));
-            let big = better.logical_and(&dist.lt_tensor(&(&r.best * (1.0 - MIN_IMPROVEMENT))));
             r.best = dist.where_self(&better, &r.best);
             r.best_adv = cand.x.where_self(&per_sample(&better, &r.x0), &r.best_adv);
             let big = Vec::<bool>::try_from(big.to_device(tch::Device::Cpu))?;
-            let found = Vec::<bool>::try_from(r.best.isfinite().to_device(tch::Device::Cpu))?;
+            let found = Vec::<bool>::try_from(r.lead.isfinite().to_device(tch::Device::Cpu))?;
             let per = t0.elapsed().as_secs_f64() / a.pos.len() as f64;
             let mut done = Vec::new();
             for i in 0..a.pos.len() {
@@ -313,18 +336,34 @@ impl Chunk {
         })
     }
 
-    /// Folds finished rows into the chunk: best point, distance, costs and the winning attack.
-    fn write_back<S>(&mut self, a: &Active<S>, name: &'static str, best0: &[f64]) -> Result<()> {
+    /// Folds finished rows into the chunk: best and lead points, costs and the winning attack.
+    /// `before` holds every sample's best and lead distances before the pass.
+    fn write_back<S>(
+        &mut self,
+        a: &Active<S>,
+        name: &'static str,
+        before: &(Vec<f64>, Vec<f64>),
+    ) -> Result<()> {
         let dst = Pick::new(a.pos.clone(), self.x0.device());
-        let _ = self.best.index_copy_(0, &dst.index, &a.rows.best);
-        let _ = self.best_adv.index_copy_(0, &dst.index, &a.rows.best_adv);
-        let best = to_vec_f64(&a.rows.best)?;
+        let r = &a.rows;
+        for (to, from) in [
+            (&mut self.best, &r.best),
+            (&mut self.best_adv, &r.best_adv),
+            (&mut self.lead, &r.lead),
+            (&mut self.lead_adv, &r.lead_adv),
+        ] {
+            let _ = to.index_copy_(0, &dst.index, from);
+        }
+        let (best, lead) = (to_vec_f64(&r.best)?, to_vec_f64(&r.lead)?);
         for (k, &p) in a.pos.iter().enumerate() {
             self.forwards[p] += a.ctx.forwards[k];
             self.backwards[p] += a.ctx.backwards[k];
             self.seconds[p] += a.seconds[k];
-            if best[k] < best0[p] {
+            if best[k] < before.0[p] {
                 self.winner[p] = name;
+            }
+            if lead[k] < before.1[p] {
+                self.lead_winner[p] = name;
             }
         }
         Ok(())
@@ -332,9 +371,11 @@ impl Chunk {
 
     /// Shrinks every adversarial point towards its clean input by bisection on the segment
     /// (forward passes only), keeping the closest point that is strictly adversarial
-    /// ([`beyond_boundary`] at [`SEARCH_GAP_RTOL`], so the result passes [`Chunk::verify`]). A
-    /// point the search left only weakly adversarial is first pushed outwards along its segment
-    /// ([`OVERSHOOTS`]); with `steps` 0 that push is all it does.
+    /// ([`beyond_boundary`] at [`SEARCH_GAP_RTOL`], so the result passes [`Chunk::verify`]). The
+    /// segment ends at the lead pushed outwards along its segment ([`OVERSHOOTS`]) until strictly
+    /// adversarial, where that is closer than the best point, else at the best point (pushed
+    /// likewise if this batch's kernels leave it weakly adversarial); with `steps` 0 that push is
+    /// all it does.
     pub fn refine(
         &mut self,
         model: &dyn Classifier,
@@ -354,59 +395,70 @@ impl Chunk {
         batch_size: usize,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let best = to_vec_f64(&self.best)?;
+        let closest = to_vec_f64(&self.lead.minimum(&self.best))?;
         let todo: Vec<usize> = (0..self.len())
-            .filter(|&i| best[i].is_finite() && best[i] > 0.0)
+            .filter(|&i| closest[i].is_finite() && closest[i] > 0.0)
             .collect();
         progress.inc(((self.len() - todo.len()) * steps) as u64);
         let device = self.x0.device();
         for part in todo.chunks(batch_size.max(1)) {
             let t0 = Instant::now();
             let pick = Pick::new(part.to_vec(), device);
-            let SampleRows {
-                x0,
-                label,
-                best_adv: adv,
-                ..
-            } = self.rows(&pick);
-            let dir = &adv - &x0;
+            let r = self.rows(&pick);
+            let x0 = &r.x0;
             let mut ctx = Ctx::for_samples(model, norm, part.len());
+            // The point at fraction `t` of each segment, and whether it is strictly adversarial.
+            let at =
+                |end: &Tensor, t: &Tensor| (x0 + per_sample(t, x0) * (end - x0)).clamp(0.0, 1.0);
+            let strict = |ctx: &mut Ctx, x: &Tensor| -> Result<Tensor> {
+                Ok(beyond_boundary(&ctx.forward(x)?, &r.label, SEARCH_GAP_RTOL))
+            };
+            // Push each end out until strictly adversarial: `(t, ok)`, the smallest overshoot
+            // (`t` 1 where none works).
+            let push = |ctx: &mut Ctx, end: &Tensor, want: &Tensor| -> Result<(Tensor, Tensor)> {
+                let mut t = want.ones_like().to_kind(Kind::Float);
+                let mut ok = want.zeros_like();
+                for &f in OVERSHOOTS {
+                    let open = want.logical_and(&ok.logical_not());
+                    if !bool::try_from(open.any())? {
+                        break;
+                    }
+                    let now = strict(ctx, &at(end, &t.full_like(f)))?.logical_and(&open);
+                    t = t.full_like(f).where_self(&now, &t);
+                    ok = ok.logical_or(&now);
+                }
+                Ok((t, ok))
+            };
+            let (t_lead, from_lead) = push(&mut ctx, &r.lead_adv, &r.lead.lt_tensor(&r.best))?;
+            let closer = norm64(norm, &(at(&r.lead_adv, &t_lead) - x0)).lt_tensor(&r.best);
+            let from_lead = from_lead.logical_and(&closer);
+            let (t_best, _) = push(&mut ctx, &r.best_adv, &from_lead.logical_not())?;
+            let end = at(&r.lead_adv, &t_lead)
+                .where_self(&per_sample(&from_lead, x0), &at(&r.best_adv, &t_best));
             let mut lo = Tensor::zeros([part.len() as i64], (Kind::Float, device));
             let mut hi = Tensor::ones([part.len() as i64], (Kind::Float, device));
-            // The point at fraction `t` of each segment, and whether it is strictly adversarial.
-            let at = |t: &Tensor| (&x0 + per_sample(t, &x0) * &dir).clamp(0.0, 1.0);
-            let strict = |ctx: &mut Ctx, t: &Tensor| -> Result<Tensor> {
-                Ok(beyond_boundary(
-                    &ctx.forward(&at(t))?,
-                    &label,
-                    SEARCH_GAP_RTOL,
-                ))
-            };
-            let mut ok = strict(&mut ctx, &hi)?;
-            for &t in OVERSHOOTS {
-                if bool::try_from(ok.all())? {
-                    break;
-                }
-                let further = hi.where_self(&ok, &hi.full_like(t));
-                let now = strict(&mut ctx, &further)?;
-                hi = further.where_self(&now, &hi);
-                ok = ok.logical_or(&now);
-            }
             for _ in 0..steps {
                 let mid = (&lo + &hi) * 0.5;
-                let wrong = strict(&mut ctx, &mid)?;
+                let wrong = strict(&mut ctx, &at(&end, &mid))?;
                 hi = mid.where_self(&wrong, &hi);
                 lo = lo.where_self(&wrong, &mid);
                 progress.inc(part.len() as u64);
             }
-            let x = at(&hi);
-            let dist = norm64(norm, &(&x - &x0));
+            // A sample with neither a strict best point nor a lead that could be pushed past the
+            // boundary keeps none: `verify` reports it as a failure.
+            let x = at(&end, &hi);
+            let found = from_lead.logical_or(&r.best.isfinite());
+            let dist = norm64(norm, &(&x - x0)).masked_fill(&found.logical_not(), f64::INFINITY);
             let _ = self.best_adv.index_copy_(0, &pick.index, &x);
             let _ = self.best.index_copy_(0, &pick.index, &dist);
+            let from_lead = Vec::<bool>::try_from(from_lead.to_device(tch::Device::Cpu))?;
             let per = t0.elapsed().as_secs_f64() / part.len() as f64;
             for (k, &p) in part.iter().enumerate() {
                 self.forwards[p] += ctx.forwards[k];
                 self.seconds[p] += per;
+                if from_lead[k] {
+                    self.winner[p] = self.lead_winner[p];
+                }
             }
         }
         Ok(())

@@ -196,20 +196,26 @@ pub struct BatchView<'a> {
     pub seeds: &'a [u64],
 }
 
-/// What one iteration found: a point per sample and whether the driver may keep it.
+/// What one iteration found: a point per sample, whether the model misclassifies it, and
+/// whether it is strictly adversarial.
 pub struct Candidate {
     pub x: Tensor,
-    /// Strictly adversarial ([`beyond_boundary`] at [`SEARCH_GAP_RTOL`]), not merely misclassified:
-    /// a pass that kept an argmax flip within rounding of the boundary replaced a good point
-    /// by one that the final check rejects, and the sample ended with no margin at all.
+    /// [`misclassified`]: the driver's lead, which the passes follow.
+    pub is_adv: Tensor,
+    /// [`beyond_boundary`] at [`SEARCH_GAP_RTOL`]: only these become the result. Keeping a
+    /// closer argmax flip within rounding of the boundary as the result replaced good points by
+    /// ones the final check rejects, and such samples ended with no margin at all.
     pub strict: Tensor,
 }
 
 impl Candidate {
     /// The point `x` (with logits `logits`) as a candidate for the samples labelled `label`.
     pub fn new(x: Tensor, logits: &Tensor, label: &Tensor) -> Self {
-        let strict = beyond_boundary(logits, label, SEARCH_GAP_RTOL);
-        Candidate { x, strict }
+        Candidate {
+            x,
+            is_adv: misclassified(logits, label),
+            strict: beyond_boundary(logits, label, SEARCH_GAP_RTOL),
+        }
     }
 }
 
@@ -270,8 +276,8 @@ pub fn beyond_boundary(logits: &Tensor, label: &Tensor, rtol: f64) -> Tensor {
 
 /// Whether each row's prediction differs from `label`: the attacks' steps search with this
 /// (their step rules were tuned on it; a strict gap inside the search made `best` up to 34%
-/// looser on 15% of the embedded model's samples). What the driver keeps ([`Candidate`]), its
-/// final bisection and its verification demand the strict gap of [`beyond_boundary`].
+/// looser on 15% of the embedded model's samples). The result the driver keeps ([`Candidate`]),
+/// its final bisection and its verification demand the strict gap of [`beyond_boundary`].
 pub fn misclassified(logits: &Tensor, label: &Tensor) -> Tensor {
     logits.argmax(1, false).ne_tensor(label)
 }

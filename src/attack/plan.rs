@@ -25,9 +25,10 @@ impl Plan {
     pub fn describe(&self) -> String {
         let passes: Vec<String> = self.passes.iter().map(|p| format!("{p:?}")).collect();
         format!(
-            "{}; bisection {} (argmax search; bisection past gap {SEARCH_GAP_RTOL:e}, verified past {GAP_RTOL:e} of max |logit|, overshoots)",
+            "{}; bisection {} (passes follow argmax flips, keep points past gap {SEARCH_GAP_RTOL:e}; bisection from the closer of both, pushed out by up to {}x; verified past {GAP_RTOL:e} of max |logit|)",
             passes.join(" -> "),
-            self.refine
+            self.refine,
+            super::driver::OVERSHOOTS.last().unwrap_or(&1.0)
         )
     }
 

@@ -124,10 +124,29 @@ fn a_pass_never_replaces_a_strict_point_by_a_near_tie() {
     chunk.run(&model, Norm::Linf, &near_tie, 8).unwrap();
     assert_eq!(chunk.best.double_value(&[0]), 0.2);
     assert_eq!(chunk.winner[0], "none");
+    // ...but it leads: the passes see it.
+    assert!((chunk.lead.double_value(&[0]) - 0.100_001).abs() < 1e-7);
     // Past the search tolerance: kept.
     let strict = Propose(point(0.5001, 0.4999));
     chunk.run(&model, Norm::Linf, &strict, 8).unwrap();
     assert!((chunk.best.double_value(&[0]) - 0.1001).abs() < 1e-6);
+    assert_eq!(chunk.winner[0], "propose");
+}
+
+/// A sample whose only find is a near-tie (as where the clean logit gap is itself tiny, and
+/// every pass converges to the argmax boundary) still gets a margin: the bisection starts from
+/// the lead pushed past the boundary, and ends next to it.
+#[test]
+fn the_bisection_pushes_a_near_tie_lead_past_the_boundary() {
+    let model = identity2();
+    let mut chunk = class_one_at(point(0.4, 0.6));
+    let near_tie = Propose(point(0.500_001, 0.499_999));
+    chunk.run(&model, Norm::Linf, &near_tie, 8).unwrap();
+    assert!(chunk.best.double_value(&[0]).is_infinite());
+    chunk.refine(&model, Norm::Linf, 16, 8).unwrap();
+    let v = chunk.verify(&model, Norm::Linf, 8).unwrap();
+    assert!(v[0].success, "{v:?}");
+    assert!(v[0].distance > 0.1 && v[0].distance < 0.1 + 1e-5, "{v:?}");
     assert_eq!(chunk.winner[0], "propose");
 }
 

@@ -20,9 +20,7 @@ use tch::{Kind, Tensor};
 
 use super::rows::{Pick, Rows};
 use super::toolkit::{norm64, per_sample};
-use super::{
-    beyond_boundary, misclassified, AttackStep, BatchView, Budget, Candidate, Ctx, SEARCH_GAP_RTOL,
-};
+use super::{misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
 use projection::hyperplane_in_box;
 
@@ -220,19 +218,19 @@ impl AttackStep for Fab {
         let next = ((&pulled + d1 * self.eta) * (alpha.neg() + 1.0)
             + (&x0 + d2 * self.eta) * &alpha)
             .clamp(0.0, 1.0);
-        // Report, per sample, the closest strictly adversarial run.
-        let strict = beyond_boundary(&logits, &label, SEARCH_GAP_RTOL);
+        // Report, per sample, the closest adversarial run.
         let cand_dist = norm64(self.norm, &(x - &x0))
-            .masked_fill(&strict.logical_not(), f64::INFINITY)
+            .masked_fill(&is_adv.logical_not(), f64::INFINITY)
             .view([n, runs]);
-        let (dmin, which) = cand_dist.min_dim(1, false);
-        let base = Tensor::arange(n, (Kind::Int64, ctx.device())) * runs;
-        let chosen = x.index_select(0, &(base + which));
+        let (_, which) = cand_dist.min_dim(1, false);
+        let chosen = Tensor::arange(n, (Kind::Int64, ctx.device())) * runs + which;
+        let cand = Candidate::new(
+            x.index_select(0, &chosen),
+            &logits.index_select(0, &chosen),
+            b.label,
+        );
         state.x = next;
-        Ok(Candidate {
-            x: chosen,
-            strict: dmin.isfinite(),
-        })
+        Ok(cand)
     }
 }
 
