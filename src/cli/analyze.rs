@@ -70,15 +70,15 @@ pub fn run(a: AnalyzeArgs) -> Result<()> {
         analysis.n,
         analysis.n_failed,
         analysis.accuracy,
-        analysis.kendall_tau,
-        analysis.kendall_tau_ci[0],
-        analysis.kendall_tau_ci[1],
+        analysis.logit_margin.kendall_tau,
+        analysis.logit_margin.kendall_tau_ci[0],
+        analysis.logit_margin.kendall_tau_ci[1],
         a.out.display()
     );
     for d in &analysis.detection {
         println!(
             "  eps {:>7}: non-robust {:>5}, AUROC {:.4}, AUPR {:.4}, FPR@95TPR {:.4} (logit margin <= {:.4})",
-            d.eps_label, d.positives, d.auroc, d.aupr, d.fpr_at_95_tpr, d.threshold_at_95_tpr
+            d.eps_label, d.positives, d.logit_margin.auroc, d.logit_margin.aupr, d.logit_margin.fpr_at_95_tpr, d.threshold_at_95_tpr
         );
     }
     if let Some(b) = &analysis.brackets {

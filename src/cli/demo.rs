@@ -175,7 +175,7 @@ fn print_headline(report: &Path, detector: &Path, eps: &str) -> Result<()> {
     );
     println!(
         "Kendall tau(input margin, logit margin) = {}",
-        num(m.kendall_tau)
+        num(m.logit_margin.kendall_tau)
     );
     for row in &m.detection {
         let mark = if (row.eps - eps_v).abs() < 1e-9 {
@@ -183,13 +183,14 @@ fn print_headline(report: &Path, detector: &Path, eps: &str) -> Result<()> {
         } else {
             ""
         };
+        let d = &row.logit_margin;
         println!(
             "eps {:.3}: non-robust {}  AUROC {}  AUPR {}  FPR@95TPR {}{mark}",
             row.eps,
             row.positives,
-            num(row.auroc),
-            num(row.aupr),
-            num(row.fpr_at_95_tpr)
+            num(d.auroc),
+            num(d.aupr),
+            num(d.fpr_at_95_tpr)
         );
     }
     match &m.robust_accuracy_estimate {

@@ -146,11 +146,10 @@ pub const SCORES: [ScoreSpec; 7] = [
     },
 ];
 
-/// Correlations of one oriented score with the input margin, with 95% bootstrap intervals.
+/// Correlations of a score with the input margin, with 95% bootstrap intervals: of every score
+/// ([`Consistency`]) and, at the top of [`Analysis`], of the logit margin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Consistency {
-    /// `"+name"` or `"-name"`: the quantity actually correlated (larger = more robust).
-    pub oriented: String,
+pub struct Correlations {
     #[serde(deserialize_with = "null_is_nan")]
     pub kendall_tau: f64,
     #[serde(deserialize_with = "null_is_nan")]
@@ -165,15 +164,39 @@ pub struct Consistency {
     pub spearman_ci: [f64; 2],
 }
 
+impl Correlations {
+    /// Every statistic undefined (no row has the score).
+    const UNDEFINED: Correlations = Correlations {
+        kendall_tau: f64::NAN,
+        kendall_tau_ci: [f64::NAN; 2],
+        pearson: f64::NAN,
+        pearson_ci: [f64::NAN; 2],
+        spearman: f64::NAN,
+        spearman_ci: [f64::NAN; 2],
+    };
+}
+
+/// Correlations of one oriented score with the input margin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Consistency {
+    /// `"+name"` or `"-name"`: the quantity actually correlated (larger = more robust).
+    pub oriented: String,
+    #[serde(flatten)]
+    pub correlations: Correlations,
+}
+
 /// Detection summary of one score at one ε.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DetectionSummary {
     #[serde(deserialize_with = "null_is_nan")]
     pub auroc: f64,
+    /// Trapezoidal area under the precision-recall curve (sklearn `auc(recall, precision)`).
     #[serde(deserialize_with = "null_is_nan")]
     pub aupr: f64,
+    /// Step-wise area (sklearn `average_precision_score`).
     #[serde(deserialize_with = "null_is_nan")]
     pub average_precision: f64,
+    /// Smallest FPR with TPR ≥ 0.95 on the full ROC curve.
     #[serde(deserialize_with = "null_is_nan")]
     pub fpr_at_95_tpr: f64,
 }
@@ -195,18 +218,10 @@ pub struct EpsDetection {
     pub eps_label: String,
     pub positives: usize,
     pub negatives: usize,
-    /// Of the score `-logit_margin`.
-    #[serde(deserialize_with = "null_is_nan")]
-    pub auroc: f64,
-    /// Trapezoidal area under the precision-recall curve (sklearn `auc(recall, precision)`).
-    #[serde(deserialize_with = "null_is_nan")]
-    pub aupr: f64,
-    /// Step-wise area (sklearn `average_precision_score`).
-    #[serde(deserialize_with = "null_is_nan")]
-    pub average_precision: f64,
-    /// Smallest FPR with TPR ≥ 0.95 on the full ROC curve.
-    #[serde(deserialize_with = "null_is_nan")]
-    pub fpr_at_95_tpr: f64,
+    /// Of the score `-logit_margin` (flattened: `metrics.json` lists it beside the fields
+    /// above).
+    #[serde(flatten)]
+    pub logit_margin: DetectionSummary,
     /// λ of that point, on the logit margin: flag non-robust when `logit_margin <= λ`.
     #[serde(deserialize_with = "null_is_nan")]
     pub threshold_at_95_tpr: f64,
@@ -274,19 +289,9 @@ pub struct Analysis {
     #[serde(deserialize_with = "null_is_nan")]
     pub accuracy: f64,
     pub norm: Norm,
-    /// Kendall τ-b between input margin and logit margin (margin consistency).
-    #[serde(deserialize_with = "null_is_nan")]
-    pub kendall_tau: f64,
-    #[serde(deserialize_with = "null_is_nan")]
-    pub kendall_tau_ci: [f64; 2],
-    #[serde(deserialize_with = "null_is_nan")]
-    pub pearson: f64,
-    #[serde(deserialize_with = "null_is_nan")]
-    pub pearson_ci: [f64; 2],
-    #[serde(deserialize_with = "null_is_nan")]
-    pub spearman: f64,
-    #[serde(deserialize_with = "null_is_nan")]
-    pub spearman_ci: [f64; 2],
+    /// Between input margin and logit margin (Kendall τ-b: the margin consistency), flattened.
+    #[serde(flatten)]
+    pub logit_margin: Correlations,
     /// Per score present in the file (all rows have it), including `logit_margin`.
     pub scores: BTreeMap<String, Consistency>,
     pub detection: Vec<EpsDetection>,
@@ -338,12 +343,14 @@ fn consistency(
     };
     Consistency {
         oriented: format!("{}{}", if spec.sign > 0.0 { "+" } else { "-" }, spec.name),
-        kendall_tau: correlation::kendall_tau_b(d_in, s),
-        kendall_tau_ci: ci[0],
-        pearson: correlation::pearson(d_in, s),
-        pearson_ci: ci[1],
-        spearman: correlation::spearman(d_in, s),
-        spearman_ci: ci[2],
+        correlations: Correlations {
+            kendall_tau: correlation::kendall_tau_b(d_in, s),
+            kendall_tau_ci: ci[0],
+            pearson: correlation::pearson(d_in, s),
+            pearson_ci: ci[1],
+            spearman: correlation::spearman(d_in, s),
+            spearman_ci: ci[2],
+        },
     }
 }
 
@@ -391,7 +398,6 @@ pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
         .iter()
         .map(|(label, eps)| {
             let pos: Vec<bool> = d_in.iter().map(|&d| d <= *eps).collect();
-            let head = summary(&neg_lm, &pos);
             let (_, thr) = roc::fpr_at_tpr(&neg_lm, &pos, 0.95);
             let roc = roc::roc_curve(&neg_lm, &pos);
             let pr = roc::precision_recall_curve(&neg_lm, &pos);
@@ -401,10 +407,7 @@ pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
                 eps_label: label.clone(),
                 positives,
                 negatives: pos.len() - positives,
-                auroc: head.auroc,
-                aupr: head.aupr,
-                average_precision: head.average_precision,
-                fpr_at_95_tpr: head.fpr_at_95_tpr,
+                logit_margin: summary(&neg_lm, &pos),
                 threshold_at_95_tpr: -thr,
                 scores: columns
                     .iter()
@@ -439,21 +442,16 @@ pub fn analyze(rows: &[MarginRow], opts: &Checked<AnalyzeOptions>) -> Analysis {
         .subset
         .filter(|&n| n > 0 && !rows.is_empty())
         .map(|n| estimate_all(&correct, &all_d, &all_lm, n.min(rows.len()), &sweep, opts));
-    let head = &scores.get("logit_margin");
-    let pick = |f: fn(&Consistency) -> f64| head.map_or(f64::NAN, f);
-    let pick_ci = |f: fn(&Consistency) -> [f64; 2]| head.map_or([f64::NAN; 2], f);
+    let logit_margin = scores
+        .get("logit_margin")
+        .map_or(Correlations::UNDEFINED, |c| c.correlations.clone());
     Analysis {
         n: used.len(),
         n_failed: rows.len() - used.len(),
         n_rows: rows.len(),
         accuracy: correct.iter().filter(|&&c| c).count() as f64 / rows.len() as f64,
         norm: opts.norm,
-        kendall_tau: pick(|c| c.kendall_tau),
-        kendall_tau_ci: pick_ci(|c| c.kendall_tau_ci),
-        pearson: pick(|c| c.pearson),
-        pearson_ci: pick_ci(|c| c.pearson_ci),
-        spearman: pick(|c| c.spearman),
-        spearman_ci: pick_ci(|c| c.spearman_ci),
+        logit_margin,
         scores,
         detection,
         robust_accuracy,

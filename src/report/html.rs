@@ -55,8 +55,8 @@ figcaption{{text-align:center;color:#555}}code{{background:#f6f6f6;padding:1px 4
 <tr><th>rows</th><td>{}</td></tr><tr><th>clean accuracy</th><td>{}</td></tr><tr><th>norm</th><td>{}</td></tr>\
 <tr><th>Kendall τ (input vs logit margin)</th><td>{} {}</td></tr><tr><th>Pearson r</th><td>{} {}</td></tr>\
 <tr><th>Spearman ρ</th><td>{} {}</td></tr></table>\n<p class=\"note\">Intervals: 95% percentile bootstrap, {} resamples, seed {}.</p>\n",
-        a.n, a.n_failed, a.n_rows, num(a.accuracy), a.norm, num(a.kendall_tau), ci(a.kendall_tau_ci),
-        num(a.pearson), ci(a.pearson_ci), num(a.spearman), ci(a.spearman_ci), a.bootstrap, a.seed
+        a.n, a.n_failed, a.n_rows, num(a.accuracy), a.norm, num(a.logit_margin.kendall_tau), ci(a.logit_margin.kendall_tau_ci),
+        num(a.logit_margin.pearson), ci(a.logit_margin.pearson_ci), num(a.logit_margin.spearman), ci(a.logit_margin.spearman_ci), a.bootstrap, a.seed
     );
     for (_, title, svg) in figs.iter().take(1) {
         figure(&mut h, title, svg);
@@ -68,10 +68,10 @@ figcaption{{text-align:center;color:#555}}code{{background:#f6f6f6;padding:1px 4
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&c.oriented),
-                num(c.kendall_tau),
-                ci(c.kendall_tau_ci),
-                num(c.pearson),
-                num(c.spearman)
+                num(c.correlations.kendall_tau),
+                ci(c.correlations.kendall_tau_ci),
+                num(c.correlations.pearson),
+                num(c.correlations.spearman)
             );
         }
     }
@@ -81,8 +81,8 @@ figcaption{{text-align:center;color:#555}}code{{background:#f6f6f6;padding:1px 4
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&d.eps_label), d.positives, d.negatives, num(d.auroc), num(d.aupr), num(d.average_precision),
-            num(d.fpr_at_95_tpr), num(d.threshold_at_95_tpr), num(r.value)
+            esc(&d.eps_label), d.positives, d.negatives, num(d.logit_margin.auroc), num(d.logit_margin.aupr), num(d.logit_margin.average_precision),
+            num(d.logit_margin.fpr_at_95_tpr), num(d.threshold_at_95_tpr), num(r.value)
         );
     }
     h.push_str("</table>\n<h3>AUROC per score</h3>\n<table><tr><th>ε</th>");

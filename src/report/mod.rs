@@ -54,7 +54,7 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         d_out: &d_out,
         eps: &eps,
         norm_label,
-        tau: a.kendall_tau,
+        tau: a.logit_margin.kendall_tau,
     };
     figs.push((
         "margins",
@@ -80,7 +80,10 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
                 .copied()
                 .zip(d.roc.y.iter().copied())
                 .collect();
-            (format!("ε = {} (AUROC {:.3})", d.eps_label, d.auroc), pts)
+            (
+                format!("ε = {} (AUROC {:.3})", d.eps_label, d.logit_margin.auroc),
+                pts,
+            )
         }),
         diagonal: true,
         legend_at: SeriesLabelPosition::LowerRight,
@@ -92,7 +95,10 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         y_desc: "precision",
         series: series(|d| {
             let pts = d.pr.x.iter().copied().zip(d.pr.y.iter().copied()).collect();
-            (format!("ε = {} (AUPR {:.3})", d.eps_label, d.aupr), pts)
+            (
+                format!("ε = {} (AUPR {:.3})", d.eps_label, d.logit_margin.aupr),
+                pts,
+            )
         }),
         diagonal: false,
         legend_at: SeriesLabelPosition::LowerLeft,
@@ -106,9 +112,13 @@ pub fn write_report(rows: &[MarginRow], a: &Analysis, dir: &Path) -> Result<()> 
         bars: analysis::SCORES
             .iter()
             .filter_map(|s| {
-                a.scores
-                    .get(s.name)
-                    .map(|c| (c.oriented.clone(), c.kendall_tau, c.kendall_tau_ci))
+                a.scores.get(s.name).map(|c| {
+                    (
+                        c.oriented.clone(),
+                        c.correlations.kendall_tau,
+                        c.correlations.kendall_tau_ci,
+                    )
+                })
             })
             .collect(),
     };
@@ -195,12 +205,20 @@ mod tests {
         .check()
         .unwrap();
         let a = analyze(&rows, &opts);
-        assert!(a.detection[0].auroc.is_nan() && a.kendall_tau_ci[0].is_nan());
+        assert!(
+            a.detection[0].logit_margin.auroc.is_nan() && a.logit_margin.kendall_tau_ci[0].is_nan()
+        );
         let dir = tempfile::tempdir().unwrap();
         write_report(&rows, &a, dir.path()).unwrap();
         let back = read_metrics(dir.path()).unwrap();
-        assert!(back.detection[0].auroc.is_nan() && back.kendall_tau_ci[1].is_nan());
-        assert_eq!(back.detection[1].auroc, a.detection[1].auroc);
+        assert!(
+            back.detection[0].logit_margin.auroc.is_nan()
+                && back.logit_margin.kendall_tau_ci[1].is_nan()
+        );
+        assert_eq!(
+            back.detection[1].logit_margin.auroc,
+            a.detection[1].logit_margin.auroc
+        );
         assert_eq!(back.norm, Norm::L2);
         assert_eq!(
             serde_json::to_string(&back).unwrap(),
