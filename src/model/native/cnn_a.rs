@@ -35,7 +35,7 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
 }
 
 impl Network for CnnA {
-    fn features(&self, x: &Tensor) -> Tensor {
+    fn features_t(&self, x: &Tensor, _train: bool) -> Tensor {
         let x = self.conv0.forward(x).relu();
         let x = self.conv2.forward(&x).relu();
         self.fc5.forward(&x.flatten(1, -1)).relu()

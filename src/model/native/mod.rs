@@ -8,6 +8,7 @@
 //! linear layer.
 
 pub mod cnn_a;
+mod conv_pool;
 pub mod lenet5;
 pub mod preact_resnet;
 pub mod resnet;
@@ -37,13 +38,13 @@ pub struct ArchConfig {
 
 /// A network body and its last linear layer: `logits = head(features(x))`.
 pub trait Network: Send {
-    /// Penultimate features `[N, D]` of a normalised input.
-    fn features(&self, x: &Tensor) -> Tensor;
-    /// Features in training (`train`) or evaluation mode; families whose layers behave the
-    /// same in both (no BatchNorm or dropout) keep this default.
-    fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let _ = train;
-        self.features(x)
+    /// Penultimate features `[N, D]` of a normalised input in training (`train`) or evaluation
+    /// mode; families whose layers behave the same in both (no BatchNorm or dropout) ignore
+    /// `train`.
+    fn features_t(&self, x: &Tensor, train: bool) -> Tensor;
+    /// [`Network::features_t`] in evaluation mode.
+    fn features(&self, x: &Tensor) -> Tensor {
+        self.features_t(x, false)
     }
     /// The last linear layer.
     fn head(&self) -> &nn::Linear;
@@ -164,6 +165,16 @@ pub fn resnet18_blocks<B>(
         }
     }
     blocks
+}
+
+/// A residual block of the ResNet families, in training (`train`) or evaluation mode.
+pub trait Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+}
+
+/// `x` through `blocks` in order: the residual stages every ResNet family runs after its stem.
+pub fn through_blocks<B: Block>(blocks: &[B], x: Tensor, train: bool) -> Tensor {
+    blocks.iter().fold(x, |out, b| b.forward(&out, train))
 }
 
 /// A 3x3 or 1x1 convolution without bias, as in the ResNet families.

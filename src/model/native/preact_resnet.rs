@@ -7,7 +7,10 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, ArchConfig, Network};
+use super::{
+    avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, through_blocks, ArchConfig, Block,
+    Network,
+};
 
 /// `bn-relu-conv-bn-relu-conv + shortcut`, the shortcut a 1x1 conv when the shape changes.
 struct PreActBlock {
@@ -32,7 +35,9 @@ impl PreActBlock {
             shortcut_after_act: v2,
         }
     }
+}
 
+impl Block for PreActBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let act = bn_t(&self.bn1, x, train).relu();
         let short = match &self.shortcut {
@@ -69,15 +74,8 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig, bn_before_fc: bool) -> Result<Box<d
 }
 
 impl Network for PreActResNet18 {
-    fn features(&self, x: &Tensor) -> Tensor {
-        self.features_t(x, false)
-    }
-
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut out = self.conv1.forward(x);
-        for b in &self.blocks {
-            out = b.forward(&out, train);
-        }
+        let mut out = through_blocks(&self.blocks, self.conv1.forward(x), train);
         if let Some(bn) = &self.bn {
             out = bn_t(bn, &out, train).relu();
         }

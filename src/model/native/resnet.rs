@@ -6,7 +6,10 @@ use anyhow::Result;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, ArchConfig, Network};
+use super::{
+    avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, through_blocks, ArchConfig, Block,
+    Network,
+};
 
 /// `conv-bn-relu-conv-bn + shortcut`, then ReLU; the shortcut is `conv1x1-bn` when the shape changes.
 struct BasicBlock {
@@ -31,7 +34,9 @@ impl BasicBlock {
             shortcut,
         }
     }
+}
 
+impl Block for BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let out = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
         let out = bn_t(&self.bn2, &self.conv2.forward(&out), train);
@@ -63,15 +68,9 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
 }
 
 impl Network for ResNet18 {
-    fn features(&self, x: &Tensor) -> Tensor {
-        self.features_t(x, false)
-    }
-
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut out = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
-        for b in &self.blocks {
-            out = b.forward(&out, train);
-        }
+        let stem = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
+        let out = through_blocks(&self.blocks, stem, train);
         avg_pool(&out, 4).flatten(1, -1)
     }
 

@@ -6,7 +6,9 @@ use anyhow::{ensure, Result};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::{avg_pool, bn, bn_t, conv, downsampled, no_width, ArchConfig, Network};
+use super::{
+    avg_pool, bn, bn_t, conv, downsampled, no_width, through_blocks, ArchConfig, Block, Network,
+};
 
 /// `wrn-<depth>-<widen>` as numbers.
 pub fn parse_name(name: &str) -> Option<(i64, i64)> {
@@ -35,7 +37,9 @@ impl BasicBlock {
             conv_shortcut: (cin != cout).then(|| conv(&p / "convShortcut", cin, cout, 1, stride)),
         }
     }
+}
 
+impl Block for BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let act = bn_t(&self.bn1, x, train).relu();
         let out = bn_t(&self.bn2, &self.conv1.forward(&act), train).relu();
@@ -86,15 +90,8 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig, depth: i64, widen: i64) -> Result<B
 }
 
 impl Network for WideResNet {
-    fn features(&self, x: &Tensor) -> Tensor {
-        self.features_t(x, false)
-    }
-
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut out = self.conv1.forward(x);
-        for b in &self.blocks {
-            out = b.forward(&out, train);
-        }
+        let out = through_blocks(&self.blocks, self.conv1.forward(x), train);
         let out = bn_t(&self.bn1, &out, train).relu();
         avg_pool(&out, 8).flatten(1, -1)
     }
