@@ -4,7 +4,8 @@
 //! box with small margins so the [0,1] constraints are inactive.
 
 use crate::common::{seeded_linear, seeded_uniform, Linear};
-use brittle::attack::driver::Chunk;
+use brittle::attack::driver::{Chunk, Pass};
+use brittle::attack::fmn::Fmn;
 use brittle::attack::plan::Plan;
 use brittle::attack::{sample_seed, AttackKind, GAP_RTOL, SEARCH_GAP_RTOL};
 use brittle::model::Classifier;
@@ -150,6 +151,25 @@ fn fmn_ddn_and_pgd_are_upper_bounds_close_to_the_closed_form() {
     check(AttackKind::Pgd, Norm::L2, Some(400), 5e-2, Reach::Farthest);
 }
 
+/// Every sample's best distance after `fmn_steps` of FMN, and after `then` has continued from
+/// there on the same chunk: the pair the polishing passes are judged by.
+fn fmn_then(
+    m: &Linear,
+    x: &Tensor,
+    norm: Norm,
+    fmn_steps: usize,
+    then: &dyn Pass,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = x.size()[0] as usize;
+    let label = m.logits(x).unwrap().argmax(1, false);
+    let seeds = (0..n).map(|i| sample_seed(1, i)).collect();
+    let mut chunk = Chunk::new(x.shallow_clone(), label, seeds, &vec![false; n]);
+    chunk.run(m, norm, &Fmn::new(norm, fmn_steps), 8).unwrap();
+    let before = Vec::<f64>::try_from(&chunk.best).unwrap();
+    chunk.run(m, norm, then, 8).unwrap();
+    (before, Vec::<f64>::try_from(&chunk.best).unwrap())
+}
+
 /// `shrink` polishes another attack's point: on a linear model FMN-3 ends ~1% above the boundary
 /// it heads for. 40 shrink steps must bring every sample closer, the median sample by at least
 /// 0.1% (a step gains at most ρ, 0.005% down to 0.001%: 40 steps at most 0.12%, 10 steps 0.045%),
@@ -157,19 +177,12 @@ fn fmn_ddn_and_pgd_are_upper_bounds_close_to_the_closed_form() {
 /// float32's resolution of the pixels, and the gain is smaller.
 #[test]
 fn shrink_polishes_every_point_towards_the_boundary() {
-    use brittle::attack::fmn::Fmn;
     use brittle::attack::shrink::Shrink;
     for norm in [Norm::Linf, Norm::L2] {
         let (m, x) = setup(12);
         let want = closed_form(&m, &x, norm, GAP_RTOL);
-        let n = x.size()[0] as usize;
-        let label = m.logits(&x).unwrap().argmax(1, false);
-        let seeds = (0..n).map(|i| sample_seed(1, i)).collect();
-        let mut chunk = Chunk::new(x.shallow_clone(), label, seeds, &vec![false; n]);
-        chunk.run(&m, norm, &Fmn::new(norm, 3), 8).unwrap();
-        let before = Vec::<f64>::try_from(&chunk.best).unwrap();
-        chunk.run(&m, norm, &Shrink::new(norm, 40), 8).unwrap();
-        let after = Vec::<f64>::try_from(&chunk.best).unwrap();
+        let (before, after) = fmn_then(&m, &x, norm, 3, &Shrink::new(norm, 40));
+        let n = before.len();
         let mut gains: Vec<f64> = (0..n).map(|i| 1.0 - after[i] / before[i]).collect();
         for i in 0..n {
             let (lo, second, _) = want[i];
@@ -195,19 +208,12 @@ fn shrink_polishes_every_point_towards_the_boundary() {
 /// never below the true margin.
 #[test]
 fn probe_restarts_below_the_best_point() {
-    use brittle::attack::fmn::Fmn;
     use brittle::attack::shrink::Shrink;
     for norm in [Norm::Linf, Norm::L2] {
         let (m, x) = setup(12);
         let want = closed_form(&m, &x, norm, GAP_RTOL);
-        let n = x.size()[0] as usize;
-        let label = m.logits(&x).unwrap().argmax(1, false);
-        let seeds = (0..n).map(|i| sample_seed(1, i)).collect();
-        let mut chunk = Chunk::new(x.shallow_clone(), label, seeds, &vec![false; n]);
-        chunk.run(&m, norm, &Fmn::new(norm, 2), 8).unwrap();
-        let before = Vec::<f64>::try_from(&chunk.best).unwrap();
-        chunk.run(&m, norm, &Shrink::probe(norm, 20), 8).unwrap();
-        let after = Vec::<f64>::try_from(&chunk.best).unwrap();
+        let (before, after) = fmn_then(&m, &x, norm, 2, &Shrink::probe(norm, 20));
+        let n = before.len();
         for i in 0..n {
             let (lo, ..) = want[i];
             assert!(

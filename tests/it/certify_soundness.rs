@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use brittle::attack::AttackKind;
-use brittle::certify::radius::Search;
+use brittle::certify::radius::{Radius, Search};
 use brittle::certify::{bound_graph, certified_radii, margin_lower_bounds, Method};
 use brittle::data::Dataset;
 use brittle::margins::{self, MarginsOptions};
@@ -211,6 +211,21 @@ fn certification_refuses_black_boxes_and_layers_without_relaxation_by_name() {
     }
 }
 
+/// CROWN's certified L∞ radius and FMN's margin `(distance, found)` of every sample of `x`: the
+/// pair the tests against real models compare.
+fn certified_and_attacked(
+    model: &dyn Classifier,
+    x: &Tensor,
+    dir: &Path,
+) -> Vec<(Radius, (f64, bool))> {
+    let graph = bound_graph(model).unwrap();
+    let pred: Vec<i64> = Vec::try_from(model.logits(x).unwrap().argmax(1, false)).unwrap();
+    let attack = fmn_margins(model, x, Norm::Linf, dir);
+    let search = Search::new(Norm::Linf, Method::Crown);
+    let radii = certified_radii(&graph, x, &pred, None, search).unwrap();
+    radii.into_iter().zip(attack).collect()
+}
+
 #[test]
 fn certified_radius_never_exceeds_the_attack_margin_on_the_embedded_model() {
     let _t = common::one_torch_thread();
@@ -232,20 +247,10 @@ fn certified_radius_never_exceeds_the_attack_margin_on_the_embedded_model() {
         data.input_shape(),
     )
     .unwrap();
-    let graph = bound_graph(model.as_ref()).unwrap();
     let (x, _) = data.batch(0, data.len());
-    let pred: Vec<i64> = Vec::try_from(model.logits(&x).unwrap().argmax(1, false)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let attack = fmn_margins(model.as_ref(), &x, Norm::Linf, dir.path());
-    let radii = certified_radii(
-        &graph,
-        &x,
-        &pred,
-        None,
-        Search::new(Norm::Linf, Method::Crown),
-    )
-    .unwrap();
-    for (i, (r, (m, ok))) in radii.iter().zip(&attack).enumerate() {
+    let pairs = certified_and_attacked(model.as_ref(), &x, dir.path());
+    for (i, (r, (m, ok))) in pairs.iter().enumerate() {
         println!(
             "embedded sample {i}: certified {:.5} ≤ attack {m:.5} ({} passes, {:.2} s)",
             r.radius, r.passes, r.seconds
@@ -258,6 +263,15 @@ fn certified_radius_never_exceeds_the_attack_margin_on_the_embedded_model() {
     }
 }
 
+/// A JSON array of numbers (the manifest's normalisation constants).
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 #[ignore = "needs ../shared (real CIFAR-10 models and pool)"]
 fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
@@ -265,13 +279,6 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
     let manifest = common::manifest(&shared);
     let data = common::real_pool(&shared);
     let dir = tempfile::tempdir().unwrap();
-    let f = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
     let (x, _) = data.batch(0, 4);
     let mut checked = 0;
     for m in manifest["models"].as_array().unwrap() {
@@ -281,24 +288,14 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
             &spec(
                 shared.join("models").join(m["onnx"].as_str().unwrap()),
                 None,
-                Some(f(&norm["mean"])),
-                Some(f(&norm["std"])),
+                Some(floats(&norm["mean"])),
+                Some(floats(&norm["std"])),
             ),
             data.input_shape(),
         )
         .unwrap();
-        let graph = bound_graph(model.as_ref()).unwrap();
-        let pred: Vec<i64> = Vec::try_from(model.logits(&x).unwrap().argmax(1, false)).unwrap();
-        let attack = fmn_margins(model.as_ref(), &x, Norm::Linf, dir.path());
-        let radii = certified_radii(
-            &graph,
-            &x,
-            &pred,
-            None,
-            Search::new(Norm::Linf, Method::Crown),
-        )
-        .unwrap();
-        for (i, (r, (m, ok))) in radii.iter().zip(&attack).enumerate() {
+        let pairs = certified_and_attacked(model.as_ref(), &x, dir.path());
+        for (i, (r, (m, ok))) in pairs.iter().enumerate() {
             println!(
                 "{name} sample {i}: certified {:.6} ≤ attack {m:.6}",
                 r.radius
@@ -340,19 +337,12 @@ fn vnncomp_cifar10_resnet_2b_instances_certified_by_alpha_crown() {
         .iter()
         .find(|m| m["name"] == "resnet_2b")
         .unwrap();
-    let f = |v: &serde_json::Value| -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
-    };
     let model = load_classifier(
         &spec(
             shared.join("models/resnet_2b.onnx"),
             None,
-            Some(f(&m["normalisation"]["mean"])),
-            Some(f(&m["normalisation"]["std"])),
+            Some(floats(&m["normalisation"]["mean"])),
+            Some(floats(&m["normalisation"]["std"])),
         ),
         data.input_shape(),
     )
