@@ -106,44 +106,23 @@ pub struct ScoreSpec {
     get: fn(&MarginRow) -> Option<f64>,
 }
 
+impl ScoreSpec {
+    /// One line of [`SCORES`].
+    const fn new(name: &'static str, sign: f64, get: fn(&MarginRow) -> Option<f64>) -> Self {
+        ScoreSpec { name, sign, get }
+    }
+}
+
 /// Every score brittle compares with the input margin, in display order. Entropy is negated
 /// (low entropy = confident) and so is energy (`-logsumexp`, lower = more confident).
 pub const SCORES: [ScoreSpec; 7] = [
-    ScoreSpec {
-        name: "logit_margin",
-        sign: 1.0,
-        get: |r| Some(r.logit_margin),
-    },
-    ScoreSpec {
-        name: "prob_margin",
-        sign: 1.0,
-        get: |r| r.prob_margin,
-    },
-    ScoreSpec {
-        name: "max_prob",
-        sign: 1.0,
-        get: |r| r.max_prob,
-    },
-    ScoreSpec {
-        name: "entropy",
-        sign: -1.0,
-        get: |r| r.entropy,
-    },
-    ScoreSpec {
-        name: "energy",
-        sign: -1.0,
-        get: |r| r.energy,
-    },
-    ScoreSpec {
-        name: "feature_margin",
-        sign: 1.0,
-        get: |r| r.feature_margin,
-    },
-    ScoreSpec {
-        name: "pseudo_margin",
-        sign: 1.0,
-        get: |r| r.pseudo_margin,
-    },
+    ScoreSpec::new("logit_margin", 1.0, |r| Some(r.logit_margin)),
+    ScoreSpec::new("prob_margin", 1.0, |r| r.prob_margin),
+    ScoreSpec::new("max_prob", 1.0, |r| r.max_prob),
+    ScoreSpec::new("entropy", -1.0, |r| r.entropy),
+    ScoreSpec::new("energy", -1.0, |r| r.energy),
+    ScoreSpec::new("feature_margin", 1.0, |r| r.feature_margin),
+    ScoreSpec::new("pseudo_margin", 1.0, |r| r.pseudo_margin),
 ];
 
 /// Correlations of a score with the input margin, with 95% bootstrap intervals: of every score
