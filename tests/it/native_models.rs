@@ -5,10 +5,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::common::{accuracy, fixture, rel_err, spec};
+use brittle::certify::{bound_graph, margin_lower_bounds, Method};
 use brittle::model::native::build_network;
 use brittle::model::weights::{load_into, read_tensors};
 use brittle::model::ModelSpec;
 use brittle::model::{load_classifier, logits_and_grad};
+use brittle::norm::Norm;
 use tch::{nn, Device, Kind, Tensor};
 
 fn golden(file: &str) -> BTreeMap<String, Tensor> {
@@ -56,6 +58,37 @@ fn check_golden(arch: &str, weights: &str) {
         rel_err(&rebuilt, &l) <= 1e-5,
         "{arch}: last_linear does not give the logits"
     );
+    check_bound_graph(arch, model.as_ref(), x, &g["logits"]);
+}
+
+/// The bound graph (normalisation, BatchNorm as affine layers, average pooling as a
+/// convolution) computes PyTorch's logits, and its bounds on the margins at ε = 0 are the
+/// margins themselves (every neuron stable: IBP and CROWN exact).
+fn check_bound_graph(
+    arch: &str,
+    model: &dyn brittle::model::Classifier,
+    x: &Tensor,
+    want: &Tensor,
+) {
+    let graph = bound_graph(model).unwrap();
+    let e = rel_err(&graph.forward(x).unwrap(), want);
+    assert!(e <= 1e-4, "{arch}: bound graph forward rel err {e}");
+    let n = x.size()[0];
+    let pred = want.argmax(1, false);
+    let k = want.size()[1];
+    let margins = want.gather(1, &pred.unsqueeze(1), false) - want;
+    let zero = Tensor::zeros([n], (Kind::Float, Device::Cpu));
+    for method in [Method::Ibp, Method::Crown] {
+        let lb = margin_lower_bounds(&graph, x, &pred, &zero, Norm::Linf, method).unwrap();
+        let keep =
+            Tensor::ones([n, k], (Kind::Bool, Device::Cpu)).scatter_value(1, &pred.unsqueeze(1), 0);
+        let exact = margins.masked_select(&keep).view([n, k - 1]);
+        let e = rel_err(&lb, &exact);
+        assert!(
+            e <= 1e-4,
+            "{arch} {method:?} at ε = 0: rel err {e} from the margins"
+        );
+    }
 }
 
 #[test]

@@ -50,10 +50,7 @@ pub trait Network: Send {
     fn head(&self) -> &nn::Linear;
     /// Appends the layers of [`Network::features`] (eval mode) to a bound graph after `x`;
     /// returns the features node.
-    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
-        let _ = (g, x);
-        anyhow::bail!("this architecture's layers have no bound graph yet")
-    }
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId>;
 }
 
 /// Builds a network under the root path of a `VarStore`.
@@ -61,7 +58,8 @@ pub type Builder = fn(&nn::Path, &ArchConfig) -> Result<Box<dyn Network>>;
 
 /// Architecture names a [`ModelSpec`] may name. Besides these, any `wrn-<depth>-<widen>` is a
 /// RobustBench WideResNet, and a suffix `@N` sets the base width of the ResNet families
-/// (first-stage channels, 64 by default) and of `small-cnn`, for reduced test models.
+/// (first-stage channels, 64 by default; the WideResNet stem's, 16 by default) and of
+/// `small-cnn`, for reduced test models.
 pub const ARCHITECTURES: &[(&str, Builder)] = &[
     ("cnn-a", cnn_a::build),
     ("lenet5-advertorch", lenet5::build),
@@ -170,6 +168,8 @@ pub fn resnet18_blocks<B>(
 /// A residual block of the ResNet families, in training (`train`) or evaluation mode.
 pub trait Block {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor;
+    /// Appends the block's evaluation-mode layers to a bound graph after `x`.
+    fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId>;
 }
 
 /// `x` through `blocks` in order: the residual stages every ResNet family runs after its stem.
@@ -177,31 +177,110 @@ pub fn through_blocks<B: Block>(blocks: &[B], x: Tensor, train: bool) -> Tensor 
     blocks.iter().fold(x, |out, b| b.forward(&out, train))
 }
 
-/// A 3x3 or 1x1 convolution without bias, as in the ResNet families.
-pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+/// [`through_blocks`] in a bound graph.
+pub fn bound_through_blocks<B: Block>(
+    blocks: &[B],
+    g: &mut BoundGraph,
+    x: NodeId,
+) -> Result<NodeId> {
+    blocks.iter().try_fold(x, |out, b| b.bound(g, out))
+}
+
+/// A 3x3 or 1x1 convolution of the ResNet families (no bias, padding k/2), with the stride
+/// and state-dict name its bound-graph layer needs.
+pub struct ResConv {
+    conv: nn::Conv2D,
+    stride: i64,
+    name: String,
+}
+
+/// Builds a [`ResConv`] under `p`.
+pub fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> ResConv {
     let cfg = nn::ConvConfig {
         stride,
         padding: k / 2,
         bias: false,
         ..Default::default()
     };
-    nn::conv2d(p, cin, cout, k, cfg)
+    ResConv {
+        name: path_name(&p),
+        conv: nn::conv2d(p, cin, cout, k, cfg),
+        stride,
+    }
 }
 
-/// A BatchNorm layer (PyTorch's defaults: momentum 0.1, ε 1e-5).
-pub fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, c, Default::default())
+impl ResConv {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.conv.forward(x)
+    }
+
+    /// Appends the convolution to a bound graph after `x`.
+    pub fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let padding = self.conv.ws.size()[2] / 2;
+        bound_conv(g, x, &self.conv, self.stride, padding, &self.name)
+    }
 }
 
-/// `BatchNorm` in training mode (batch statistics; the running averages are updated) or in
-/// evaluation mode (running statistics).
-pub fn bn_t(bn: &nn::BatchNorm, x: &Tensor, train: bool) -> Tensor {
-    nn::ModuleT::forward_t(bn, x, train)
+/// BatchNorm's ε (PyTorch's default), in the layer and in its bound-graph relaxation.
+const BN_EPS: f64 = 1e-5;
+
+/// A BatchNorm layer (PyTorch's defaults: momentum 0.1, ε 1e-5) with its state-dict name.
+pub struct Bn {
+    bn: nn::BatchNorm,
+    name: String,
 }
 
-/// PyTorch's `F.avg_pool2d(x, k)` (tch's `avg_pool2d_default` sums, hence the explicit call).
-pub fn avg_pool(x: &Tensor, k: i64) -> Tensor {
+/// Builds a [`Bn`] of `c` channels under `p`.
+pub fn bn(p: nn::Path, c: i64) -> Bn {
+    let cfg = nn::BatchNormConfig {
+        eps: BN_EPS,
+        ..Default::default()
+    };
+    Bn {
+        name: path_name(&p),
+        bn: nn::batch_norm2d(p, c, cfg),
+    }
+}
+
+impl Bn {
+    /// Training mode (batch statistics; the running averages are updated) or evaluation mode
+    /// (running statistics).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        nn::ModuleT::forward_t(&self.bn, x, train)
+    }
+
+    /// Appends the evaluation-mode layer, a per-channel affine map, after `x`.
+    pub fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let b = &self.bn;
+        g.batch_norm(
+            x,
+            b.ws.as_ref().map(Tensor::detach).as_ref(),
+            b.bs.as_ref().map(Tensor::detach).as_ref(),
+            &b.running_mean.detach(),
+            &b.running_var.detach(),
+            BN_EPS,
+            &self.name,
+        )
+    }
+}
+
+/// The state-dict prefix of a path (`layer1.0.conv1`), naming bound-graph nodes.
+fn path_name(p: &nn::Path) -> String {
+    p.components().collect::<Vec<_>>().join(".")
+}
+
+/// The features of the ResNet families: PyTorch's `F.avg_pool2d(x, k).flatten(1)` (tch's
+/// `avg_pool2d_default` sums, hence the explicit call).
+pub fn pooled_features(x: &Tensor, k: i64) -> Tensor {
     x.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>)
+        .flatten(1, -1)
+}
+
+/// Appends [`pooled_features`] (windows of `k`, stride `k`, no padding; floor mode, so the
+/// depthwise convolution of the bound graph drops the same rows) after `x`.
+pub fn bound_pooled_features(g: &mut BoundGraph, x: NodeId, k: i64) -> Result<NodeId> {
+    let x = g.avg_pool(x, [k, k], [k, k], [0, 0], "avg_pool")?;
+    bound_flatten(g, x)
 }
 
 /// Appends a convolution layer of stride `stride` and padding `padding` (as it was built).

@@ -4,23 +4,26 @@
 //! average pool and `linear`.
 
 use anyhow::Result;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::Tensor;
 
 use super::{
-    avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, through_blocks, ArchConfig, Block,
-    Network,
+    bn, bound_pooled_features, bound_relu, bound_through_blocks, conv, downsampled,
+    pooled_features, resnet18_blocks, through_blocks, ArchConfig, Block, Bn, Network, ResConv,
 };
+use crate::certify::graph::{BoundGraph, Layer, NodeId};
 
 /// `bn-relu-conv-bn-relu-conv + shortcut`, the shortcut a 1x1 conv when the shape changes.
 struct PreActBlock {
-    bn1: nn::BatchNorm,
-    conv1: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    shortcut: Option<nn::Conv2D>,
+    bn1: Bn,
+    conv1: ResConv,
+    bn2: Bn,
+    conv2: ResConv,
+    shortcut: Option<ResConv>,
     /// `PreActBlockV2`: the shortcut convolves `relu(bn1(x))` instead of `x`.
     shortcut_after_act: bool,
+    /// The state-dict prefix, naming the block's nodes.
+    name: String,
 }
 
 impl PreActBlock {
@@ -33,28 +36,44 @@ impl PreActBlock {
             shortcut: (stride != 1 || cin != cout)
                 .then(|| conv(&p / "shortcut" / 0, cin, cout, 1, stride)),
             shortcut_after_act: v2,
+            name: super::path_name(&p),
         }
     }
 }
 
 impl Block for PreActBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let act = bn_t(&self.bn1, x, train).relu();
+        let act = self.bn1.forward_t(x, train).relu();
         let short = match &self.shortcut {
             Some(c) if self.shortcut_after_act => c.forward(&act),
             Some(c) => c.forward(x),
             None => x.shallow_clone(),
         };
         let out = self.conv1.forward(&act);
-        let out = self.conv2.forward(&bn_t(&self.bn2, &out, train).relu());
+        let out = self.conv2.forward(&self.bn2.forward_t(&out, train).relu());
         out + short
+    }
+
+    fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let act = self.bn1.bound(g, x)?;
+        let act = bound_relu(g, act, &format!("{}.relu1", self.name))?;
+        let short = match &self.shortcut {
+            Some(c) if self.shortcut_after_act => c.bound(g, act)?,
+            Some(c) => c.bound(g, x)?,
+            None => x,
+        };
+        let out = self.conv1.bound(g, act)?;
+        let out = self.bn2.bound(g, out)?;
+        let out = bound_relu(g, out, &format!("{}.relu2", self.name))?;
+        let out = self.conv2.bound(g, out)?;
+        g.push(Layer::Add, &[out, short], &format!("{}.add", self.name))
     }
 }
 
 struct PreActResNet18 {
-    conv1: nn::Conv2D,
+    conv1: ResConv,
     blocks: Vec<PreActBlock>,
-    bn: Option<nn::BatchNorm>,
+    bn: Option<Bn>,
     linear: nn::Linear,
 }
 
@@ -77,12 +96,22 @@ impl Network for PreActResNet18 {
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut out = through_blocks(&self.blocks, self.conv1.forward(x), train);
         if let Some(bn) = &self.bn {
-            out = bn_t(bn, &out, train).relu();
+            out = bn.forward_t(&out, train).relu();
         }
-        avg_pool(&out, 4).flatten(1, -1)
+        pooled_features(&out, 4)
     }
 
     fn head(&self) -> &nn::Linear {
         &self.linear
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let out = self.conv1.bound(g, x)?;
+        let mut out = bound_through_blocks(&self.blocks, g, out)?;
+        if let Some(bn) = &self.bn {
+            out = bn.bound(g, out)?;
+            out = bound_relu(g, out, "relu")?;
+        }
+        bound_pooled_features(g, out, 4)
     }
 }

@@ -3,21 +3,24 @@
 //! average pool and `linear`.
 
 use anyhow::Result;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::Tensor;
 
 use super::{
-    avg_pool, bn, bn_t, conv, downsampled, resnet18_blocks, through_blocks, ArchConfig, Block,
-    Network,
+    bn, bound_pooled_features, bound_relu, bound_through_blocks, conv, downsampled,
+    pooled_features, resnet18_blocks, through_blocks, ArchConfig, Block, Bn, Network, ResConv,
 };
+use crate::certify::graph::{BoundGraph, Layer, NodeId};
 
 /// `conv-bn-relu-conv-bn + shortcut`, then ReLU; the shortcut is `conv1x1-bn` when the shape changes.
 struct BasicBlock {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    shortcut: Option<(nn::Conv2D, nn::BatchNorm)>,
+    conv1: ResConv,
+    bn1: Bn,
+    conv2: ResConv,
+    bn2: Bn,
+    shortcut: Option<(ResConv, Bn)>,
+    /// The state-dict prefix, naming the block's nodes.
+    name: String,
 }
 
 impl BasicBlock {
@@ -32,25 +35,43 @@ impl BasicBlock {
             conv2: conv(&p / "conv2", cout, cout, 3, 1),
             bn2: bn(&p / "bn2", cout),
             shortcut,
+            name: super::path_name(&p),
         }
     }
 }
 
 impl Block for BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
-        let out = bn_t(&self.bn2, &self.conv2.forward(&out), train);
+        let out = self.bn1.forward_t(&self.conv1.forward(x), train).relu();
+        let out = self.bn2.forward_t(&self.conv2.forward(&out), train);
         let short = match &self.shortcut {
-            Some((c, b)) => bn_t(b, &c.forward(x), train),
+            Some((c, b)) => b.forward_t(&c.forward(x), train),
             None => x.shallow_clone(),
         };
         (out + short).relu()
     }
+
+    fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let out = self.conv1.bound(g, x)?;
+        let out = self.bn1.bound(g, out)?;
+        let out = bound_relu(g, out, &format!("{}.relu1", self.name))?;
+        let out = self.conv2.bound(g, out)?;
+        let out = self.bn2.bound(g, out)?;
+        let short = match &self.shortcut {
+            Some((c, b)) => {
+                let s = c.bound(g, x)?;
+                b.bound(g, s)?
+            }
+            None => x,
+        };
+        let sum = g.push(Layer::Add, &[out, short], &format!("{}.add", self.name))?;
+        bound_relu(g, sum, &format!("{}.relu2", self.name))
+    }
 }
 
 struct ResNet18 {
-    conv1: nn::Conv2D,
-    bn1: nn::BatchNorm,
+    conv1: ResConv,
+    bn1: Bn,
     blocks: Vec<BasicBlock>,
     linear: nn::Linear,
 }
@@ -69,12 +90,20 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig) -> Result<Box<dyn Network>> {
 
 impl Network for ResNet18 {
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let stem = bn_t(&self.bn1, &self.conv1.forward(x), train).relu();
+        let stem = self.bn1.forward_t(&self.conv1.forward(x), train).relu();
         let out = through_blocks(&self.blocks, stem, train);
-        avg_pool(&out, 4).flatten(1, -1)
+        pooled_features(&out, 4)
     }
 
     fn head(&self) -> &nn::Linear {
         &self.linear
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let out = self.conv1.bound(g, x)?;
+        let out = self.bn1.bound(g, out)?;
+        let out = bound_relu(g, out, "relu")?;
+        let out = bound_through_blocks(&self.blocks, g, out)?;
+        bound_pooled_features(g, out, 4)
     }
 }

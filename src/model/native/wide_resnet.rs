@@ -1,14 +1,16 @@
 //! WideResNet-depth-widen (RobustBench `architectures/wide_resnet.py`, after TRADES): a 3x3
-//! stem of 16 channels, three `NetworkBlock`s of (depth-4)/6 pre-activation `BasicBlock`s
-//! (16k, 32k, 64k channels), BN-ReLU, an 8x8 average pool and `fc`.
+//! stem of w = 16 channels, three `NetworkBlock`s of (depth-4)/6 pre-activation `BasicBlock`s
+//! (wk, 2wk, 4wk channels), BN-ReLU, an 8x8 average pool and `fc`.
 
 use anyhow::{ensure, Result};
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::Tensor;
 
 use super::{
-    avg_pool, bn, bn_t, conv, downsampled, no_width, through_blocks, ArchConfig, Block, Network,
+    bn, bound_pooled_features, bound_relu, bound_through_blocks, conv, downsampled,
+    pooled_features, through_blocks, ArchConfig, Block, Bn, Network, ResConv,
 };
+use crate::certify::graph::{BoundGraph, Layer, NodeId};
 
 /// `wrn-<depth>-<widen>` as numbers.
 pub fn parse_name(name: &str) -> Option<(i64, i64)> {
@@ -20,11 +22,13 @@ pub fn parse_name(name: &str) -> Option<(i64, i64)> {
 /// RobustBench's `BasicBlock`: when in != out channels the activated input feeds both the
 /// first conv and the 1x1 `convShortcut`; otherwise the raw input is the shortcut.
 struct BasicBlock {
-    bn1: nn::BatchNorm,
-    conv1: nn::Conv2D,
-    bn2: nn::BatchNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    bn1: Bn,
+    conv1: ResConv,
+    bn2: Bn,
+    conv2: ResConv,
+    conv_shortcut: Option<ResConv>,
+    /// The state-dict prefix, naming the block's nodes.
+    name: String,
 }
 
 impl BasicBlock {
@@ -35,39 +39,54 @@ impl BasicBlock {
             bn2: bn(&p / "bn2", cout),
             conv2: conv(&p / "conv2", cout, cout, 3, 1),
             conv_shortcut: (cin != cout).then(|| conv(&p / "convShortcut", cin, cout, 1, stride)),
+            name: super::path_name(&p),
         }
     }
 }
 
 impl Block for BasicBlock {
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let act = bn_t(&self.bn1, x, train).relu();
-        let out = bn_t(&self.bn2, &self.conv1.forward(&act), train).relu();
+        let act = self.bn1.forward_t(x, train).relu();
+        let out = self.bn2.forward_t(&self.conv1.forward(&act), train).relu();
         let out = self.conv2.forward(&out);
         match &self.conv_shortcut {
             Some(c) => c.forward(&act) + out,
             None => x + out,
         }
     }
+
+    fn bound(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let act = self.bn1.bound(g, x)?;
+        let act = bound_relu(g, act, &format!("{}.relu1", self.name))?;
+        let out = self.conv1.bound(g, act)?;
+        let out = self.bn2.bound(g, out)?;
+        let out = bound_relu(g, out, &format!("{}.relu2", self.name))?;
+        let out = self.conv2.bound(g, out)?;
+        let short = match &self.conv_shortcut {
+            Some(c) => c.bound(g, act)?,
+            None => x,
+        };
+        g.push(Layer::Add, &[short, out], &format!("{}.add", self.name))
+    }
 }
 
 struct WideResNet {
-    conv1: nn::Conv2D,
+    conv1: ResConv,
     blocks: Vec<BasicBlock>,
-    bn1: nn::BatchNorm,
+    bn1: Bn,
     fc: nn::Linear,
 }
 
 pub fn build(p: &nn::Path, cfg: &ArchConfig, depth: i64, widen: i64) -> Result<Box<dyn Network>> {
     let arch = format!("wrn-{depth}-{widen}");
-    no_width(cfg, &arch)?;
     ensure!(
         depth >= 10 && (depth - 4) % 6 == 0 && widen > 0,
         "{arch}: depth must be 6n+4 (n >= 1) and widen positive"
     );
     downsampled(cfg.input_shape, 32, &arch)?;
     let n = (depth - 4) / 6;
-    let ch = [16, 16 * widen, 32 * widen, 64 * widen];
+    let w = cfg.width.unwrap_or(16);
+    let ch = [w, w * widen, 2 * w * widen, 4 * w * widen];
     let mut blocks = Vec::new();
     for (b, stride) in [1, 2, 2].into_iter().enumerate() {
         let layer = p / format!("block{}", b + 1) / "layer";
@@ -92,11 +111,19 @@ pub fn build(p: &nn::Path, cfg: &ArchConfig, depth: i64, widen: i64) -> Result<B
 impl Network for WideResNet {
     fn features_t(&self, x: &Tensor, train: bool) -> Tensor {
         let out = through_blocks(&self.blocks, self.conv1.forward(x), train);
-        let out = bn_t(&self.bn1, &out, train).relu();
-        avg_pool(&out, 8).flatten(1, -1)
+        let out = self.bn1.forward_t(&out, train).relu();
+        pooled_features(&out, 8)
     }
 
     fn head(&self) -> &nn::Linear {
         &self.fc
+    }
+
+    fn append_bound_graph(&self, g: &mut BoundGraph, x: NodeId) -> Result<NodeId> {
+        let out = self.conv1.bound(g, x)?;
+        let out = bound_through_blocks(&self.blocks, g, out)?;
+        let out = self.bn1.bound(g, out)?;
+        let out = bound_relu(g, out, "relu")?;
+        bound_pooled_features(g, out, 8)
     }
 }
