@@ -362,7 +362,9 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
     let manifest = common::manifest(&shared);
     let data = common::real_pool(&shared);
     let dir = tempfile::tempdir().unwrap();
-    let (x, _) = data.batch(0, 4);
+    // Two images per model keep CI's ../shared phase short (4 took 115 s, most of the phase);
+    // `bench/certify.py` and the note's full-pool run cover more.
+    let (x, _) = data.batch(0, 2);
     let mut checked = 0;
     for m in manifest["models"].as_array().unwrap() {
         let name = m["name"].as_str().unwrap();
@@ -393,7 +395,7 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
             }
         }
     }
-    assert!(checked >= 8, "only {checked} samples had an attack margin");
+    assert!(checked >= 6, "only {checked} samples had an attack margin");
 }
 
 /// VNN-COMP 2021 cifar10_resnet: the pool rows rebuilt from the resnet2b specs (ε = 2/255),
