@@ -16,6 +16,7 @@ mod attack_cli;
 mod attack_linear;
 mod attack_real;
 mod attack_strict;
+mod certify_cli;
 mod certify_reference;
 mod certify_soundness;
 mod data_readers;
