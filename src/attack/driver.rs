@@ -430,11 +430,15 @@ impl Chunk {
                 Ok((t, ok))
             };
             let (t_lead, from_lead) = push(&mut ctx, &r.lead_adv, &r.lead.lt_tensor(&r.best))?;
-            let closer = norm64(norm, &(at(&r.lead_adv, &t_lead) - x0)).lt_tensor(&r.best);
+            let pushed_lead = at(&r.lead_adv, &t_lead);
+            let closer = norm64(norm, &(&pushed_lead - x0)).lt_tensor(&r.best);
             let from_lead = from_lead.logical_and(&closer);
-            let (t_best, _) = push(&mut ctx, &r.best_adv, &from_lead.logical_not())?;
-            let end = at(&r.lead_adv, &t_lead)
-                .where_self(&per_sample(&from_lead, x0), &at(&r.best_adv, &t_best));
+            // Only rows with a strict best point to fall back on: elsewhere the best point is
+            // the clean input, which no push makes adversarial.
+            let fall_back = from_lead.logical_not().logical_and(&r.best.isfinite());
+            let (t_best, _) = push(&mut ctx, &r.best_adv, &fall_back)?;
+            let end =
+                pushed_lead.where_self(&per_sample(&from_lead, x0), &at(&r.best_adv, &t_best));
             let mut lo = Tensor::zeros([part.len() as i64], (Kind::Float, device));
             let mut hi = Tensor::ones([part.len() as i64], (Kind::Float, device));
             for _ in 0..steps {
