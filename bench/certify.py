@@ -131,8 +131,10 @@ class Lirpa:
 
     def __init__(self, lirpa, net, x, conv_mode="patches"):
         self.lirpa, self.net = lirpa, net.eval()
-        # Sparse α over conv features fails to index in matrix mode (shape mismatch).
-        opts = {"conv_mode": conv_mode, "sparse_features_alpha": conv_mode == "patches"}
+        # 0.3's sparse α over conv features fails to index (a shape mismatch in
+        # reconstruct_full_alpha: cnn in matrix mode, resnet_2b in patches mode); dense α is the
+        # same bound.
+        opts = {"conv_mode": conv_mode, "sparse_features_alpha": False}
         self.bounded = lirpa.BoundedModule(self.net, torch.zeros_like(x[:1]), bound_opts=opts, device="cpu")
 
     def lower(self, x, pred, eps, method):
