@@ -55,12 +55,21 @@ pub fn render(fig: &impl Figure, size: (u32, u32), dir: &Path, name: &str) -> Re
     }
     let svg_path = dir.join(format!("{name}.svg"));
     std::fs::write(&svg_path, &svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    // Drawn to RGB pixels and encoded by the `image` crate the server already decodes with
+    // (plotters' own encoder would build a second, older `image`).
     let png = dir.join(format!("{name}.png"));
-    let root = BitMapBackend::new(&png, size).into_drawing_area();
-    fig.draw(&root)
-        .map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
-    root.present()
-        .map_err(|e| anyhow!("writing {}: {e}", png.display()))?;
+    let mut pixels = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        fig.draw(&root)
+            .map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
+        root.present()
+            .map_err(|e| anyhow!("drawing {}: {e}", png.display()))?;
+    }
+    image::RgbImage::from_raw(size.0, size.1, pixels)
+        .context("the figure's pixel buffer does not match its size")?
+        .save_with_format(&png, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", png.display()))?;
     Ok(svg)
 }
 
