@@ -19,9 +19,9 @@ use super::graph::{BoundGraph, Layer, NodeId};
 use super::ibp::{self, Interval};
 use super::relu;
 
-/// Floats the coefficient matrices of one backward pass may take (256 MiB): the rows of an
+/// Floats the coefficient matrices of one backward pass may take (16 MiB): the rows of an
 /// intermediate layer's bounds go in chunks below it.
-const ROW_BUDGET: i64 = 1 << 26;
+const ROW_BUDGET: i64 = 1 << 22;
 
 /// Lower bounds `[N, S]` of `a[n, s] · node_start(x)` over `ball`, for `a` `[N, S, *shape]`;
 /// `intervals` bound the inputs of the activations before `start`, `alphas` (indexed by node)
