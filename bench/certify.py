@@ -7,6 +7,9 @@ Per model, on the first N pool images (L∞):
   soundness count (certified radius > attack margin, must be 0);
 * `brittle certify --method crown` and `--method alpha-crown`: time per certified radius
   (bisection over ε to 1% relative) and bound passes per sample;
+* `examples/bound_pass.rs`: brittle's time of one bound call on the N images at a fixed ε
+  (`--eps`, default 1/255), timed as auto_LiRPA's below (a radius's passes run at the
+  bisection's ε, whose first ones are wider and cost more);
 * auto_LiRPA's CROWN and α-CROWN on the same model and images in the same run, where it imports:
   time of one bound call on the N images (α-CROWN with its default 20 iterations), and how many
   of brittle's radii auto_LiRPA certifies at 1× and at 1.02× (identical bounds give N and ~0).
@@ -22,7 +25,9 @@ the brittle venv:
     PYTHONPATH=/work/lirpa-pkgs python bench/certify.py --n 16 --threads 1
 Without it the script reports the import error and runs brittle alone.
 
-Needs a brittle binary (default target/release/brittle, else target/debug/brittle).
+Needs a brittle binary (default target/release/brittle, else target/debug/brittle) and, for the
+fixed-ε timings, the example (`cargo build --release --example bound_pass`; `cargo test` builds
+the debug one).
 """
 import argparse
 import json
@@ -175,7 +180,7 @@ def fixture_agreement(lirpa):
     return out
 
 
-def lirpa_columns(lirpa, model_path, norm, data, n, radii):
+def lirpa_columns(lirpa, model_path, norm, data, n, radii, eps):
     """auto_LiRPA's s per bound call on the n images (best of 3 for CROWN, of 2 for α-CROWN,
     after one untimed call) and how many of brittle's radii [method -> per-sample array] it
     certifies at 1× and 1.02× (rows with radius 0 left out)."""
@@ -186,11 +191,12 @@ def lirpa_columns(lirpa, model_path, norm, data, n, radii):
         pred = bounded.net(x).argmax(1).tolist()
     row = {}
     for method, r in radii.items():
-        bounded.lower(x, pred, 1 / 255, method)
+        bounded.lower(x, pred, eps, method)
+        row[f"lirpa_{method}_fixed_eps_certified"] = f"{int((bounded.lower(x, pred, eps, method).min(1) > 0).sum())}/{n}"
         times = []
         for _ in range(3 if method == "crown" else 2):
             t0 = time.perf_counter()
-            bounded.lower(x, pred, 1 / 255, method)
+            bounded.lower(x, pred, eps, method)
             times.append(time.perf_counter() - t0)
         row[f"lirpa_{method}_s_per_call"] = min(times)
         row[f"lirpa_{method}_s_per_sample_pass"] = min(times) / n
@@ -199,6 +205,14 @@ def lirpa_columns(lirpa, model_path, norm, data, n, radii):
             lb = bounded.lower(x[keep], [p for p, k in zip(pred, keep) if k], r[keep] * scale, method)
             row[f"lirpa_{method}_certifies_{scale}x"] = f"{int((lb.min(1) > 0).sum())}/{int(keep.sum())}"
     return row
+
+
+def bound_pass(exe, common, n, method, eps):
+    """brittle's s per bound call on the first n images at a fixed ε (examples/bound_pass.rs),
+    timed as lirpa_columns times auto_LiRPA's."""
+    out = subprocess.run([exe, *common, "--n", str(n), "--method", method, "--eps", repr(eps)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def run(cmd):
@@ -215,11 +229,16 @@ def main():
     ap.add_argument("--methods", default="crown,alpha-crown")
     ap.add_argument("--models", default=None, help="comma-separated manifest names (default: all)")
     ap.add_argument("--out", default=None, help="write the table as JSON here")
+    ap.add_argument("--bound-pass", default=None, help="examples/bound_pass binary (default: target/*/examples)")
+    ap.add_argument("--eps", type=float, default=1 / 255, help="ε of the fixed-ε pass timings (both tools)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     exe = args.brittle or next(
         p for p in (os.path.join(ROOT, "target", b, "brittle") for b in ("release", "debug")) if os.path.exists(p)
     )
+    pass_exe = args.bound_pass or next(
+        (p for p in (os.path.join(ROOT, "target", b, "examples", "bound_pass") for b in ("release", "debug"))
+         if os.path.exists(p)), None)
     manifest = read_json(os.path.join(SHARED, "models", "manifest.json"))
     data = os.path.join(SHARED, "data", "cifar10", "real-pool.bin")
     lirpa, why = load_auto_lirpa()
@@ -263,8 +282,13 @@ def main():
                 row[f"{method}_s_per_pass"] = float(df["seconds"].sum() / df["passes"].sum())
                 row[f"{method}_median_radius_255"] = float(df["certified_radius"].median() * 255)
                 row[f"{method}_wall_s"] = wall
+                if pass_exe:
+                    p = bound_pass(pass_exe, common[:6] + ["--data", data, "--threads", str(args.threads)],
+                                   args.n, method, args.eps)
+                    row[f"{method}_fixed_eps_s_per_sample_pass"] = p["s_per_sample_pass"]
+                    row[f"{method}_fixed_eps_certified"] = f"{p['certified']}/{p['n']}"
             if lirpa:
-                row.update(lirpa_columns(lirpa, model_path, norm, data, args.n, radii))
+                row.update(lirpa_columns(lirpa, model_path, norm, data, args.n, radii, args.eps))
             table.append(row)
             print(json.dumps(row))
     print(pd.DataFrame(table).to_string())
