@@ -355,6 +355,15 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
+/// A shared model's ONNX graph with the manifest's normalisation (bounds need a graph: the
+/// TorchScript files are black boxes).
+fn shared_onnx(shared: &Path, m: &serde_json::Value, shape: [i64; 3]) -> Box<dyn Classifier> {
+    let norm = &m["normalisation"];
+    let path = shared.join("models").join(m["onnx"].as_str().unwrap());
+    let mean = Some(floats(&norm["mean"]));
+    load_classifier(&spec(path, None, mean, Some(floats(&norm["std"]))), shape).unwrap()
+}
+
 #[test]
 #[ignore = "needs ../shared (real CIFAR-10 models and pool)"]
 fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
@@ -368,17 +377,7 @@ fn certified_radius_never_exceeds_the_attack_margin_on_shared_models() {
     let mut checked = 0;
     for m in manifest["models"].as_array().unwrap() {
         let name = m["name"].as_str().unwrap();
-        let norm = &m["normalisation"];
-        let model = load_classifier(
-            &spec(
-                shared.join("models").join(m["onnx"].as_str().unwrap()),
-                None,
-                Some(floats(&norm["mean"])),
-                Some(floats(&norm["std"])),
-            ),
-            data.input_shape(),
-        )
-        .unwrap();
+        let model = shared_onnx(&shared, m, data.input_shape());
         let pairs = certified_and_attacked(model.as_ref(), &x, dir.path());
         for (i, (r, (m, ok))) in pairs.iter().enumerate() {
             println!(
@@ -488,17 +487,7 @@ fn no_pool_image_is_certified_at_its_attack_margin() {
         .unwrap()
         .iter()
         .map(|m| {
-            let norm = &m["normalisation"];
-            let model = load_classifier(
-                &spec(
-                    shared.join("models").join(m["onnx"].as_str().unwrap()),
-                    None,
-                    Some(floats(&norm["mean"])),
-                    Some(floats(&norm["std"])),
-                ),
-                pool.input_shape(),
-            )
-            .unwrap();
+            let model = shared_onnx(&shared, m, pool.input_shape());
             (m["name"].as_str().unwrap().to_owned(), model, &pool)
         })
         .collect();
@@ -562,16 +551,7 @@ fn vnncomp_cifar10_resnet_2b_instances_certified_by_alpha_crown() {
         .iter()
         .find(|m| m["name"] == "resnet_2b")
         .unwrap();
-    let model = load_classifier(
-        &spec(
-            shared.join("models/resnet_2b.onnx"),
-            None,
-            Some(floats(&m["normalisation"]["mean"])),
-            Some(floats(&m["normalisation"]["std"])),
-        ),
-        data.input_shape(),
-    )
-    .unwrap();
+    let model = shared_onnx(&shared, m, data.input_shape());
     let graph = bound_graph(model.as_ref()).unwrap();
     let (mut correct, mut by_crown, mut by_alpha) = (0, 0, 0);
     let t0 = std::time::Instant::now();
