@@ -256,11 +256,12 @@ def main():
                 continue
             norm = m["normalisation"]
             model_path = os.path.join(SHARED, "models", m["onnx"])
-            common = [
+            model_args = [
                 "--model", model_path,
                 "--mean", ",".join(map(str, norm["mean"])), "--std", ",".join(map(str, norm["std"])),
-                "--data", data, "--limit", str(args.n), "--threads", str(args.threads), "--device", "cpu",
+                "--data", data, "--threads", str(args.threads),
             ]
+            common = [*model_args, "--limit", str(args.n), "--device", "cpu"]
             row = {"model": name, "n": args.n}
             margins = os.path.join(tmp, f"{name}-margins.csv")
             row["margins_certify_s"] = run([exe, "margins", *common, "--certify", "crown", "--out", margins])
@@ -283,8 +284,7 @@ def main():
                 row[f"{method}_median_radius_255"] = float(df["certified_radius"].median() * 255)
                 row[f"{method}_wall_s"] = wall
                 if pass_exe:
-                    p = bound_pass(pass_exe, common[:6] + ["--data", data, "--threads", str(args.threads)],
-                                   args.n, method, args.eps)
+                    p = bound_pass(pass_exe, model_args, args.n, method, args.eps)
                     row[f"{method}_fixed_eps_s_per_sample_pass"] = p["s_per_sample_pass"]
                     row[f"{method}_fixed_eps_certified"] = f"{p['certified']}/{p['n']}"
             if lirpa:

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use brittle::certify::{bound_graph, margin_lower_bounds, Method};
 use brittle::data::DataSpec;
+use brittle::model::normalize::parse_channel_values;
 use brittle::model::{load_classifier, ModelSpec};
 use brittle::norm::Norm;
 use tch::{Device, Kind, Tensor};
@@ -19,16 +20,6 @@ use tch::{Device, Kind, Tensor};
 fn arg(args: &[String], name: &str) -> Option<String> {
     let i = args.iter().position(|a| a == name)?;
     args.get(i + 1).cloned()
-}
-
-fn floats(s: &str) -> Result<Vec<f64>> {
-    s.split(',')
-        .map(|v| {
-            v.trim()
-                .parse()
-                .with_context(|| format!("not a number: {v}"))
-        })
-        .collect()
 }
 
 fn main() -> Result<()> {
@@ -47,8 +38,9 @@ fn main() -> Result<()> {
         arg(&args, "--model").context("--model is required")?,
         Device::Cpu,
     );
-    spec.mean = arg(&args, "--mean").map(|s| floats(&s)).transpose()?;
-    spec.std = arg(&args, "--std").map(|s| floats(&s)).transpose()?;
+    let channels = |flag| arg(&args, flag).map(|s| parse_channel_values(&s).context(flag));
+    spec.mean = channels("--mean").transpose()?;
+    spec.std = channels("--std").transpose()?;
     let data = DataSpec {
         path: arg(&args, "--data").context("--data is required")?.into(),
         limit: Some(n),

@@ -309,27 +309,25 @@ fn certified_and_attacked(
     radii.into_iter().zip(attack).collect()
 }
 
-#[test]
-fn certified_radius_never_exceeds_the_attack_margin_on_the_embedded_model() {
-    let _t = common::one_torch_thread();
+/// The embedded model and its MNIST images (the first `limit`).
+fn embedded(limit: Option<usize>) -> (Box<dyn Classifier>, Dataset) {
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
     let data = brittle::data::DataSpec {
         path: assets.join("mnist-test-1000-images-idx3-ubyte.gz"),
-        limit: Some(2),
+        limit,
         ..Default::default()
     }
     .load()
     .unwrap();
-    let model = load_classifier(
-        &spec(
-            assets.join("mnist-small-cnn.safetensors"),
-            Some("small-cnn"),
-            None,
-            None,
-        ),
-        data.input_shape(),
-    )
-    .unwrap();
+    let weights = assets.join("mnist-small-cnn.safetensors");
+    let model = spec(weights, Some("small-cnn"), None, None);
+    (load_classifier(&model, data.input_shape()).unwrap(), data)
+}
+
+#[test]
+fn certified_radius_never_exceeds_the_attack_margin_on_the_embedded_model() {
+    let _t = common::one_torch_thread();
+    let (model, data) = embedded(Some(2));
     let (x, _) = data.batch(0, data.len());
     let dir = tempfile::tempdir().unwrap();
     let pairs = certified_and_attacked(model.as_ref(), &x, dir.path());
@@ -419,8 +417,8 @@ fn attacked_rows(name: &str, stride: Option<usize>, skip: usize) -> Vec<MarginRo
         .collect()
 }
 
-/// CROWN at ε = each row's attack margin (L∞), 32 images a pass: `(images, rows certified,
-/// largest of the per-image smallest margin lower bounds)`. The ball holds the attack's
+/// CROWN at ε = each row's attack margin (L∞), 32 images a pass: `(rows certified as
+/// (index, margin, lower bound), largest of the per-image smallest margin lower bounds)`. The ball holds the attack's
 /// adversarial example, so a sound bound is ≤ its (negative) logit gap there: a row certified
 /// at its own attack margin is a soundness violation (and the radius bisection can certify
 /// above the margin only where this happens, its bounds growing looser with ε).
@@ -428,7 +426,7 @@ fn certified_at_attack_margins(
     model: &dyn Classifier,
     data: &Dataset,
     rows: &[MarginRow],
-) -> (usize, Vec<(usize, f64, f64)>, f64) {
+) -> (Vec<(usize, f64, f64)>, f64) {
     let graph = bound_graph(model).unwrap();
     let (mut violations, mut largest) = (Vec::new(), f64::NEG_INFINITY);
     for chunk in rows.chunks(32) {
@@ -459,7 +457,7 @@ fn certified_at_attack_margins(
             }
         }
     }
-    (rows.len(), violations, largest)
+    (violations, largest)
 }
 
 /// Soundness on real models at the scale of their pools: no image is certified (CROWN) at the
@@ -483,13 +481,7 @@ fn no_pool_image_is_certified_at_its_attack_margin() {
     let shared = common::shared();
     let manifest = common::manifest(&shared);
     let pool = common::real_pool(&shared);
-    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
-    let mnist = brittle::data::DataSpec {
-        path: assets.join("mnist-test-1000-images-idx3-ubyte.gz"),
-        ..Default::default()
-    }
-    .load()
-    .unwrap();
+    let (small_cnn, mnist) = embedded(None);
     let mut models: Vec<(String, Box<dyn Classifier>, &Dataset)> = manifest["models"]
         .as_array()
         .unwrap()
@@ -499,17 +491,7 @@ fn no_pool_image_is_certified_at_its_attack_margin() {
             (m["name"].as_str().unwrap().to_owned(), model, &pool)
         })
         .collect();
-    let embedded = spec(
-        assets.join("mnist-small-cnn.safetensors"),
-        Some("small-cnn"),
-        None,
-        None,
-    );
-    models.push((
-        "mnist-small-cnn".into(),
-        load_classifier(&embedded, mnist.input_shape()).unwrap(),
-        &mnist,
-    ));
+    models.push(("mnist-small-cnn".into(), small_cnn, &mnist));
     let mut failed = Vec::new();
     let chosen = |name: &str| {
         only.as_ref()
@@ -518,7 +500,8 @@ fn no_pool_image_is_certified_at_its_attack_margin() {
     for (name, model, data) in models.iter().filter(|m| chosen(&m.0)) {
         let rows = attacked_rows(name, stride, skip);
         let t0 = std::time::Instant::now();
-        let (n, violations, largest) = certified_at_attack_margins(model.as_ref(), data, &rows);
+        let n = rows.len();
+        let (violations, largest) = certified_at_attack_margins(model.as_ref(), data, &rows);
         println!(
             "{name}: {n} images with an attack margin (stride {stride:?}), CROWN at the margin \
              certifies {}; largest smallest-margin lower bound {largest:.4e}; {:.1} s",
