@@ -61,7 +61,7 @@ def load_auto_lirpa():
 
 class OnnxNet(torch.nn.Module):
     """The ONNX graphs of the shared models and the certify fixtures (Conv, Gemm, Relu, Add, Sub,
-    Div, BatchNormalization, AveragePool, Flatten) as torch functions auto_LiRPA can trace, the
+    Div, BatchNormalization, AveragePool, Flatten, Reshape) as torch functions auto_LiRPA can trace, the
     input normalisation (x - mean) / std first, inside the bounded model."""
 
     def __init__(self, path, mean=None, std=None):
@@ -113,6 +113,10 @@ class OnnxNet(torch.nn.Module):
                 y = F.avg_pool2d(a[0], at["kernel_shape"], at["strides"])
             elif op == "Flatten":
                 y = torch.flatten(a[0], at.get("axis", 1))
+            elif op == "Reshape":
+                # sri_resnet_a's flatten, [1, -1] for a batch of one: kept per sample.
+                assert a[1].tolist()[1:] == [-1], a[1]
+                y = torch.flatten(a[0], 1)
             else:
                 y = {"Relu": lambda: F.relu(a[0]), "Add": lambda: a[0] + a[1],
                      "Sub": lambda: a[0] - a[1], "Div": lambda: a[0] / a[1]}[op]()

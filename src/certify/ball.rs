@@ -58,6 +58,22 @@ impl Ball {
         })
     }
 
+    /// The region seen through `view`, a map of a sample's `[1, C, H, W]` values to `[R, ...]`
+    /// (one sample's ball, windows of it): `R` regions of the same radius.
+    pub fn viewed(&self, view: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Ball> {
+        let center = view(&self.center)?;
+        let r = center.size()[0];
+        Ok(Ball {
+            eps: self.eps.f_expand([r], false)?,
+            center,
+            norm: self.norm,
+            bounds: Interval {
+                lower: view(&self.bounds.lower)?,
+                upper: view(&self.bounds.upper)?,
+            },
+        })
+    }
+
     /// Whether the region is its box (L∞).
     pub fn is_box(&self) -> bool {
         self.norm == Norm::Linf

@@ -9,7 +9,8 @@
 //! unstable (`l < 0 < u`, per sample): a stable neuron's relaxation is exact whatever its
 //! bounds, so the other neurons need no backward pass. The result is the intersection of the
 //! IBP and CROWN bounds. Nodes where IBP is already exact (the first linear layer of an L∞
-//! box) are not tightened.
+//! box) are not tightened. The unit rows of a convolutional node start on windows
+//! ([`super::patches`]): each depends only on its receptive field.
 
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
@@ -17,7 +18,7 @@ use tch::{Kind, Tensor};
 use super::ball::Ball;
 use super::graph::{BoundGraph, Layer, NodeId};
 use super::ibp::{self, Interval};
-use super::relu;
+use super::{patches, relu};
 
 /// Floats the coefficient matrices of one backward pass may take (16 MiB): the rows of an
 /// intermediate layer's bounds go in chunks below it.
@@ -35,10 +36,24 @@ pub fn backward(
     ball: &Ball,
 ) -> Result<Tensor> {
     let s = a.size();
+    let constant = Tensor::f_zeros([s[0], s[1]], (Kind::Float, graph.device()))?;
+    backward_with(graph, intervals, alphas, start, a, constant, ball)
+}
+
+/// [`backward`] of `constant + a · node_start(x)`, `constant` `[N, S]`.
+pub(super) fn backward_with(
+    graph: &BoundGraph,
+    intervals: &[Interval],
+    alphas: Option<&[Option<Tensor>]>,
+    start: NodeId,
+    a: Tensor,
+    mut constant: Tensor,
+    ball: &Ball,
+) -> Result<Tensor> {
+    let s = a.size();
     let (n, rows) = (s[0], s[1]);
     let mut acc: Vec<Option<Tensor>> = (0..=start).map(|_| None).collect();
     acc[start] = Some(a);
-    let mut constant = Tensor::f_zeros([n, rows], (Kind::Float, graph.device()))?;
     for id in (0..=start).rev() {
         let Some(a) = acc[id].take() else { continue };
         let node = graph.node(id);
@@ -208,15 +223,28 @@ fn tighten(
             let len = chunk.min(count - start);
             let rows = idx.f_narrow(0, start, len)?;
             // Rows e_k and -e_k: lower bounds of x_k and of -x_k.
-            let e = Tensor::f_zeros([len, m], opts)?.f_scatter_value(
-                1,
-                &rows.f_view([len, 1])?,
-                1.0,
-            )?;
-            let mut shape = vec![1, 2 * len];
-            shape.extend(&node.shape);
-            let a = Tensor::f_cat(&[&e, &e.f_neg()?], 0)?.f_view(shape.as_slice())?;
-            let lb = tch::no_grad(|| backward(graph, &mine, None, id, a, &ball_i))?.f_get(0)?;
+            let both = Tensor::f_cat(&[&rows, &rows], 0)?;
+            let one = Tensor::f_ones([len], opts)?;
+            let sign = Tensor::f_cat(&[&one, &one.f_neg()?], 0)?;
+            let lb = tch::no_grad(|| -> Result<Tensor> {
+                let (from, a, k) = if node.shape.len() == 3 {
+                    match patches::backward(graph, &mine, id, &both, &sign, &ball_i)? {
+                        patches::Reached::Bounds(lb) => return Ok(lb),
+                        patches::Reached::Node(from, a, k) => (from, a, k),
+                    }
+                } else {
+                    let e = Tensor::f_zeros([2 * len, m], opts)?.f_scatter(
+                        1,
+                        &both.f_view([2 * len, 1])?,
+                        &sign.f_view([2 * len, 1])?,
+                    )?;
+                    let mut shape = vec![1, 2 * len];
+                    shape.extend(&node.shape);
+                    let k = Tensor::f_zeros([1, 2 * len], opts)?;
+                    (id, e.f_view(shape.as_slice())?, k)
+                };
+                Ok(backward_with(graph, &mine, None, from, a, k, &ball_i)?.f_get(0)?)
+            })?;
             let lo = lb.f_narrow(0, 0, len)?;
             let hi = lb.f_narrow(0, len, len)?.f_neg()?;
             lower =

@@ -14,6 +14,7 @@ pub mod crown;
 pub mod graph;
 pub mod ibp;
 pub mod job;
+mod patches;
 pub mod radius;
 pub mod relu;
 
