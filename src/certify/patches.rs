@@ -53,16 +53,20 @@ impl Windows {
         Ok((flat, mask))
     }
 
-    /// The windows of `t` `[1, C, H, W]` (one sample's bounds or constants): `[R, C, h, w]`,
-    /// arbitrary finite values outside the map.
-    fn gather(&self, t: &Tensor) -> Result<Tensor> {
-        let s = t.size();
-        let (r, h, w) = (self.a.size()[0], self.a.size()[2], self.a.size()[3]);
-        let (flat, _) = self.flat(s[2], s[3])?;
-        Ok(t.f_reshape([s[1], s[2] * s[3]])?
-            .f_index_select(1, &flat.f_flatten(0, -1)?)?
-            .f_view([s[1], r, h, w])?
-            .f_permute([1, 0, 2, 3])?)
+    /// The windows' gather from maps `[1, C, H, W]` of size `map` `[H, W]` (one sample's bounds
+    /// or constants; the indices found once for them all): `[R, C, h, w]`, arbitrary finite
+    /// values outside the map.
+    fn gatherer(&self, map: &[i64]) -> Result<impl Fn(&Tensor) -> Result<Tensor>> {
+        let s = self.a.size();
+        let (r, h, w) = (s[0], s[2], s[3]);
+        let flat = self.flat(map[0], map[1])?.0.f_flatten(0, -1)?;
+        Ok(move |t: &Tensor| -> Result<Tensor> {
+            let c = t.size()[1];
+            Ok(t.f_reshape([c, -1])?
+                .f_index_select(1, &flat)?
+                .f_view([c, r, h, w])?
+                .f_permute([1, 0, 2, 3])?)
+        })
     }
 
     /// Zeroes the entries outside a map `[H, W]`.
@@ -76,7 +80,7 @@ impl Windows {
     fn dense(&self, shape: &[i64]) -> Result<Tensor> {
         let (c, h, w) = (shape[0], shape[1], shape[2]);
         let r = self.a.size()[0];
-        let (flat, mask) = self.flat(h, w)?;
+        let (flat, _) = self.flat(h, w)?;
         let opts = (Kind::Int64, self.a.device());
         // [R, C, h, w] flat indices into [R, C, H, W]; entries outside the map are zero and
         // are added onto an entry inside it.
@@ -92,12 +96,11 @@ impl Windows {
                     .f_mul_scalar(c * h * w)?
                     .f_view([r, 1, 1, 1])?,
             )?;
-        let values = self.a.f_mul(&mask.f_unsqueeze(1)?)?;
         Ok(
             Tensor::f_zeros([r * c * h * w], (Kind::Float, self.a.device()))?
                 .f_index_put(
                     &[Some(index.f_flatten(0, -1)?)],
-                    &values.f_flatten(0, -1)?,
+                    &self.a.f_flatten(0, -1)?,
                     true,
                 )?
                 .f_view([1, r, c, h, w])?,
@@ -150,13 +153,14 @@ impl Windows {
 
     /// Through an elementwise `x · scale + shift` (`[1, C, H, W]` each).
     fn affine(self, scale: &Tensor, shift: &Tensor) -> Result<Windows> {
-        let k = self.a.f_mul(&self.gather(shift)?)?.f_sum_dim_intlist(
+        let gather = self.gatherer(&shift.size()[2..])?;
+        let k = self.a.f_mul(&gather(shift)?)?.f_sum_dim_intlist(
             [1, 2, 3].as_slice(),
             false,
             Kind::Float,
         )?;
         Ok(Windows {
-            a: self.a.f_mul(&self.gather(scale)?)?,
+            a: self.a.f_mul(&gather(scale)?)?,
             constant: self.constant.f_add(&k)?,
             ..self
         })
@@ -164,9 +168,10 @@ impl Windows {
 
     /// Through a ReLU whose input has bounds `bounds` (`[1, C, H, W]`).
     fn relu(self, bounds: &Interval) -> Result<Windows> {
+        let gather = self.gatherer(&bounds.lower.size()[2..])?;
         let local = Interval {
-            lower: self.gather(&bounds.lower)?,
-            upper: self.gather(&bounds.upper)?,
+            lower: gather(&bounds.lower)?,
+            upper: gather(&bounds.upper)?,
         };
         let (a, k) = relu::relu_backward(&self.a.f_unsqueeze(1)?, &local, None)?;
         Ok(Windows {
@@ -229,7 +234,7 @@ pub fn backward(
     if at == BoundGraph::INPUT {
         // Concretised on the windows of the ball.
         let lb = ball
-            .viewed(|t| win.gather(t))?
+            .viewed(win.gatherer(&graph.node(at).shape[1..])?)?
             .lower_bound(&win.a.f_unsqueeze(1)?)?;
         return Ok(Reached::Bounds(win.constant.f_add(&lb.f_squeeze_dim(1)?)?));
     }
