@@ -50,6 +50,7 @@ impl AttackStep for Ddn {
             name: "ddn",
             steps: self.steps,
             patience: self.steps,
+            once_found: self.steps,
         }
     }
 

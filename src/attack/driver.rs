@@ -288,7 +288,11 @@ impl Chunk {
                 } else if found[i] {
                     a.stall[i] += 1;
                 }
-                done.push(a.steps[i] >= budget.steps || a.stall[i] >= budget.patience);
+                done.push(
+                    a.steps[i] >= budget.steps
+                        || a.stall[i] >= budget.patience
+                        || (found[i] && a.steps[i] >= budget.once_found),
+                );
             }
             let left_early: usize = (0..done.len())
                 .filter(|&i| done[i])

@@ -63,6 +63,7 @@ impl AttackStep for Fmn {
             name: self.name,
             steps: self.steps,
             patience: self.patience,
+            once_found: self.steps,
         }
     }
 

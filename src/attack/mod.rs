@@ -228,6 +228,9 @@ pub struct Budget {
     pub steps: usize,
     /// Iterations without a 0.1% improvement (after a first success) before a sample leaves.
     pub patience: usize,
+    /// Iterations after which a sample that has an adversarial point leaves (at most `steps`):
+    /// the rest of the budget goes only to samples that have none yet.
+    pub once_found: usize,
 }
 
 /// One iteration of an attack on a batch; the [`driver`] runs it. `Debug` prints every parameter:

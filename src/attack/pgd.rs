@@ -88,6 +88,7 @@ impl AttackStep for Pgd {
             name: "pgd",
             steps: self.steps,
             patience: self.steps,
+            once_found: self.steps,
         }
     }
 

@@ -85,6 +85,7 @@ impl AttackStep for Shrink {
             name: self.name,
             steps: self.steps,
             patience: self.steps,
+            once_found: self.steps,
         }
     }
 

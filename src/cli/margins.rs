@@ -27,7 +27,7 @@ pub struct MarginsArgs {
     #[arg(long, value_parser = super::values::enum_parser::<AttackKind>(), default_value = "best")]
     pub attack: AttackKind,
     /// Iterations per sample (default: the attack's published budget; for `best`, its cold FMN
-    /// pass's, 90 in L∞ and 60 in L2, with a third of it for the warm FMN pass).
+    /// pass's, 150 in L∞ and 120 in L2, with a third of it for the warm FMN pass).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Classes considered by `fab-t` and by `best`'s FAB pass.

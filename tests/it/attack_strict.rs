@@ -97,6 +97,7 @@ impl AttackStep for Propose {
             name: "propose",
             steps: 3,
             patience: 3,
+            once_found: 3,
         }
     }
 

@@ -12,6 +12,7 @@ mod support {
 static METER: support::alloc_meter::Meter = support::alloc_meter::Meter;
 
 mod analyze_cli;
+mod attack_budget;
 mod attack_cli;
 mod attack_linear;
 mod attack_real;

@@ -35,6 +35,8 @@ pub struct Fab {
     pub eta: f64,
     pub beta: f64,
     pub patience: usize,
+    /// Steps for a sample once it has an adversarial point ([`Budget::once_found`]).
+    pub once_found: usize,
     pub name: &'static str,
 }
 
@@ -50,6 +52,7 @@ impl Fab {
             eta: 1.05,
             beta: 0.9,
             patience: steps,
+            once_found: steps,
             name: if targeted { "fab-t" } else { "fab" },
         }
     }
@@ -70,8 +73,8 @@ impl Fab {
 /// when that was a (never used) option still resume and merge.
 impl std::fmt::Debug for Fab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fab")
-            .field("norm", &self.norm)
+        let mut d = f.debug_struct("Fab");
+        d.field("norm", &self.norm)
             .field("steps", &self.steps)
             .field("topk", &self.topk)
             .field("targeted", &self.targeted)
@@ -79,9 +82,12 @@ impl std::fmt::Debug for Fab {
             .field("eta", &self.eta)
             .field("beta", &self.beta)
             .field("random_start", &0.0)
-            .field("patience", &self.patience)
-            .field("name", &self.name)
-            .finish()
+            .field("patience", &self.patience);
+        // Only where it limits anything, so that files of a plain FAB run still resume.
+        if self.once_found < self.steps {
+            d.field("once_found", &self.once_found);
+        }
+        d.field("name", &self.name).finish()
     }
 }
 
@@ -141,6 +147,7 @@ impl AttackStep for Fab {
             name: self.name,
             steps: self.steps,
             patience: self.patience,
+            once_found: self.once_found,
         }
     }
 
