@@ -1,6 +1,7 @@
 //! The driver's per-sample budget: a sample that has an adversarial point leaves after
 //! `once_found` steps, and only samples still without one spend the rest of `steps` (what lets
-//! `best`'s FAB pass stop at 10 steps where it found a point and go on to 40 where it did not).
+//! `best`'s FAB pass stop after 5 or 10 steps where it found a point and go on to 40 where it did
+//! not).
 
 use anyhow::Result;
 use brittle::attack::driver::Chunk;
