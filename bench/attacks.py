@@ -372,7 +372,9 @@ def report(a, name, norm, name_b, recs):
                            fwd=r["fwd"], bwd=r["bwd"], pair_ms=1e3 * pair_s / a.n,
                            pair_cost=f"{rows['adv-lib FMN+FAB pair']['fwd']:.0f}+{rows['adv-lib FMN+FAB pair']['bwd']:.0f}"
                            if "adv-lib FMN+FAB pair" in rows else "",
-                           pair_load=rows.get("adv-lib FMN+FAB pair", {}).get("load1_before", float("nan")))
+                           pair_load=rows.get("adv-lib FMN+FAB pair", {}).get("load1_before", float("nan")),
+                           pair_within=float(np.mean(np.where(ok, m["adv-lib FMN+FAB pair"] / np.where(ok, best, 1.0), 1.0)
+                                                     <= 1.01)) if "adv-lib FMN+FAB pair" in m else float("nan"))
     if a.save:
         path = a.save.format(model=name, norm=norm)
         with open(path, "w", newline="") as f:
@@ -433,13 +435,13 @@ def main():
           "over the pair's, the pair's cached time scaled to the machine's speed during brittle's run\n"
           "(`calibrate`); raw: unscaled. speed: machine speed during brittle's run / during the pair's.\n")
     print("| model | norm | within 1% | median ratio | worst ratio (failures) | time vs pair (attack only) | raw "
-          "| speed | brittle ms/sample | pair ms/sample (load) | fwd+bwd/sample brittle | pair |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speed | brittle ms/sample | pair ms/sample (load) | fwd+bwd/sample brittle | pair | pair within 1% |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in filter(None, summary):
         print(f"| {s['model']} | {s['norm']} | {s['within']:.0%} | {s['median']:.4f} | {s['worst']:.3f} ({s['fails']}) "
               f"| {s['scaled_ratio']:.3f} ({s['scaled_attack_ratio']:.3f}) | {s['time_ratio']:.3f} | {s['speed']:.2f} "
               f"| {s['ms']:.1f} | {s['pair_ms']:.1f} ({s['pair_load']:.1f}) | {s['fwd']:.0f}+{s['bwd']:.0f} "
-              f"| {s['pair_cost']} |")
+              f"| {s['pair_cost']} | {s['pair_within']:.0%} |")
 
 
 if __name__ == "__main__":

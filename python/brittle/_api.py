@@ -174,6 +174,7 @@ def margins(
     *,
     steps=None,
     topk=9,
+    effort=1,
     chunk=None,
     target_true=False,
     allow_low_accuracy=False,
@@ -191,6 +192,9 @@ def margins(
     x: float images ``[N, C, H, W]`` in [0, 1] on the model's device. y: labels (default: the
     model's predictions, the label the attacks move away from anyway).
 
+    steps, topk, effort, chunk, target_true: as the CLI's flags (``effort=k`` runs ``best`` with
+    every budget times k: tighter margins at about k times the cost).
+
     Returns a DataFrame with the margins CSV's columns. With ``out`` the CSV and its sidecar
     ``<out>.meta.json`` are written there, flushed per chunk: after an interruption (Ctrl-C
     raises KeyboardInterrupt within one attack step) the same call resumes, exactly as the CLI.
@@ -199,7 +203,7 @@ def margins(
     y = _check_labels(y, x.shape[0])
     with _model(model, x, arch, num_classes, mean, std, device) as m, _out_path(out, "margins.csv") as path:
         _brittle.margins(
-            m, x.detach(), y, str(path), norm, attack, steps, topk, batch_size, chunk, seed,
+            m, x.detach(), y, str(path), norm, attack, steps, topk, effort, batch_size, chunk, seed,
             target_true, progress, _SOURCE.format(list(x.shape)), allow_low_accuracy,
         )
         df = _read_csv(path)

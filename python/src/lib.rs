@@ -198,7 +198,7 @@ fn first_batch_check(
 
 /// Runs (or resumes) the margins job of `brittle margins` on `x`, writing `out` and its sidecar.
 #[pyfunction]
-#[pyo3(signature = (model, x, y, out, norm, attack, steps, topk, batch_size, chunk, seed, target_true, progress, source, allow_low_accuracy))]
+#[pyo3(signature = (model, x, y, out, norm, attack, steps, topk, effort, batch_size, chunk, seed, target_true, progress, source, allow_low_accuracy))]
 #[allow(clippy::too_many_arguments)]
 fn margins(
     py: Python<'_>,
@@ -210,6 +210,7 @@ fn margins(
     attack: &str,
     steps: Option<usize>,
     topk: i64,
+    effort: usize,
     batch_size: usize,
     chunk: Option<usize>,
     seed: u64,
@@ -230,6 +231,7 @@ fn margins(
         let options = MarginsOptions {
             steps,
             topk,
+            effort,
             seed,
             target_true,
             batch_size,

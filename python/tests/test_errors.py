@@ -60,6 +60,12 @@ def test_label_beyond_the_model_classes_is_a_brittle_error(embedded_model, mnist
         brittle.margins(embedded_model, x, y, progress=False)
 
 
+def test_effort_of_a_one_pass_attack_is_refused(embedded_model, mnist):
+    x, _ = small(mnist)
+    with pytest.raises(brittle.BrittleError, match="effort.*fmn has one pass: give it more steps"):
+        brittle.margins(embedded_model, x, attack="fmn", effort=2, progress=False)
+
+
 class Tuple(nn.Module):
     def __init__(self, inner):
         super().__init__()

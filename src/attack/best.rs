@@ -58,15 +58,19 @@ fn fab_steps(norm: Norm) -> usize {
 const FAB_RESCUE_STEPS: usize = 40;
 const FAB_PATIENCE: usize = 8;
 
-/// The `best` plan with `cold_steps` for its cold FMN pass.
-pub fn plan(norm: Norm, cold_steps: usize, topk: i64) -> Plan {
+/// The `best` plan with `cold_steps` for its cold FMN pass, every budget times `effort`: FAB's
+/// steps, both FMN passes, DDN and the polish run `effort` times longer, and `effort` probes run
+/// from different random points. Effort 1 is the default; more buys tightness at a cost that
+/// grows about linearly (figures in `bench/README.md`, "What more effort buys").
+pub fn plan(norm: Norm, cold_steps: usize, topk: i64, effort: usize) -> Plan {
     let mut passes: Vec<Box<dyn Pass>> = Vec::new();
     if norm != Norm::L1 {
-        let mut fab = Fab::new(norm, FAB_RESCUE_STEPS, topk, false);
-        fab.once_found = fab_steps(norm);
+        let mut fab = Fab::new(norm, FAB_RESCUE_STEPS * effort, topk, false);
+        fab.once_found = fab_steps(norm) * effort;
         fab.patience = FAB_PATIENCE;
         passes.push(Box::new(fab));
     }
+    let cold_steps = cold_steps * effort;
     let warm_steps = (cold_steps / 3).max(1);
     let mut warm = Fmn::new(norm, warm_steps);
     warm.warm_start = true;
@@ -77,11 +81,15 @@ pub fn plan(norm: Norm, cold_steps: usize, topk: i64) -> Plan {
     cold.patience = cold_steps;
     passes.push(Box::new(cold));
     if norm == Norm::L2 {
-        passes.push(Box::new(Ddn::new(DDN_STEPS)));
+        passes.push(Box::new(Ddn::new(DDN_STEPS * effort)));
     }
     if norm != Norm::L1 {
-        passes.push(Box::new(Shrink::probe(norm, PROBE_STEPS)));
-        passes.push(Box::new(Shrink::new(norm, shrink_steps(norm))));
+        for restart in 0..effort {
+            let mut probe = Shrink::probe(norm, PROBE_STEPS);
+            probe.restart = restart;
+            passes.push(Box::new(probe));
+        }
+        passes.push(Box::new(Shrink::new(norm, shrink_steps(norm) * effort)));
     }
     Plan {
         passes,

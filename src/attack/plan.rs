@@ -32,15 +32,29 @@ impl Plan {
         )
     }
 
-    /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's). Errors
-    /// about a setting are [`OptionError`]s naming its field (`steps`, `norm`).
+    /// `steps` overrides the attack's default budget (for `best`: the cold FMN pass's);
+    /// `effort` multiplies every budget of `best` (1: its defaults). Errors about a setting are
+    /// [`OptionError`]s naming its field (`steps`, `norm`, `effort`).
     pub fn new(
         kind: AttackKind,
         norm: Norm,
         steps: Option<usize>,
         topk: i64,
         num_classes: i64,
+        effort: usize,
     ) -> Result<Plan> {
+        if effort == 0 {
+            bail!(OptionError::new("effort", "effort must be at least 1"));
+        }
+        if effort > 1 && kind != AttackKind::Best {
+            bail!(OptionError::new(
+                "effort",
+                format!(
+                    "effort scales best's passes; {} has one pass: give it more steps instead",
+                    kind.as_str()
+                )
+            ));
+        }
         let steps = steps.unwrap_or(kind.default_steps());
         if steps == 0 && kind != AttackKind::Best {
             bail!(OptionError::new(
@@ -86,7 +100,7 @@ impl Plan {
                 } else {
                     steps
                 };
-                return Ok(best::plan(norm, cold, topk));
+                return Ok(best::plan(norm, cold, topk, effort));
             }
         };
         Ok(Plan { passes, refine: 0 })

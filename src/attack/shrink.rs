@@ -13,13 +13,12 @@ use anyhow::Result;
 use tch::Tensor;
 
 use super::ball::project_ball;
-use super::random::uniform_in_ball;
+use super::random::{sample_seed, uniform_in_ball};
 use super::toolkit::{ascent_direction, box_clip, cosine, norm64, per_sample};
 use super::{margin_loss, misclassified, AttackStep, BatchView, Budget, Candidate, Ctx};
 use crate::norm::Norm;
 use crate::rows;
 
-#[derive(Debug)]
 pub struct Shrink {
     pub norm: Norm,
     pub steps: usize,
@@ -32,7 +31,28 @@ pub struct Shrink {
     /// Start from a uniform point of the ball (the sample's seed) instead of the best point: a
     /// search for another basin just below the best distance.
     pub random_start: bool,
+    /// Which restart of the probe this is: restart `k > 0` draws its start from the sample's
+    /// seed mixed with `k`, so `best --effort` runs several probes from different points.
+    pub restart: usize,
     pub name: &'static str,
+}
+
+impl std::fmt::Debug for Shrink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Shrink");
+        d.field("norm", &self.norm)
+            .field("steps", &self.steps)
+            .field("rho_init", &self.rho_init)
+            .field("rho_final", &self.rho_final)
+            .field("alpha_init", &self.alpha_init)
+            .field("alpha_final", &self.alpha_final)
+            .field("random_start", &self.random_start);
+        // Only for restarts, so that files of the single-probe default still resume.
+        if self.restart > 0 {
+            d.field("restart", &self.restart);
+        }
+        d.field("name", &self.name).finish()
+    }
 }
 
 impl Shrink {
@@ -47,6 +67,7 @@ impl Shrink {
             alpha_init: 0.05,
             alpha_final: 0.003,
             random_start: false,
+            restart: 0,
             name: "shrink",
         }
     }
@@ -95,7 +116,11 @@ impl AttackStep for Shrink {
         let found = b.best.isfinite();
         let radius = (b.best * (1.0 - self.rho_init)).masked_fill(&found.logical_not(), 0.0);
         let start = if self.random_start {
-            let unit = uniform_in_ball(self.norm, b.seeds, &b.x0.size()[1..], b.x0.device());
+            let seeds: Vec<u64> = match self.restart {
+                0 => b.seeds.to_vec(),
+                k => b.seeds.iter().map(|&s| sample_seed(s, k)).collect(),
+            };
+            let unit = uniform_in_ball(self.norm, &seeds, &b.x0.size()[1..], b.x0.device());
             unit * per_sample(&radius, b.x0).to_kind(b.x0.kind())
         } else {
             b.best_adv - b.x0

@@ -42,6 +42,7 @@ pub const MARGINS: Flags = &[
     ("batch_size", "--batch-size"),
     ("chunk", "--chunk"),
     ("topk", "--topk"),
+    ("effort", "--effort"),
     (
         "shard",
         "--shard (or the SLURM/JOB_COMPLETION_INDEX variables)",

@@ -33,6 +33,9 @@ pub struct MarginsArgs {
     /// Classes considered by `fab-t` and by `best`'s FAB pass.
     #[arg(long, default_value_t = 9)]
     pub topk: i64,
+    /// Multiplies every budget of `best` (tighter margins at about EFFORT times the cost).
+    #[arg(long, default_value_t = 1)]
+    pub effort: usize,
     /// Samples attacked together.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
@@ -105,6 +108,7 @@ pub fn run(a: MarginsArgs) -> Result<()> {
         attack: a.attack,
         steps: a.steps,
         topk: a.topk,
+        effort: a.effort,
         seed: a.seed,
         target_true: a.target_true,
         batch_size: a.batch_size,

@@ -77,7 +77,14 @@ pub fn run_with_progress(
         restart_stale,
     } = output;
     let o: &MarginsOptions = options;
-    let plan = Plan::new(o.attack, o.norm, o.steps, o.topk, model.info().num_classes)?;
+    let plan = Plan::new(
+        o.attack,
+        o.norm,
+        o.steps,
+        o.topk,
+        model.info().num_classes,
+        o.effort,
+    )?;
     let chunks = shard_chunks(data.len(), o.chunk, o.shard);
     let side = Sidecar::start(model.info(), data, o.clone(), Some(plan.describe()))?;
     let Resume {

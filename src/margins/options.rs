@@ -21,6 +21,10 @@ pub struct MarginsOptions {
     pub steps: Option<usize>,
     /// Classes considered by `fab-t` and by `best`'s FAB pass.
     pub topk: i64,
+    /// Multiplier of `best`'s budgets (1: its defaults); absent from the sidecars of files made
+    /// at 1, so that they still resume.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub effort: usize,
     pub seed: u64,
     /// Attack the true label instead of the prediction.
     pub target_true: bool,
@@ -45,6 +49,7 @@ impl MarginsOptions {
             attack,
             steps: None,
             topk: 9,
+            effort: 1,
             seed: 0,
             target_true: false,
             batch_size: 128,
@@ -53,6 +58,14 @@ impl MarginsOptions {
             certify: None,
         }
     }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 impl Check for MarginsOptions {

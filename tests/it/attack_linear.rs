@@ -62,7 +62,7 @@ fn attack(m: &Linear, x: &Tensor, kind: AttackKind, norm: Norm, steps: Option<us
         seeds,
         &vec![false; n as usize],
     );
-    let plan = Plan::new(kind, norm, steps, 3, K).unwrap();
+    let plan = Plan::new(kind, norm, steps, 3, K, 1).unwrap();
     for p in &plan.passes {
         chunk.run(m, norm, p.as_ref(), 8).unwrap();
     }

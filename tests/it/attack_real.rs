@@ -30,7 +30,7 @@ fn margins(model: &str, n: usize, kind: AttackKind, steps: Option<usize>) -> Vec
     let seeds = data.indices.iter().map(|&i| sample_seed(0, i)).collect();
     let mut chunk = Chunk::new(x, label, seeds, &vec![false; data.len()]);
     // topk 9: `brittle margins`' default.
-    let plan = Plan::new(kind, Norm::Linf, steps, 9, 10).unwrap();
+    let plan = Plan::new(kind, Norm::Linf, steps, 9, 10, 1).unwrap();
     for p in &plan.passes {
         chunk
             .run(model.as_ref(), Norm::Linf, p.as_ref(), 20)

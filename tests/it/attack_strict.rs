@@ -179,7 +179,7 @@ fn attack_successes_clear_the_gap_tolerance_on_the_embedded_model() {
         (0..n as u64).collect(),
         &vec![false; n],
     );
-    let plan = Plan::new(AttackKind::Fmn, Norm::Linf, Some(60), 9, 10).unwrap();
+    let plan = Plan::new(AttackKind::Fmn, Norm::Linf, Some(60), 9, 10, 1).unwrap();
     for pass in &plan.passes {
         chunk
             .run(model.as_ref(), Norm::Linf, pass.as_ref(), 8)

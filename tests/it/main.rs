@@ -14,6 +14,7 @@ static METER: support::alloc_meter::Meter = support::alloc_meter::Meter;
 mod analyze_cli;
 mod attack_budget;
 mod attack_cli;
+mod attack_effort;
 mod attack_linear;
 mod attack_real;
 mod attack_strict;

@@ -83,7 +83,7 @@ fn margins_progress_moves_per_attack_step() {
     .unwrap();
     assert_eq!(summary.rows.len(), 8);
 
-    let plan = Plan::new(AttackKind::Fmn, Norm::Linf, Some(steps), 9, 10).unwrap();
+    let plan = Plan::new(AttackKind::Fmn, Norm::Linf, Some(steps), 9, 10, 1).unwrap();
     let units: usize = plan.passes.iter().map(|p| p.budget().steps).sum::<usize>() + plan.refine;
     assert!(units >= steps);
     let events = rec.0.into_inner().unwrap();
@@ -454,6 +454,13 @@ fn cli_errors_name_the_flag_of_the_library_option() {
             ],
             "--norm",
             "ddn is an l2 attack",
+        ),
+        (
+            vec![
+                "margins", "--data", tiny, "--attack", "fmn", "--effort", "2", "--out", margins,
+            ],
+            "--effort",
+            "fmn has one pass: give it more steps instead",
         ),
         (
             vec!["score", "--data", tiny, "--batch-size", "0"],
