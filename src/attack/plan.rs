@@ -12,6 +12,10 @@ use super::{best, AttackKind, GAP_RTOL, SEARCH_GAP_RTOL};
 use crate::norm::Norm;
 use crate::util::OptionError;
 
+/// The largest `effort` of `best`: far beyond what buys tightness (`bench/README.md`), and it
+/// keeps every budget times the effort far from overflowing.
+pub const MAX_EFFORT: usize = 1000;
+
 /// The passes of an attack, run in order on each chunk, then an optional segment bisection.
 pub struct Plan {
     pub passes: Vec<Box<dyn Pass>>,
@@ -43,8 +47,11 @@ impl Plan {
         num_classes: i64,
         effort: usize,
     ) -> Result<Plan> {
-        if effort == 0 {
-            bail!(OptionError::new("effort", "effort must be at least 1"));
+        if !(1..=MAX_EFFORT).contains(&effort) {
+            bail!(OptionError::new(
+                "effort",
+                format!("effort {effort} is outside 1..={MAX_EFFORT} (each unit costs about one default run)")
+            ));
         }
         if effort > 1 && kind != AttackKind::Best {
             bail!(OptionError::new(
@@ -100,6 +107,12 @@ impl Plan {
                 } else {
                     steps
                 };
+                if cold.checked_mul(effort).is_none() {
+                    bail!(OptionError::new(
+                        "steps",
+                        format!("{cold} steps times effort {effort} overflow")
+                    ));
+                }
                 return Ok(best::plan(norm, cold, topk, effort));
             }
         };

@@ -33,7 +33,8 @@ pub struct MarginsArgs {
     /// Classes considered by `fab-t` and by `best`'s FAB pass.
     #[arg(long, default_value_t = 9)]
     pub topk: i64,
-    /// Multiplies every budget of `best` (tighter margins at about EFFORT times the cost).
+    /// Multiplies every budget of `best`, 1 to 1000 (tighter margins at about EFFORT times the
+    /// cost).
     #[arg(long, default_value_t = 1)]
     pub effort: usize,
     /// Samples attacked together.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use brittle::attack::plan::Plan;
+use brittle::attack::plan::{Plan, MAX_EFFORT};
 use brittle::attack::AttackKind;
 use brittle::norm::Norm;
 use brittle::util::OptionError;
@@ -50,16 +50,19 @@ fn effort_multiplies_every_budget_and_adds_probes() {
 }
 
 #[test]
-fn effort_is_refused_where_it_means_nothing() {
-    let field = |kind, effort| {
-        let e = Plan::new(kind, Norm::Linf, None, 9, 10, effort)
+fn effort_is_refused_where_it_means_nothing_or_overflows() {
+    let field = |kind, steps, effort| {
+        let e = Plan::new(kind, Norm::Linf, steps, 9, 10, effort)
             .err()
             .unwrap();
         e.downcast_ref::<OptionError>().unwrap().field
     };
-    assert_eq!(field(AttackKind::Best, 0), "effort");
-    assert_eq!(field(AttackKind::Fmn, 2), "effort");
-    assert_eq!(field(AttackKind::Fab, 3), "effort");
+    assert_eq!(field(AttackKind::Best, None, 0), "effort");
+    assert_eq!(field(AttackKind::Best, None, MAX_EFFORT + 1), "effort");
+    assert_eq!(field(AttackKind::Best, Some(usize::MAX / 2), 3), "steps");
+    assert_eq!(field(AttackKind::Fmn, None, 2), "effort");
+    assert_eq!(field(AttackKind::Fab, None, 3), "effort");
+    assert!(Plan::new(AttackKind::Best, Norm::L2, None, 9, 10, MAX_EFFORT).is_ok());
 }
 
 /// The committed `docs/results` files were made by the default `best`: its description must not
